@@ -1,0 +1,267 @@
+"""Hugging Face LLaMA checkpoints (`config.json` + safetensors) in and out of our NNX model.
+
+The mapping is one declarative table of HF key templates -> parameter paths. Loading builds
+the target with `nnx.eval_shape`, checks every tensor against it (collecting all problems
+and raising once), then materialises each parameter straight into its final sharding,
+reading only the slices each device needs from memory-mapped files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from meteora_jax.config import LlamaConfig
+from meteora_jax.errors import CheckpointError
+from meteora_jax.io.safetensors_io import SafetensorsFile, save_file
+from meteora_jax.modeling.llama import LlamaForCausalLM
+from meteora_jax.sharding import active_mesh, variable_sharding
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyRule:
+    """One HF key template and our parameter path; `{layer}` marks a stacked layer tensor."""
+
+    hf: str
+    ours: tuple[str, ...]
+    transpose: bool = False
+
+    @property
+    def stacked(self) -> bool:
+        return "{layer}" in self.hf
+
+    @property
+    def pattern(self) -> re.Pattern:
+        return re.compile(re.escape(self.hf).replace(re.escape("{layer}"), r"(\d+)"))
+
+
+def _rules() -> tuple[KeyRule, ...]:
+    rules = [
+        KeyRule("model.embed_tokens.weight", ("embed_tokens",)),
+        KeyRule("model.norm.weight", ("norm", "scale")),
+        KeyRule("lm_head.weight", ("lm_head", "kernel"), transpose=True),
+    ]
+    for block, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                         ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+        for name in names:
+            rules.append(KeyRule(f"model.layers.{{layer}}.{block}.{name}.weight",
+                                 ("layers", block, name, "kernel"), transpose=True))
+    for name in ("input_layernorm", "post_attention_layernorm"):
+        rules.append(KeyRule(f"model.layers.{{layer}}.{name}.weight", ("layers", name, "scale")))
+    return tuple(rules)
+
+
+HF_KEY_TABLE: tuple[KeyRule, ...] = _rules()
+# Buffers some LLaMA-2 era checkpoints carry; they are recomputed from the config.
+IGNORED_KEYS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+def weight_files(base_dir: str) -> dict[str, SafetensorsFile]:
+    """Maps every tensor name to its open file, from `model.safetensors` or the shard index."""
+    if not os.path.isdir(base_dir):
+        raise FileNotFoundError(f"model folder {base_dir} does not exist")
+    index_path = os.path.join(base_dir, INDEX_FILE)
+    single_path = os.path.join(base_dir, WEIGHTS_FILE)
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index_path}: not a valid safetensors index (no weight_map)") from None
+        files: dict[str, SafetensorsFile] = {}
+        for name in sorted(set(weight_map.values())):
+            path = os.path.join(base_dir, name)
+            if os.path.dirname(os.path.normpath(name)) or not os.path.isfile(path):
+                raise CheckpointError(f"{index_path}: shard {name!r} is missing from {base_dir}")
+            files[name] = SafetensorsFile(path)
+        by_key = {}
+        for key, name in weight_map.items():
+            if key not in files[name].keys():
+                raise CheckpointError(f"{index_path}: tensor {key} is not in shard {name}")
+            by_key[key] = files[name]
+        for name, file in files.items():
+            for key in file.keys():
+                if weight_map.get(key) != name:
+                    raise CheckpointError(f"{file.path}: tensor {key} is not listed in {INDEX_FILE}")
+        return by_key
+    if os.path.isfile(single_path):
+        file = SafetensorsFile(single_path)
+        return {key: file for key in file.keys()}
+    others = [n for n in os.listdir(base_dir) if n.endswith((".bin", ".pt", ".pth"))]
+    hint = f" (found {', '.join(sorted(others))}: convert pickled torch weights to safetensors first)" if others else ""
+    raise FileNotFoundError(f"no {WEIGHTS_FILE} or {INDEX_FILE} in {base_dir}{hint}")
+
+
+def _plan(config: LlamaConfig, files: dict[str, SafetensorsFile], abstract: nnx.State, where: str):
+    """Matches file tensors to parameters; returns {param path: [(key, transpose)] per layer}."""
+    problems: list[str] = []
+    sources: dict[tuple, dict[int | None, str]] = {}
+    rule_of_path = {rule.ours: rule for rule in HF_KEY_TABLE}
+    for key in files:
+        if IGNORED_KEYS.fullmatch(key) or (config.tie_word_embeddings and key == "lm_head.weight"):
+            continue
+        for rule in HF_KEY_TABLE:
+            match = rule.pattern.fullmatch(key)
+            if match:
+                layer = int(match.group(1)) if rule.stacked else None
+                if layer is not None and layer >= config.num_hidden_layers:
+                    problems.append(f"unexpected tensor {key} (config has {config.num_hidden_layers} layers)")
+                else:
+                    sources.setdefault(rule.ours, {})[layer] = key
+                break
+        else:
+            problems.append(f"unexpected tensor {key}")
+
+    plan = {}
+    for path, var in abstract.flat_state():
+        path = tuple(str(p) for p in path)
+        rule = rule_of_path[path]
+        shape = var.get_value().shape
+        layers = range(config.num_hidden_layers) if rule.stacked else [None]
+        one_shape = shape[1:] if rule.stacked else shape
+        torch_shape = tuple(reversed(one_shape)) if rule.transpose else tuple(one_shape)
+        found = sources.get(path, {})
+        keys = []
+        for layer in layers:
+            key = rule.hf.format(layer=layer)
+            if layer not in found:
+                problems.append(f"missing tensor {key}")
+                continue
+            got = files[key].shape(key)
+            if got != torch_shape:
+                problems.append(f"tensor {key} has shape {got}, expected {torch_shape}")
+            elif not np.issubdtype(files[key].dtype(key), np.floating):
+                problems.append(f"tensor {key} has dtype {files[key].dtype(key)}, expected a float type")
+            keys.append(key)
+        plan[path] = (rule, keys)
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise CheckpointError(f"{where}: weights do not match {CONFIG_FILE}: {shown}")
+    return plan
+
+
+def _read(files, key: str, transpose: bool, index: tuple, dtype) -> np.ndarray:
+    view = files[key].get(key)
+    view = view.T if transpose else view
+    return np.asarray(view[index], dtype=dtype)
+
+
+def load_llama(
+    base_dir: str,
+    *,
+    dtype=jnp.float32,
+    param_dtype=None,
+    scan_layers: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
+) -> LlamaForCausalLM:
+    """Loads a HF LLaMA folder into a `LlamaForCausalLM`.
+
+    Parameters land in `param_dtype` (default: `dtype`), sharded by the logical rules over
+    `mesh` (default: the mesh set by `jax.set_mesh`, else one device). Raises
+    FileNotFoundError for a missing folder / config / weights and CheckpointError naming
+    every missing, unexpected or mis-shaped tensor.
+    """
+    base_dir = os.fspath(base_dir)
+    if not os.path.isdir(base_dir):
+        raise FileNotFoundError(f"model folder {base_dir} does not exist")
+    config = LlamaConfig.from_hf(base_dir)
+    files = weight_files(base_dir)
+    param_dtype = dtype if param_dtype is None else param_dtype
+    mesh = mesh if mesh is not None else active_mesh()
+
+    abstract_model = nnx.eval_shape(
+        lambda: LlamaForCausalLM(config, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
+                                 rngs=nnx.Rngs(0))
+    )
+    graphdef, abstract = nnx.split(abstract_model)
+    plan = _plan(config, files, abstract, where=base_dir)
+    np_dtype = np.dtype(param_dtype)
+
+    def materialise(path, var):
+        rule, keys = plan[tuple(str(p) for p in path)]
+        shape = var.get_value().shape
+        if mesh is None:
+            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        else:
+            sharding = variable_sharding(var, mesh)
+
+        def shard(index: tuple) -> np.ndarray:
+            if not rule.stacked:
+                return _read(files, keys[0], rule.transpose, index, np_dtype)
+            layers = range(shape[0])[index[0]]
+            return np.stack([_read(files, keys[y], rule.transpose, index[1:], np_dtype) for y in layers])
+
+        return var.replace(jax.make_array_from_callback(shape, sharding, shard))
+
+    state = nnx.State.from_flat_path([(p, materialise(p, v)) for p, v in abstract.flat_state()])
+    return nnx.merge(graphdef, state)
+
+
+def save_llama(model: LlamaForCausalLM, out_dir: str, *, max_shard_bytes: int | None = None,
+               overwrite: bool = False) -> None:
+    """Writes `config.json` + safetensors (sharded with an index past `max_shard_bytes`).
+
+    The folder is written under a temporary name and renamed, so a failure leaves nothing.
+    """
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
+    config = model.config
+    tensors: dict[str, np.ndarray] = {}
+    for path, var in nnx.state(model, nnx.Param).flat_state():
+        path = tuple(str(p) for p in path)
+        rule = next(r for r in HF_KEY_TABLE if r.ours == path)
+        value = np.asarray(jax.device_get(var.get_value()))
+        for layer, one in (enumerate(value) if rule.stacked else [(None, value)]):
+            tensors[rule.hf.format(layer=layer)] = one.T if rule.transpose else one
+
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        os.chmod(tmp, 0o755)
+        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(config.to_hf_dict(), f, indent=2)
+        shards = _split_shards(tensors, max_shard_bytes)
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, name))
+            total = sum(t.nbytes for t in tensors.values())
+            with open(os.path.join(tmp, INDEX_FILE), "w", encoding="utf-8") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _split_shards(tensors: dict[str, np.ndarray], max_bytes: int | None) -> list[dict[str, np.ndarray]]:
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for key, value in tensors.items():
+        if max_bytes is not None and shards[-1] and size + value.nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += value.nbytes
+    return shards

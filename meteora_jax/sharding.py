@@ -1,0 +1,103 @@
+"""Sharding, declared once: logical axis names -> mesh axes, through one rules table.
+
+Every parameter carries `logical_axes` metadata (one name per dimension); activations are
+constrained at block boundaries with the same names. The mesh has up to three axes:
+`data` (pure data parallel), `fsdp` (data parallel with sharded parameters) and `tensor`
+(model parallel). Axes absent from the mesh, or that do not divide a dimension, are dropped
+for that dimension, so one table serves every mesh shape and every model size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes it is split over (in order), or None for replicated.
+LOGICAL_RULES: dict[str, tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "length": None,
+    "layers": None,
+    "embed": ("fsdp",),
+    "norm": None,
+    "mlp": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": None,
+    "vocab": ("tensor",),
+    "adapters": None,
+    "lora_rank": None,
+    "cache_length": None,
+}
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all); one size may be -1 (the rest)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError("at most one of data, fsdp, tensor may be -1")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not split into data*fsdp*tensor={sizes}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes, strict=True))} need "
+                         f"{int(np.prod(sizes))} devices, found {len(devices)}")
+    grid = np.asarray(devices, dtype=object).reshape(sizes)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def active_mesh() -> Mesh | None:
+    """The concrete mesh set by `jax.set_mesh`, or None."""
+    mesh = jax.sharding.get_mesh()
+    return None if mesh is None or mesh.empty else mesh
+
+
+def logical_to_spec(
+    axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: dict = LOGICAL_RULES
+) -> PartitionSpec:
+    """PartitionSpec for an array of `shape` whose dimensions carry the logical `axes`.
+
+    Mesh axes missing from `mesh`, of size 1, already used by an earlier dimension, or not
+    dividing the dimension are dropped, so small models and odd sizes fall back to replication.
+    """
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(axes, shape, strict=True):
+        if name is not None and name not in rules:
+            raise ValueError(f"logical axis {name!r} has no entry in the sharding rules")
+        chosen: list[str] = []
+        for mesh_axis in (rules.get(name) or ()) if name else ():
+            n = mesh.shape.get(mesh_axis, 1)
+            split = int(np.prod([mesh.shape[a] for a in chosen])) * n
+            if n > 1 and mesh_axis not in used and size % split == 0:
+                chosen.append(mesh_axis)
+        used.update(chosen)
+        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    return PartitionSpec(*spec)
+
+
+def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
+    """The NamedSharding of one NNX variable from its `logical_axes` metadata."""
+    axes = var.get_metadata().get("logical_axes")
+    shape = var.get_value().shape
+    if axes is None:
+        return NamedSharding(mesh, PartitionSpec())
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Constrains an activation's sharding by logical axes; a no-op without an active mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
