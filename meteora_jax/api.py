@@ -62,7 +62,9 @@ class MeteoRAModel:
         """
         ids = np.asarray(input_ids)
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-            raise MeteoRAError(f"input_ids must be an integer array (batch, length), got {ids.dtype} {ids.shape}")
+            raise MeteoRAError(
+                f"input_ids must be an integer array (batch, length), got {ids.dtype} {ids.shape}"
+            )
         vocab = self.config.vocab_size
         if ids.size and (ids.min() < 0 or ids.max() >= vocab):
             bad = ids[(ids < 0) | (ids >= vocab)]
@@ -115,6 +117,7 @@ def load_model(
         raise ConfigError(f"backend={backend!r} is not supported (choose from {', '.join(BACKENDS)})")
     compute = _dtype(dtype, "dtype")
     storage = compute if param_dtype is None else _dtype(param_dtype, "param_dtype")
-    module = load_llama(os.fspath(base_dir), dtype=compute, param_dtype=storage, scan_layers=scan_layers,
-                        mesh=mesh)
+    module = load_llama(
+        os.fspath(base_dir), dtype=compute, param_dtype=storage, scan_layers=scan_layers, mesh=mesh
+    )
     return MeteoRAModel(module)

@@ -48,8 +48,10 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence 
             raise ValueError(f"{len(devices)} devices do not split into data*fsdp*tensor={sizes}")
         sizes[sizes.index(-1)] = len(devices) // known
     if int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes, strict=True))} need "
-                         f"{int(np.prod(sizes))} devices, found {len(devices)}")
+        raise ValueError(
+            f"mesh sizes {dict(zip(MESH_AXES, sizes, strict=True))} need "
+            f"{int(np.prod(sizes))} devices, found {len(devices)}"
+        )
     grid = np.asarray(devices, dtype=object).reshape(sizes)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 

@@ -54,11 +54,18 @@ def _rules() -> tuple[KeyRule, ...]:
         KeyRule("model.norm.weight", ("norm", "scale")),
         KeyRule("lm_head.weight", ("lm_head", "kernel"), transpose=True),
     ]
-    for block, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-                         ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+    for block, names in (
+        ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+        ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    ):
         for name in names:
-            rules.append(KeyRule(f"model.layers.{{layer}}.{block}.{name}.weight",
-                                 ("layers", block, name, "kernel"), transpose=True))
+            rules.append(
+                KeyRule(
+                    f"model.layers.{{layer}}.{block}.{name}.weight",
+                    ("layers", block, name, "kernel"),
+                    transpose=True,
+                )
+            )
     for name in ("input_layernorm", "post_attention_layernorm"):
         rules.append(KeyRule(f"model.layers.{{layer}}.{name}.weight", ("layers", name, "scale")))
     return tuple(rules)
@@ -89,19 +96,23 @@ def weight_files(base_dir: str) -> dict[str, SafetensorsFile]:
             files[name] = SafetensorsFile(path)
         by_key = {}
         for key, name in weight_map.items():
-            if key not in files[name].keys():
+            if key not in files[name].names():
                 raise CheckpointError(f"{index_path}: tensor {key} is not in shard {name}")
             by_key[key] = files[name]
         for name, file in files.items():
-            for key in file.keys():
+            for key in file.names():
                 if weight_map.get(key) != name:
                     raise CheckpointError(f"{file.path}: tensor {key} is not listed in {INDEX_FILE}")
         return by_key
     if os.path.isfile(single_path):
         file = SafetensorsFile(single_path)
-        return {key: file for key in file.keys()}
+        return {key: file for key in file.names()}
     others = [n for n in os.listdir(base_dir) if n.endswith((".bin", ".pt", ".pth"))]
-    hint = f" (found {', '.join(sorted(others))}: convert pickled torch weights to safetensors first)" if others else ""
+    hint = (
+        f" (found {', '.join(sorted(others))}: convert pickled torch weights to safetensors first)"
+        if others
+        else ""
+    )
     raise FileNotFoundError(f"no {WEIGHTS_FILE} or {INDEX_FILE} in {base_dir}{hint}")
 
 
@@ -126,7 +137,7 @@ def _plan(config: LlamaConfig, files: dict[str, SafetensorsFile], abstract: nnx.
             problems.append(f"unexpected tensor {key}")
 
     plan = {}
-    for path, var in abstract.flat_state():
+    for path, var in nnx.to_flat_state(abstract):
         path = tuple(str(p) for p in path)
         rule = rule_of_path[path]
         shape = var.get_value().shape
@@ -183,8 +194,9 @@ def load_llama(
     mesh = mesh if mesh is not None else active_mesh()
 
     abstract_model = nnx.eval_shape(
-        lambda: LlamaForCausalLM(config, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
-                                 rngs=nnx.Rngs(0))
+        lambda: LlamaForCausalLM(
+            config, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, rngs=nnx.Rngs(0)
+        )
     )
     graphdef, abstract = nnx.split(abstract_model)
     plan = _plan(config, files, abstract, where=base_dir)
@@ -206,26 +218,30 @@ def load_llama(
 
         return var.replace(jax.make_array_from_callback(shape, sharding, shard))
 
-    state = nnx.State.from_flat_path([(p, materialise(p, v)) for p, v in abstract.flat_state()])
+    state = nnx.from_flat_state([(p, materialise(p, v)) for p, v in nnx.to_flat_state(abstract)])
     return nnx.merge(graphdef, state)
 
 
-def save_llama(model: LlamaForCausalLM, out_dir: str, *, max_shard_bytes: int | None = None,
-               overwrite: bool = False) -> None:
+def save_llama(
+    model: LlamaForCausalLM, out_dir: str, *, max_shard_bytes: int | None = None, overwrite: bool = False
+) -> None:
     """Writes `config.json` + safetensors (sharded with an index past `max_shard_bytes`).
 
     The folder is written under a temporary name and renamed, so a failure leaves nothing.
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
+        raise FileExistsError(
+            f"{out_dir} already exists (refusing to overwrite it: "
+            "pass overwrite=True, or --force on the command line)"
+        )
     config = model.config
     tensors: dict[str, np.ndarray] = {}
-    for path, var in nnx.state(model, nnx.Param).flat_state():
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         path = tuple(str(p) for p in path)
         rule = next(r for r in HF_KEY_TABLE if r.ours == path)
         value = np.asarray(jax.device_get(var.get_value()))
-        for layer, one in (enumerate(value) if rule.stacked else [(None, value)]):
+        for layer, one in enumerate(value) if rule.stacked else [(None, value)]:
             tensors[rule.hf.format(layer=layer)] = one.T if rule.transpose else one
 
     parent = os.path.dirname(out_dir)

@@ -37,7 +37,7 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 
 class SafetensorsFile:
-    """A memory-mapped safetensors file: `keys()`, `shape(name)`, `get(name)` -> read-only view."""
+    """A memory-mapped safetensors file: `names()`, `shape(name)`, `get(name)` -> read-only view."""
 
     def __init__(self, path: str):
         self.path = path
@@ -64,14 +64,18 @@ class SafetensorsFile:
                 shape = tuple(int(d) for d in info["shape"])
                 begin, end = (int(o) for o in info["data_offsets"])
             except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{path}: tensor {name!r} has an unsupported or malformed entry") from None
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} has an unsupported or malformed entry"
+                ) from None
             expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             if end - begin != expected or begin < 0 or self._data_start + end > size:
-                raise CheckpointError(f"{path}: tensor {name!r} points outside the file or has the wrong size")
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} points outside the file or has the wrong size"
+                )
             self._entries[name] = (dtype, shape, begin, end)
         self._mmap = np.memmap(path, dtype=np.uint8, mode="r") if size > self._data_start else None
 
-    def keys(self) -> list[str]:
+    def names(self) -> list[str]:
         return list(self._entries)
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -97,6 +101,7 @@ def save_file(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str
     try:
         contiguous = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
         safetensors.numpy.save_file(contiguous, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -61,7 +61,12 @@ class Attention(nnx.Module):
     """Grouped-query attention over `S` key/value slots with an explicit (B, T, S) mask."""
 
     def __init__(self, config: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        d, n, k, h = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        d, n, k, h = (
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = Linear(d, n * h, ("embed", "heads"), **kw)
         self.k_proj = Linear(d, k * h, ("embed", "kv_heads"), **kw)
@@ -83,8 +88,12 @@ class Attention(nnx.Module):
         v_btkh = self.v_proj(x_btd).reshape(b, t, k, h)
         if kv_cache is not None:
             k_cache, v_cache = kv_cache
-            k_bskh = jax.lax.dynamic_update_slice(k_cache, k_btkh.astype(k_cache.dtype), (0, write_index, 0, 0))
-            v_bskh = jax.lax.dynamic_update_slice(v_cache, v_btkh.astype(v_cache.dtype), (0, write_index, 0, 0))
+            k_bskh = jax.lax.dynamic_update_slice(
+                k_cache, k_btkh.astype(k_cache.dtype), (0, write_index, 0, 0)
+            )
+            v_bskh = jax.lax.dynamic_update_slice(
+                v_cache, v_btkh.astype(v_cache.dtype), (0, write_index, 0, 0)
+            )
             kv_cache = (k_bskh, v_bskh)
         else:
             k_bskh, v_bskh = k_btkh, v_btkh
@@ -187,14 +196,18 @@ class LlamaForCausalLM(nnx.Module):
         )
 
         @nnx.split_rngs(splits=config.num_hidden_layers)
-        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"})
+        @nnx.vmap(
+            in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"}
+        )
         def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
             return DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
         self.layers = make_layers(rngs)
         self.norm = RMSNorm(d, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
-        self.lm_head = None if config.tie_word_embeddings else Linear(
-            d, v, ("embed", "vocab"), dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else Linear(d, v, ("embed", "vocab"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         )
 
     def __call__(
@@ -227,8 +240,10 @@ class LlamaForCausalLM(nnx.Module):
         allowed_bts = (kv_slots[None, None, :] <= q_slots[None, :, None]) & valid_bs[:, None, :]
 
         cos_bth, sin_bth = rope_tables(self.config, positions)
-        x_btd = constrain(jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype),
-                          ("batch", "length", "embed"))
+        x_btd = constrain(
+            jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype),
+            ("batch", "length", "embed"),
+        )
         kv = None if cache is None else (cache.k, cache.v)
         x_btd, kv = self._run_layers(x_btd, cos_bth, sin_bth, allowed_bts, kv, write_index)
         x_btd = self.norm(x_btd)
@@ -250,6 +265,7 @@ class LlamaForCausalLM(nnx.Module):
             return layer(x, cos_bth, sin_bth, allowed_bts, layer_kv, write_index)
 
         if self.scan_layers:
+
             def body(x, xs):
                 return one_layer(x, *xs)
 

@@ -1,0 +1,34 @@
+# meteora-jax: `make demo` runs the embedded end-to-end demo, `make test` the test suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Tests see 8 simulated CPU devices so the sharding code runs on a real multi-device mesh.
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8
+
+.PHONY: install test demo lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n 2 --durations=15 tests
+
+demo: $(STAMP)
+	$(BIN)/meteora-jax demo
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

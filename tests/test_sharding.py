@@ -1,0 +1,92 @@
+"""Sharding on 8 simulated CPU devices: the rules table, and a model loaded under a mesh."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import meteora_jax as mj
+from meteora_jax.sharding import LOGICAL_RULES, logical_to_spec, make_mesh
+
+pytestmark = pytest.mark.skipif(
+    jax.device_count() < 8,
+    reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (make test sets it)",
+)
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return make_mesh(data=2, fsdp=2, tensor=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    config = mj.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
+    path = str(tmp_path_factory.mktemp("sharding") / "tiny")
+    mj.save_llama(mj.LlamaForCausalLM(config, rngs=nnx.Rngs(3)), path)
+    return path
+
+
+def test_rules_map_logical_axes_to_mesh_axes(mesh):
+    assert logical_to_spec(("embed", "mlp"), (64, 96), mesh) == P("fsdp", "tensor")
+    assert logical_to_spec(("layers", "embed", "heads"), (2, 64, 64), mesh) == P(None, "fsdp", "tensor")
+    # fsdp is taken by the batch, so the embed dimension of activations stays whole.
+    assert logical_to_spec(("batch", "length", "embed"), (4, 7, 64), mesh) == P(("data", "fsdp"), None, None)
+
+
+def test_rules_drop_axes_that_do_not_divide_or_repeat(mesh):
+    # 7 is not divisible by fsdp=2: replicated instead of failing.
+    assert logical_to_spec(("embed", "mlp"), (7, 96), mesh) == P(None, "tensor")
+    # batch 2 fits data but not data*fsdp.
+    assert logical_to_spec(("batch", "length"), (2, 5), mesh) == P("data", None)
+    # a mesh axis is used at most once per array.
+    assert logical_to_spec(("heads", "mlp"), (4, 4), mesh) == P("tensor", None)
+
+
+def test_rules_reject_unknown_logical_axis(mesh):
+    with pytest.raises(ValueError, match="'experts'"):
+        logical_to_spec(("experts",), (4,), mesh)
+    assert "adapters" in LOGICAL_RULES and "lora_rank" in LOGICAL_RULES
+
+
+def test_make_mesh_sizes():
+    assert dict(make_mesh(fsdp=-1, tensor=4).shape) == {"data": 1, "fsdp": 2, "tensor": 4}
+    with pytest.raises(ValueError, match="need 16 devices"):
+        make_mesh(data=2, fsdp=2, tensor=4)
+    with pytest.raises(ValueError, match="at most one"):
+        make_mesh(data=-1, fsdp=-1)
+
+
+def test_load_under_mesh_shards_parameters_and_matches_single_device(mesh, tiny_dir):
+    ids = np.random.default_rng(0).integers(0, 128, (4, 9))
+    reference = np.asarray(mj.load_model(tiny_dir)(ids).logits)
+    with jax.set_mesh(mesh):
+        model = mj.load_model(tiny_dir)
+        state = nnx.state(model.module, nnx.Param)
+        specs = {
+            "/".join(map(str, path)): var.get_value().sharding.spec for path, var in nnx.to_flat_state(state)
+        }
+        assert specs["layers/self_attn/q_proj/kernel"] == P(None, "fsdp", "tensor")
+        assert specs["layers/self_attn/o_proj/kernel"] == P(None, "tensor", "fsdp")
+        assert specs["layers/mlp/down_proj/kernel"] == P(None, "tensor", "fsdp")
+        assert specs["embed_tokens"] == P("tensor", "fsdp")
+        assert specs["lm_head/kernel"] == P("fsdp", "tensor")
+        assert specs["norm/scale"] == P(None)
+        logits = model(ids).logits
+    np.testing.assert_allclose(np.asarray(logits), reference, atol=1e-5)
+
+
+def test_explicit_mesh_argument(mesh, tiny_dir):
+    model = mj.load_model(tiny_dir, mesh=mesh)
+    kernel = nnx.state(model.module, nnx.Param)["layers"]["mlp"]["up_proj"]["kernel"].get_value()
+    assert kernel.sharding.spec == P(None, "fsdp", "tensor")
+    assert len(kernel.sharding.device_set) == 8
