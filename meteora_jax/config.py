@@ -239,3 +239,53 @@ def _rope_from_dict(raw: dict[str, Any], where: str) -> tuple[float, RopeScaling
         )
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoELoRAConfig:
+    """The MeteoRA mixture: which projections carry it, how many adapters, and routing defaults.
+
+    `rank` is the largest adapter rank (smaller ones are zero-padded); `top_k` and
+    `temperature` are the defaults of the run-time routing settings; `dropout` applies to
+    the LoRA input in training only.
+    """
+
+    adapter_names: tuple[str, ...]
+    targets: tuple[str, ...]
+    rank: int
+    top_k: int = 2
+    temperature: float = 1.0
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if not self.adapter_names:
+            raise ConfigError("a MeteoRA model needs at least one adapter")
+        if len(set(self.adapter_names)) != len(self.adapter_names):
+            raise ConfigError(f"adapter names must be unique, got {list(self.adapter_names)}")
+        unknown = [t for t in self.targets if t not in PROJECTIONS]
+        if unknown or not self.targets:
+            raise ConfigError(
+                f"targets must be a non-empty subset of {PROJECTIONS}, got {list(self.targets)}"
+            )
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
+        validate_routing(self.top_k, self.temperature, len(self.adapter_names))
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def num_adapters(self) -> int:
+        return len(self.adapter_names)
+
+
+def validate_routing(top_k, temperature, num_adapters: int | None = None) -> None:
+    """Checks run-time routing settings; raises ConfigError naming the setting."""
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise ConfigError(f"top_k must be a positive integer, got {top_k!r}")
+    if num_adapters is not None and top_k > num_adapters:
+        raise ConfigError(f"top_k={top_k} exceeds the number of adapters ({num_adapters})")
+    if not (isinstance(temperature, int | float) and temperature > 0):
+        raise ConfigError(f"temperature must be a number > 0, got {temperature!r}")

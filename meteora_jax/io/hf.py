@@ -20,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from meteora_jax.config import LlamaConfig
+from meteora_jax.config import LlamaConfig, MoELoRAConfig
 from meteora_jax.errors import CheckpointError
-from meteora_jax.io.safetensors_io import SafetensorsFile, save_file
+from meteora_jax.io.safetensors_io import FLOAT_DTYPES, SafetensorsFile, save_file
 from meteora_jax.modeling.llama import LlamaForCausalLM
+from meteora_jax.modeling.moe_lora import BASE_PARAMS
 from meteora_jax.sharding import active_mesh, variable_sharding
 
 CONFIG_FILE = "config.json"
@@ -116,8 +117,13 @@ def weight_files(base_dir: str) -> dict[str, SafetensorsFile]:
     raise FileNotFoundError(f"no {WEIGHTS_FILE} or {INDEX_FILE} in {base_dir}{hint}")
 
 
-def _plan(config: LlamaConfig, files: dict[str, SafetensorsFile], abstract: nnx.State, where: str):
-    """Matches file tensors to parameters; returns {param path: [(key, transpose)] per layer}."""
+def _plan(
+    config: LlamaConfig, files: dict[str, SafetensorsFile], abstract: nnx.State, extra: dict, where: str
+):
+    """Matches file tensors to parameters; returns {param path: (rule, keys per layer)}.
+
+    Variables the HF table does not cover (gates, adapters) must be in `extra`, with their shape.
+    """
     problems: list[str] = []
     sources: dict[tuple, dict[int | None, str]] = {}
     rule_of_path = {rule.ours: rule for rule in HF_KEY_TABLE}
@@ -139,8 +145,13 @@ def _plan(config: LlamaConfig, files: dict[str, SafetensorsFile], abstract: nnx.
     plan = {}
     for path, var in nnx.to_flat_state(abstract):
         path = tuple(str(p) for p in path)
-        rule = rule_of_path[path]
         shape = var.get_value().shape
+        if path not in rule_of_path:
+            if path not in extra or extra[path].shape != shape:
+                found = extra[path].shape if path in extra else "nothing"
+                raise ValueError(f"internal: no value for {'/'.join(path)} {shape}, got {found}")
+            continue
+        rule = rule_of_path[path]
         layers = range(config.num_hidden_layers) if rule.stacked else [None]
         one_shape = shape[1:] if rule.stacked else shape
         torch_shape = tuple(reversed(one_shape)) if rule.transpose else tuple(one_shape)
@@ -154,7 +165,7 @@ def _plan(config: LlamaConfig, files: dict[str, SafetensorsFile], abstract: nnx.
             got = files[key].shape(key)
             if got != torch_shape:
                 problems.append(f"tensor {key} has shape {got}, expected {torch_shape}")
-            elif not np.issubdtype(files[key].dtype(key), np.floating):
+            elif files[key].dtype(key) not in FLOAT_DTYPES:
                 problems.append(f"tensor {key} has dtype {files[key].dtype(key)}, expected a float type")
             keys.append(key)
         plan[path] = (rule, keys)
@@ -172,18 +183,23 @@ def _read(files, key: str, transpose: bool, index: tuple, dtype) -> np.ndarray:
 
 def load_llama(
     base_dir: str,
+    moe: MoELoRAConfig | None = None,
+    extra: dict[tuple[str, ...], np.ndarray] | None = None,
     *,
     dtype=jnp.float32,
     param_dtype=None,
     scan_layers: bool = True,
+    backend: str = "auto",
     mesh: jax.sharding.Mesh | None = None,
 ) -> LlamaForCausalLM:
-    """Loads a HF LLaMA folder into a `LlamaForCausalLM`.
+    """Loads a HF LLaMA folder into a `LlamaForCausalLM`, with MeteoRA layers when `moe` is given.
 
-    Parameters land in `param_dtype` (default: `dtype`), sharded by the logical rules over
-    `mesh` (default: the mesh set by `jax.set_mesh`, else one device). Raises
-    FileNotFoundError for a missing folder / config / weights and CheckpointError naming
-    every missing, unexpected or mis-shaped tensor.
+    extra: values of the variables that are not in the HF files (gates, stacked adapters,
+    scales), keyed by parameter path. Parameters land in `param_dtype` (default: `dtype`;
+    adapter scales stay float32), sharded by the logical rules over `mesh` (default: the
+    mesh set by `jax.set_mesh`, else one device). Raises FileNotFoundError for a missing
+    folder / config / weights and CheckpointError naming every missing, unexpected or
+    mis-shaped tensor.
     """
     base_dir = os.fspath(base_dir)
     if not os.path.isdir(base_dir):
@@ -193,22 +209,34 @@ def load_llama(
     param_dtype = dtype if param_dtype is None else param_dtype
     mesh = mesh if mesh is not None else active_mesh()
 
+    extra = extra or {}
     abstract_model = nnx.eval_shape(
         lambda: LlamaForCausalLM(
-            config, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, rngs=nnx.Rngs(0)
+            config,
+            moe,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            scan_layers=scan_layers,
+            backend=backend,
+            rngs=nnx.Rngs(0),
         )
     )
     graphdef, abstract = nnx.split(abstract_model)
-    plan = _plan(config, files, abstract, where=base_dir)
-    np_dtype = np.dtype(param_dtype)
+    plan = _plan(config, files, abstract, extra, where=base_dir)
 
     def materialise(path, var):
-        rule, keys = plan[tuple(str(p) for p in path)]
-        shape = var.get_value().shape
+        path = tuple(str(p) for p in path)
+        shape, np_dtype = var.get_value().shape, np.dtype(var.get_value().dtype)
         if mesh is None:
             sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         else:
             sharding = variable_sharding(var, mesh)
+        if path not in plan:
+            value = extra[path]
+            return var.replace(
+                jax.make_array_from_callback(shape, sharding, lambda i: value[i].astype(np_dtype))
+            )
+        rule, keys = plan[path]
 
         def shard(index: tuple) -> np.ndarray:
             if not rule.stacked:
@@ -237,7 +265,7 @@ def save_llama(
         )
     config = model.config
     tensors: dict[str, np.ndarray] = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    for path, var in nnx.to_flat_state(nnx.state(model, BASE_PARAMS)):
         path = tuple(str(p) for p in path)
         rule = next(r for r in HF_KEY_TABLE if r.ours == path)
         value = np.asarray(jax.device_get(var.get_value()))

@@ -19,8 +19,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from meteora_jax.config import LlamaConfig
+from meteora_jax.config import LlamaConfig, MoELoRAConfig
+from meteora_jax.modeling.moe_lora import ForwardContext, MoELoRALinear, project
 from meteora_jax.modeling.rope import apply_rope, rope_tables
+from meteora_jax.ops.routing import Routing, RoutingSettings
 from meteora_jax.sharding import constrain
 
 # Mask value for disallowed attention: finite, so fully-masked (padding) rows give no NaN.
@@ -57,25 +59,35 @@ class RMSNorm(nnx.Module):
         return (self.scale[...].astype(self.dtype) * normed.astype(self.dtype)).astype(self.dtype)
 
 
+def _projection(name, d_in, d_out, axes, moe: MoELoRAConfig | None, *, dtype, param_dtype, backend, rngs):
+    """A MeteoRA layer where the mixture targets this projection, else a plain Linear."""
+    if moe is not None and name in moe.targets:
+        return MoELoRALinear(
+            name, d_in, d_out, axes, moe, dtype=dtype, param_dtype=param_dtype, backend=backend, rngs=rngs
+        )
+    return Linear(d_in, d_out, axes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
 class Attention(nnx.Module):
     """Grouped-query attention over `S` key/value slots with an explicit (B, T, S) mask."""
 
-    def __init__(self, config: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, moe: MoELoRAConfig | None, **kw):
         d, n, k, h = (
             config.hidden_size,
             config.num_attention_heads,
             config.num_key_value_heads,
             config.head_dim,
         )
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = Linear(d, n * h, ("embed", "heads"), **kw)
-        self.k_proj = Linear(d, k * h, ("embed", "kv_heads"), **kw)
-        self.v_proj = Linear(d, k * h, ("embed", "kv_heads"), **kw)
-        self.o_proj = Linear(n * h, d, ("heads", "embed"), **kw)
+        self.q_proj = _projection("q_proj", d, n * h, ("embed", "heads"), moe, **kw)
+        self.k_proj = _projection("k_proj", d, k * h, ("embed", "kv_heads"), moe, **kw)
+        self.v_proj = _projection("v_proj", d, k * h, ("embed", "kv_heads"), moe, **kw)
+        self.o_proj = _projection("o_proj", n * h, d, ("heads", "embed"), moe, **kw)
         self.shape_nkh = (n, k, h)
-        self.dtype = dtype
+        self.dtype = kw["dtype"]
 
-    def __call__(self, x_btd, cos_bth, sin_bth, allowed_bts, kv_cache=None, write_index=None):
+    def __call__(
+        self, x_btd, ctx: ForwardContext, cos_bth, sin_bth, allowed_bts, kv_cache=None, write_index=None
+    ):
         """Returns (out (B, T, D), updated (k, v) cache or None).
 
         kv_cache: optional (k (B, S, K, H), v (B, S, K, H)); the new keys/values are written at
@@ -83,9 +95,9 @@ class Attention(nnx.Module):
         """
         b, t, _ = x_btd.shape
         n, k, h = self.shape_nkh
-        q_btnh = apply_rope(self.q_proj(x_btd).reshape(b, t, n, h), cos_bth, sin_bth)
-        k_btkh = apply_rope(self.k_proj(x_btd).reshape(b, t, k, h), cos_bth, sin_bth)
-        v_btkh = self.v_proj(x_btd).reshape(b, t, k, h)
+        q_btnh = apply_rope(project(self.q_proj, "q_proj", x_btd, ctx).reshape(b, t, n, h), cos_bth, sin_bth)
+        k_btkh = apply_rope(project(self.k_proj, "k_proj", x_btd, ctx).reshape(b, t, k, h), cos_bth, sin_bth)
+        v_btkh = project(self.v_proj, "v_proj", x_btd, ctx).reshape(b, t, k, h)
         if kv_cache is not None:
             k_cache, v_cache = kv_cache
             k_bskh = jax.lax.dynamic_update_slice(
@@ -102,39 +114,46 @@ class Attention(nnx.Module):
         scores = jnp.where(allowed_bts[:, None, None], scores.astype(jnp.float32), _MASKED)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh.astype(self.dtype))
-        return self.o_proj(out_btkgh.reshape(b, t, n * h)), kv_cache
+        return project(self.o_proj, "o_proj", out_btkgh.reshape(b, t, n * h), ctx), kv_cache
 
 
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, moe: MoELoRAConfig | None, **kw):
         d, f = config.hidden_size, config.intermediate_size
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = Linear(d, f, ("embed", "mlp"), **kw)
-        self.up_proj = Linear(d, f, ("embed", "mlp"), **kw)
-        self.down_proj = Linear(f, d, ("mlp", "embed"), **kw)
+        self.gate_proj = _projection("gate_proj", d, f, ("embed", "mlp"), moe, **kw)
+        self.up_proj = _projection("up_proj", d, f, ("embed", "mlp"), moe, **kw)
+        self.down_proj = _projection("down_proj", f, d, ("mlp", "embed"), moe, **kw)
 
-    def __call__(self, x_btd: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd))
+    def __call__(self, x_btd: jax.Array, ctx: ForwardContext) -> jax.Array:
+        hidden = jax.nn.silu(project(self.gate_proj, "gate_proj", x_btd, ctx))
+        hidden = hidden * project(self.up_proj, "up_proj", x_btd, ctx)
+        return project(self.down_proj, "down_proj", hidden, ctx)
 
 
 class DecoderLayer(nnx.Module):
     """Pre-norm attention block then pre-norm MLP block, each with a residual."""
 
-    def __init__(self, config: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
-        self.self_attn = Attention(config, rngs=rngs, **kw)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
-        self.mlp = MLP(config, rngs=rngs, **kw)
+    def __init__(self, config: LlamaConfig, moe: MoELoRAConfig | None, *, dtype, param_dtype, backend, rngs):
+        self.input_layernorm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
+        )
+        kw = dict(dtype=dtype, param_dtype=param_dtype, backend=backend, rngs=rngs)
+        self.self_attn = Attention(config, moe, **kw)
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
+        )
+        self.mlp = MLP(config, moe, **kw)
 
-    def __call__(self, x_btd, cos_bth, sin_bth, allowed_bts, kv_cache=None, write_index=None):
+    def __call__(
+        self, x_btd, ctx: ForwardContext, cos_bth, sin_bth, allowed_bts, kv_cache=None, write_index=None
+    ):
         attn, kv_cache = self.self_attn(
-            self.input_layernorm(x_btd), cos_bth, sin_bth, allowed_bts, kv_cache, write_index
+            self.input_layernorm(x_btd), ctx, cos_bth, sin_bth, allowed_bts, kv_cache, write_index
         )
         x_btd = constrain(x_btd + attn, ("batch", "length", "embed"))
-        x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd))
+        x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd), ctx)
         return constrain(x_btd, ("batch", "length", "embed")), kv_cache
 
 
@@ -169,25 +188,37 @@ class KVCache:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class CausalLMOutput:
-    """Model output. logits: (B, T, V) in the compute dtype; cache: the updated KVCache or None."""
+    """Model output.
+
+    logits: (B, T, V) in the compute dtype; cache: the updated KVCache or None; routing:
+    {"layers.{i}.{projection}": Routing} with ids / weights (B, T, k) and, when asked, the
+    raw gate logits (B, T, L); None unless requested.
+    """
 
     logits: jax.Array
     cache: KVCache | None = None
+    routing: dict[str, Routing] | None = None
 
 
 class LlamaForCausalLM(nnx.Module):
-    """LLaMA decoder-only LM. `scan_layers` only changes how the forward pass walks the stack."""
+    """LLaMA decoder-only LM, optionally with MeteoRA layers (`moe`) in the targeted projections.
+
+    `scan_layers` only changes how the forward pass walks the stacked layers.
+    """
 
     def __init__(
         self,
         config: LlamaConfig,
+        moe: MoELoRAConfig | None = None,
         *,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         scan_layers: bool = True,
+        backend: str = "auto",
         rngs: nnx.Rngs,
     ):
         self.config = config
+        self.moe = moe
         self.dtype = dtype
         self.scan_layers = scan_layers
         d, v = config.hidden_size, config.vocab_size
@@ -200,7 +231,7 @@ class LlamaForCausalLM(nnx.Module):
             in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"}
         )
         def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
-            return DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            return DecoderLayer(config, moe, dtype=dtype, param_dtype=param_dtype, backend=backend, rngs=rngs)
 
         self.layers = make_layers(rngs)
         self.norm = RMSNorm(d, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
@@ -216,12 +247,18 @@ class LlamaForCausalLM(nnx.Module):
         attention_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
+        *,
+        routing: RoutingSettings | None = None,
+        return_routing: bool = False,
+        dropout_rng: jax.Array | None = None,
     ) -> CausalLMOutput:
         """Forward pass over input_ids (B, T).
 
         attention_mask: (B, T), 1 for real tokens, 0 for (left) padding. positions: (B, T);
         by default each row counts its real tokens (so a left-padded row equals its unpadded
         self). cache: a KVCache to extend; the new tokens go at slots [index, index + T).
+        routing: top-k / temperature (default: the MoE config's); return_routing: add the
+        per-projection routing to the output; dropout_rng: enables LoRA dropout (training).
         """
         b, t = input_ids.shape
         mask_bt = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
@@ -238,14 +275,19 @@ class LlamaForCausalLM(nnx.Module):
             positions = jnp.maximum(positions, 0)
         kv_slots = jnp.arange(valid_bs.shape[1])
         allowed_bts = (kv_slots[None, None, :] <= q_slots[None, :, None]) & valid_bs[:, None, :]
+        if routing is None and self.moe is not None:
+            routing = RoutingSettings(jnp.float32(self.moe.temperature), top_k=self.moe.top_k)
 
         cos_bth, sin_bth = rope_tables(self.config, positions)
-        x_btd = constrain(
-            jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype),
-            ("batch", "length", "embed"),
-        )
+        x_btd = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+        x_btd = constrain(x_btd, ("batch", "length", "embed"))
         kv = None if cache is None else (cache.k, cache.v)
-        x_btd, kv = self._run_layers(x_btd, cos_bth, sin_bth, allowed_bts, kv, write_index)
+        layer_keys = (
+            None if dropout_rng is None else jax.random.split(dropout_rng, self.config.num_hidden_layers)
+        )
+        x_btd, kv, routes = self._run_layers(
+            x_btd, (cos_bth, sin_bth, allowed_bts), kv, write_index, routing, layer_keys, return_routing
+        )
         x_btd = self.norm(x_btd)
         if self.lm_head is None:
             logits = jnp.dot(x_btd, self.embed_tokens[...].astype(self.dtype).T)
@@ -255,27 +297,41 @@ class LlamaForCausalLM(nnx.Module):
         new_cache = None
         if cache is not None:
             new_cache = KVCache(k=kv[0], v=kv[1], valid=valid_bs, index=write_index + t)
-        return CausalLMOutput(logits=logits, cache=new_cache)
+        return CausalLMOutput(logits=logits, cache=new_cache, routing=routes)
 
-    def _run_layers(self, x_btd, cos_bth, sin_bth, allowed_bts, kv, write_index):
+    def _run_layers(self, x_btd, attn_inputs, kv, write_index, routing, layer_keys, return_routing):
+        """Walks the stacked layers (scanned or unrolled); routing comes back stacked then split."""
         graphdef, state = nnx.split(self.layers)
 
-        def one_layer(x, layer_state, layer_kv):
+        def one_layer(x, layer_state, layer_kv, key):
             layer = nnx.merge(graphdef, layer_state)
-            return layer(x, cos_bth, sin_bth, allowed_bts, layer_kv, write_index)
+            ctx = ForwardContext(settings=routing, dropout_key=key)
+            x, layer_kv = layer(x, ctx, *attn_inputs, layer_kv, write_index)
+            return x, layer_kv, (ctx.routes if return_routing else None)
 
         if self.scan_layers:
 
             def body(x, xs):
-                return one_layer(x, *xs)
+                x, layer_kv, routes = one_layer(x, *xs)
+                return x, (layer_kv, routes)
 
-            return jax.lax.scan(body, x_btd, (state, kv))
-        new_k, new_v = [], []
-        for i in range(self.config.num_hidden_layers):
-            layer_state = jax.tree.map(lambda a, i=i: a[i], state)
-            layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-            x_btd, layer_kv = one_layer(x_btd, layer_state, layer_kv)
-            if kv is not None:
-                new_k.append(layer_kv[0])
-                new_v.append(layer_kv[1])
-        return x_btd, (None if kv is None else (jnp.stack(new_k), jnp.stack(new_v)))
+            x_btd, (kv, stacked) = jax.lax.scan(body, x_btd, (state, kv, layer_keys))
+            per_layer = None
+            if return_routing:
+                per_layer = [
+                    jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.config.num_hidden_layers)
+                ]
+        else:
+            new_kv, per_layer = [], []
+            for i in range(self.config.num_hidden_layers):
+                layer_state = jax.tree.map(lambda a, i=i: a[i], state)
+                layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+                key = None if layer_keys is None else layer_keys[i]
+                x_btd, layer_kv, routes = one_layer(x_btd, layer_state, layer_kv, key)
+                new_kv.append(layer_kv)
+                per_layer.append(routes)
+            kv = None if kv is None else tuple(jnp.stack(parts) for parts in zip(*new_kv, strict=True))
+        if not return_routing:
+            return x_btd, kv, None
+        flat = {f"layers.{i}.{name}": r for i, routes in enumerate(per_layer) for name, r in routes.items()}
+        return x_btd, kv, flat

@@ -1,0 +1,112 @@
+"""The MeteoRA linear layer: a frozen base projection plus L LoRA experts chosen per token.
+
+Dimensions: B batch, T tokens, M = B*T, D in, O out, L adapters, R rank (padded), k chosen.
+
+Three variable kinds let optimizers pick what trains: base weights are `nnx.Param`, the
+gates `GateParam` (trained by default), the stacked adapters `nnx.LoRAParam` (optionally
+trained), and the per-adapter scales `AdapterScale` (fixed, never a parameter).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from meteora_jax.config import PROJECTIONS, MoELoRAConfig
+from meteora_jax.ops.moe_lora import moe_lora
+from meteora_jax.ops.routing import Routing, RoutingSettings
+
+
+class GateParam(nnx.Param):
+    """A MeteoRA gate kernel (D, L)."""
+
+
+class AdapterScale(nnx.Variable):
+    """Per-adapter LoRA scale (alpha / r, or alpha / sqrt(r)); zero where an adapter is absent."""
+
+
+# Filters by variable kind: the frozen base model, and what gate training updates.
+BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.Any(GateParam, nnx.LoRAParam)))
+
+
+@dataclasses.dataclass
+class ForwardContext:
+    """Per-call routing state threaded through one decoder layer; collects each projection's routing."""
+
+    settings: RoutingSettings | None = None
+    dropout_key: jax.Array | None = None
+    routes: dict[str, Routing] = dataclasses.field(default_factory=dict)
+
+
+class MoELoRALinear(nnx.Module):
+    """y = x @ W + sum over the top-k adapters of w_j * s_j * (x @ A_j) @ B_j (SPEC section 1)."""
+
+    def __init__(
+        self,
+        name: str,
+        d_in: int,
+        d_out: int,
+        axes: tuple[str, str],
+        moe: MoELoRAConfig,
+        *,
+        dtype,
+        param_dtype,
+        backend: str,
+        rngs: nnx.Rngs,
+    ):
+        in_axis, out_axis = axes
+        n_adapters, rank = moe.num_adapters, moe.rank
+        normal = nnx.initializers.normal
+        self.kernel = nnx.Param(normal(0.02)(rngs.params(), (d_in, d_out), param_dtype), logical_axes=axes)
+        self.gate = GateParam(
+            normal(1 / math.sqrt(d_in))(rngs.params(), (d_in, n_adapters), param_dtype),
+            logical_axes=(in_axis, "adapters"),
+        )
+        self.lora_a = nnx.LoRAParam(
+            normal(1 / math.sqrt(d_in))(rngs.params(), (n_adapters, d_in, rank), param_dtype),
+            logical_axes=("adapters", in_axis, "lora_rank"),
+        )
+        self.lora_b = nnx.LoRAParam(
+            jnp.zeros((n_adapters, rank, d_out), param_dtype),
+            logical_axes=("adapters", "lora_rank", out_axis),
+        )
+        self.scale = AdapterScale(jnp.ones((n_adapters,), jnp.float32), logical_axes=("adapters",))
+        self.index = PROJECTIONS.index(name)
+        self.dropout = moe.dropout
+        self.backend = backend
+        self.dtype = dtype
+
+    def __call__(self, x_btd: jax.Array, ctx: ForwardContext) -> tuple[jax.Array, Routing]:
+        b, t, d = x_btd.shape
+        x_md = x_btd.reshape(b * t, d).astype(self.dtype)
+        lora_x = None
+        if ctx.dropout_key is not None and self.dropout > 0:
+            keep = jax.random.bernoulli(
+                jax.random.fold_in(ctx.dropout_key, self.index), 1 - self.dropout, x_md.shape
+            )
+            lora_x = jnp.where(keep, x_md / (1 - self.dropout), 0).astype(self.dtype)
+        y_mo, routing = moe_lora(
+            x_md,
+            self.kernel[...],
+            self.gate[...],
+            self.lora_a[...],
+            self.lora_b[...],
+            self.scale[...],
+            ctx.settings,
+            backend=self.backend,
+            lora_x_md=lora_x,
+        )
+        routing = jax.tree.map(lambda a: a.reshape(b, t, a.shape[-1]), routing)
+        return y_mo.reshape(b, t, -1), routing
+
+
+def project(layer: nnx.Module, name: str, x_btd: jax.Array, ctx: ForwardContext) -> jax.Array:
+    """Applies a projection, plain or MeteoRA; the latter records its routing in `ctx`."""
+    if isinstance(layer, MoELoRALinear):
+        y, ctx.routes[name] = layer(x_btd, ctx)
+        return y
+    return layer(x_btd)

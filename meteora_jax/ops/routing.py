@@ -1,0 +1,47 @@
+"""The MeteoRA gate: logits over adapters, top-k choice, softmax weights over the chosen k.
+
+Dimensions: M tokens (any leading shape), D input features, L adapters, k chosen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RoutingSettings:
+    """Run-time routing knobs. `top_k` is static (it shapes arrays); `temperature` is traced,
+    so changing it never recompiles. `return_logits` keeps the raw gate logits (training)."""
+
+    temperature: jax.Array
+    top_k: int = dataclasses.field(metadata=dict(static=True), default=2)
+    return_logits: bool = dataclasses.field(metadata=dict(static=True), default=False)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """Per-token routing of one projection: ids (..., k) int32, weights (..., k), logits (..., L)."""
+
+    ids: jax.Array
+    weights: jax.Array
+    logits: jax.Array | None = None
+
+
+def gate_logits(x_md: jax.Array, gate_dl: jax.Array) -> jax.Array:
+    """z = x @ G in float32: top-k on bfloat16 logits would flip near-ties."""
+    return jnp.dot(x_md.astype(jnp.float32), gate_dl.astype(jnp.float32))
+
+
+def route(x_md: jax.Array, gate_dl: jax.Array, settings: RoutingSettings) -> Routing:
+    """Chooses top-k adapters per token; weights = softmax(z[ids] / T) (k == 1 gives 1)."""
+    z_ml = gate_logits(x_md, gate_dl)
+    top_z, ids = jax.lax.top_k(z_ml, settings.top_k)
+    weights = jax.nn.softmax(top_z / settings.temperature, axis=-1)
+    return Routing(
+        ids=ids.astype(jnp.int32), weights=weights, logits=z_ml if settings.return_logits else None
+    )
