@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from functools import partial
 
@@ -11,13 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from meteora_jax.config import LlamaConfig
+from meteora_jax.config import LlamaConfig, MoELoRAConfig, validate_routing
 from meteora_jax.errors import ConfigError, MeteoRAError
 from meteora_jax.io.hf import load_llama
+from meteora_jax.io.peft import read_adapters
+from meteora_jax.io.stacking import AdapterInfo, init_gates, moe_config_for, stack_adapters
 from meteora_jax.modeling.llama import CausalLMOutput, KVCache, LlamaForCausalLM
+from meteora_jax.ops import BACKENDS
+from meteora_jax.ops.routing import RoutingSettings
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-BACKENDS = ("auto", "xla")
 
 
 def _dtype(name: str, setting: str):
@@ -26,18 +30,34 @@ def _dtype(name: str, setting: str):
     return DTYPES[name]
 
 
-@partial(jax.jit, static_argnums=0)
-def _forward(graphdef, state, input_ids, attention_mask, positions, cache):
+@partial(jax.jit, static_argnames=("graphdef", "return_routing"))
+def _forward(graphdef, state, input_ids, attention_mask, positions, cache, routing, return_routing):
     module = nnx.merge(graphdef, state)
-    return module(input_ids, attention_mask=attention_mask, positions=positions, cache=cache)
+    return module(
+        input_ids,
+        attention_mask=attention_mask,
+        positions=positions,
+        cache=cache,
+        routing=routing,
+        return_routing=return_routing,
+    )
 
 
 class MeteoRAModel:
     """A loaded model. Call it on token ids (B, T); `module` is the NNX module (for training)."""
 
-    def __init__(self, module: LlamaForCausalLM, adapter_names: Sequence[str] = ()):
+    def __init__(self, module: LlamaForCausalLM, adapter_info: Sequence[AdapterInfo] = ()):
         self.module = module
-        self.adapter_names: tuple[str, ...] = tuple(adapter_names)
+        self.adapter_info: tuple[AdapterInfo, ...] = tuple(adapter_info)
+
+    @property
+    def moe(self) -> MoELoRAConfig | None:
+        return self.module.moe
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """The adapter order that gate columns and adapter stacks follow."""
+        return () if self.moe is None else self.moe.adapter_names
 
     @property
     def config(self) -> LlamaConfig:
@@ -53,11 +73,19 @@ class MeteoRAModel:
         attention_mask=None,
         positions=None,
         cache: KVCache | None = None,
+        *,
+        return_routing: bool = False,
+        return_gate_logits: bool = False,
+        top_k: int | None = None,
+        temperature: float | None = None,
     ) -> CausalLMOutput:
         """Runs the jitted forward pass; `.logits` is (batch, length, vocab).
 
         attention_mask: (B, T), 0 marks left padding. cache: from `init_cache` or a previous
-        call's `.cache`, to decode incrementally. Raises MeteoRAError for ids outside the
+        call's `.cache`, to decode incrementally. return_routing: `.routing` maps
+        "layers.{i}.{projection}" to ids / weights (B, T, k), plus the raw gate logits
+        (B, T, L) with return_gate_logits. top_k / temperature override the loaded defaults
+        (a new temperature never recompiles). Raises MeteoRAError for ids outside the
         vocabulary, mismatched shapes, or a cache without room for the new tokens.
         """
         ids = np.asarray(input_ids)
@@ -81,43 +109,85 @@ class MeteoRAModel:
                     f"cache has room for {cache.max_length - used} more tokens, got {ids.shape[1]} "
                     f"(max_length={cache.max_length})"
                 )
+        routing = None
+        if self.moe is not None:
+            top_k = self.moe.top_k if top_k is None else top_k
+            temperature = self.moe.temperature if temperature is None else temperature
+            validate_routing(top_k, temperature, self.moe.num_adapters)
+            routing = RoutingSettings(jnp.float32(temperature), top_k=top_k, return_logits=return_gate_logits)
+        elif return_routing or return_gate_logits or top_k is not None or temperature is not None:
+            raise MeteoRAError("this model has no adapters: routing settings do not apply")
         graphdef, state = nnx.split(self.module)
         mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
         pos = None if positions is None else jnp.asarray(positions, jnp.int32)
-        return _forward(graphdef, state, jnp.asarray(ids, jnp.int32), mask, pos, cache)
+        return _forward(
+            graphdef,
+            state,
+            jnp.asarray(ids, jnp.int32),
+            mask,
+            pos,
+            cache,
+            routing,
+            return_routing=return_routing or return_gate_logits,
+        )
 
 
 def load_model(
     base_dir: str | os.PathLike,
     adapters: Sequence[str] | Mapping[str, str] | None = None,
     gates: str | os.PathLike | None = None,
-    top_k: int = 2,
-    temperature: float = 1.0,
+    top_k: int | None = None,
+    temperature: float | None = None,
     dtype: str = "float32",
     backend: str = "auto",
     *,
     param_dtype: str | None = None,
     scan_layers: bool = True,
     mesh: jax.sharding.Mesh | None = None,
+    seed: int = 0,
 ) -> MeteoRAModel:
-    """Loads a HF LLaMA folder (and, later, MeteoRA adapters and gates) as a callable model.
+    """Loads a HF LLaMA folder, optionally fused with PEFT adapters and MeteoRA gates.
 
-    dtype: compute dtype; param_dtype: storage dtype (default: dtype). Under `jax.set_mesh`
-    (or with `mesh=`) parameters land sharded by the logical rules in `meteora_jax.sharding`.
+    adapters: PEFT adapter folders, a list (names from the folder names) or {name: folder};
+    their order is the gate order (`model.adapter_names`). gates: a MeteoRA reference
+    `model.safetensors` or a meteora-jax checkpoint folder; without it, gates are seeded
+    normal (`seed`) and a warning says routing is untrained. top_k / temperature: routing
+    defaults (those stored in a checkpoint, else 2 and 1.0). dtype: compute dtype;
+    param_dtype: storage dtype (default: dtype). Under `jax.set_mesh` (or with `mesh=`)
+    parameters land sharded by the logical rules in `meteora_jax.sharding`.
     """
-    if adapters is not None or gates is not None:
-        raise NotImplementedError(
-            "adapters= and gates= are not supported yet: this release loads the base LLaMA only"
-        )
-    if not isinstance(top_k, int) or top_k < 1:
-        raise ConfigError(f"top_k must be a positive integer, got {top_k!r}")
-    if not temperature > 0:
-        raise ConfigError(f"temperature must be > 0, got {temperature!r}")
     if backend not in BACKENDS:
         raise ConfigError(f"backend={backend!r} is not supported (choose from {', '.join(BACKENDS)})")
+    if top_k is not None or temperature is not None:
+        validate_routing(2 if top_k is None else top_k, 1.0 if temperature is None else temperature)
     compute = _dtype(dtype, "dtype")
     storage = compute if param_dtype is None else _dtype(param_dtype, "param_dtype")
-    module = load_llama(
-        os.fspath(base_dir), dtype=compute, param_dtype=storage, scan_layers=scan_layers, mesh=mesh
-    )
-    return MeteoRAModel(module)
+    base_dir = os.fspath(base_dir)
+    options = dict(dtype=compute, param_dtype=storage, scan_layers=scan_layers, backend=backend, mesh=mesh)
+    if adapters is None and gates is None:
+        return MeteoRAModel(load_llama(base_dir, **options))
+    config = LlamaConfig.from_hf(base_dir)
+    if gates is not None:
+        from meteora_jax.io import gates as gates_io  # noqa: PLC0415  (lands with checkpoint support)
+    if adapters is None:
+        moe, extra, infos = gates_io.load_checkpoint_adapters(gates, config, base_dir, top_k, temperature)
+    else:
+        adapter_list = read_adapters(adapters, config)
+        moe = moe_config_for(
+            adapter_list,
+            top_k=2 if top_k is None else top_k,
+            temperature=1.0 if temperature is None else temperature,
+        )
+        extra = stack_adapters(adapter_list, config, moe)
+        infos = [AdapterInfo.of(a) for a in adapter_list]
+        if gates is None:
+            warnings.warn(
+                "no gates given: routing uses untrained, randomly initialised gates "
+                f"(seed {seed}); pass gates= to load trained ones",
+                UserWarning,
+                stacklevel=2,
+            )
+            extra.update(init_gates(config, moe, seed))
+        else:
+            extra.update(gates_io.load_gates(gates, config, moe, adapter_list, base_dir))
+    return MeteoRAModel(load_llama(base_dir, moe, extra, **options), infos)

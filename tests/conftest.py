@@ -101,3 +101,90 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("measured errors (max abs unless stated)")
         for test, label, value in sorted(rows):
             terminalreporter.write_line(f"{value:10.3e}  {test}  [{label}]")
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT adapters and a torch statement of the MeteoRA layer (SPEC section 1), independent of
+# meteora_jax's own readers: adapters are read back through PEFT itself.
+
+PROJECTION_BLOCKS = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
+
+
+def make_peft_adapter(base_dir: str, out_dir: str | os.PathLike, *, seed: int, **lora_kwargs) -> str:
+    """Saves a PEFT LoRA adapter for the model in `base_dir` with random (non-zero) A and B."""
+    import peft
+
+    base = transformers.LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = peft.get_peft_model(base, peft.LoraConfig(**lora_kwargs))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.15)
+    model.save_pretrained(os.fspath(out_dir))
+    return os.fspath(out_dir)
+
+
+def peft_experts(base_dir: str, adapter_dir: str) -> dict[tuple[int, str], tuple]:
+    """(layer, projection) -> (A (r, in), B (out, r), scale) as PEFT itself loads the adapter."""
+    import peft
+
+    base = transformers.LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, adapter_dir)
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, peft.tuners.lora.Linear):
+            parts = name.split(".")
+            layer, proj = int(parts[parts.index("layers") + 1]), parts[-1]
+            out[(layer, proj)] = (
+                module.lora_A["default"].weight.detach().clone(),
+                module.lora_B["default"].weight.detach().clone(),
+                float(module.scaling["default"]),
+            )
+    return out
+
+
+class TorchMeteoRA(torch.nn.Module):
+    """SPEC section 1 written plainly: base(x) + sum over adapters of w_i * s_i * x A_i^T B_i^T."""
+
+    def __init__(
+        self, base: torch.nn.Linear, gate_in_l: torch.Tensor, experts: list, top_k: int, temperature
+    ):
+        super().__init__()
+        self.base, self.gate, self.experts = base, gate_in_l, experts
+        self.top_k, self.temperature = top_k, temperature
+
+    def forward(self, x):
+        y = self.base(x)
+        top_z, top_i = torch.topk(x @ self.gate, self.top_k, dim=-1)
+        weights = torch.softmax(top_z / self.temperature, dim=-1)
+        for i, expert in enumerate(self.experts):
+            if expert is None:  # this adapter does not target this module: a zero expert
+                continue
+            a, b, scale = expert
+            w_i = (weights * (top_i == i)).sum(-1, keepdim=True)
+            y = y + w_i * scale * ((x @ a.T) @ b.T)
+        return y
+
+
+def torch_meteora_model(base_dir: str, adapter_dirs: list[str], gates: dict, top_k: int, temperature: float):
+    """A transformers LLaMA whose targeted projections are TorchMeteoRA layers.
+
+    gates: (layer, projection) -> (in, L) array (e.g. read out of a meteora_jax model).
+    """
+    model = transformers.LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    experts = [peft_experts(base_dir, d) for d in adapter_dirs]
+    for (layer, proj), gate in gates.items():
+        block = getattr(model.model.layers[layer], PROJECTION_BLOCKS[proj])
+        per_adapter = [e.get((layer, proj)) for e in experts]
+        gate_t = torch.tensor(np.asarray(gate), dtype=torch.float32)
+        setattr(block, proj, TorchMeteoRA(getattr(block, proj), gate_t, per_adapter, top_k, temperature))
+    return model

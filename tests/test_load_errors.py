@@ -287,8 +287,8 @@ def test_cache_with_other_batch(model):
         ({"backend": "nope"}, "backend='nope'"),
         ({"top_k": 0}, "top_k must be a positive integer, got 0"),
         ({"top_k": 1.5}, "top_k must be a positive integer, got 1.5"),
-        ({"temperature": 0}, "temperature must be > 0, got 0"),
-        ({"temperature": float("nan")}, "temperature must be > 0, got nan"),
+        ({"temperature": 0}, "temperature must be a number > 0, got 0"),
+        ({"temperature": float("nan")}, "temperature must be a number > 0, got nan"),
     ],
 )
 def test_bad_load_model_settings(base_dir, kwargs, named):
@@ -297,10 +297,10 @@ def test_bad_load_model_settings(base_dir, kwargs, named):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"adapters": ["some/adapter"]}, {"adapters": {"a": "x"}}, {"gates": "g.safetensors"}]
+    ("kwargs", "named"), [({"adapters": ["some/adapter"]}, "some/adapter"), ({"adapters": {"a": "x"}}, "x")]
 )
-def test_adapters_not_implemented(base_dir, kwargs):
-    with pytest.raises(NotImplementedError, match="adapters= and gates= are not supported yet"):
+def test_missing_adapter_folder(base_dir, kwargs, named):
+    with pytest.raises(FileNotFoundError, match=f"adapter folder {named} does not exist"):
         mj.load_model(base_dir, **kwargs)
 
 

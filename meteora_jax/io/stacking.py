@@ -1,0 +1,133 @@
+"""From a list of PEFT adapters to the stacked MeteoRA parameters, and back.
+
+Per targeted projection: A (Y, L, in, R), B (Y, L, R, out), scale (Y, L), zero-padded to the
+largest rank R; an adapter that does not target a (layer, projection) is a zero expert there
+(zero A, B and scale). Gates are (Y, in, L). Keys are our parameter paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from meteora_jax.config import PROJECTIONS, LlamaConfig, MoELoRAConfig
+from meteora_jax.errors import ConfigError
+from meteora_jax.io.peft import BLOCK_OF, LoRAAdapter, LoRAModule, projection_shape
+
+Path = tuple[str, ...]
+
+
+def param_path(projection: str, leaf: str) -> Path:
+    """Our parameter path of one stacked leaf (kernel, gate, lora_a, lora_b, scale) of a projection."""
+    return ("layers", BLOCK_OF[projection], projection, leaf)
+
+
+def moe_config_for(
+    adapters: list[LoRAAdapter], top_k: int = 2, temperature: float = 1.0, dropout: float = 0.0
+) -> MoELoRAConfig:
+    """The mixture over `adapters`, in their order: every projection any of them targets."""
+    if not adapters:
+        raise ConfigError("adapters= is empty: give at least one adapter folder")
+    targeted = {p for adapter in adapters for p in adapter.projections}
+    return MoELoRAConfig(
+        adapter_names=tuple(a.name for a in adapters),
+        targets=tuple(p for p in PROJECTIONS if p in targeted),
+        rank=max(a.max_rank for a in adapters),
+        top_k=top_k,
+        temperature=temperature,
+        dropout=dropout,
+    )
+
+
+def stack_adapters(
+    adapters: list[LoRAAdapter], config: LlamaConfig, moe: MoELoRAConfig
+) -> dict[Path, np.ndarray]:
+    """A, B and scale stacks (float32) for every targeted projection."""
+    y, n, r = config.num_hidden_layers, len(adapters), moe.rank
+    out: dict[Path, np.ndarray] = {}
+    for proj in moe.targets:
+        d_in, d_out = projection_shape(config, proj)
+        a = np.zeros((y, n, d_in, r), np.float32)
+        b = np.zeros((y, n, r, d_out), np.float32)
+        scale = np.zeros((y, n), np.float32)
+        for i, adapter in enumerate(adapters):
+            for (layer, name), module in adapter.modules.items():
+                if name == proj:
+                    a[layer, i, :, : module.rank] = module.a.T
+                    b[layer, i, : module.rank, :] = module.b.T
+                    scale[layer, i] = module.scale
+        out[param_path(proj, "lora_a")] = a
+        out[param_path(proj, "lora_b")] = b
+        out[param_path(proj, "scale")] = scale
+    return out
+
+
+def init_gates(config: LlamaConfig, moe: MoELoRAConfig, seed: int = 0) -> dict[Path, np.ndarray]:
+    """Seeded normal gates with std 1/sqrt(in), so untrained logits are O(1)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for proj in moe.targets:
+        d_in, _ = projection_shape(config, proj)
+        shape = (config.num_hidden_layers, d_in, moe.num_adapters)
+        out[param_path(proj, "gate")] = (rng.standard_normal(shape) / np.sqrt(d_in)).astype(np.float32)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterInfo:
+    """What a fused model must remember of one adapter to write it back out (no weights)."""
+
+    name: str
+    ranks: dict[tuple[int, str], int]
+    alphas: dict[tuple[int, str], float]
+    use_rslora: bool = False
+    source: str | None = None
+
+    @classmethod
+    def of(cls, adapter: LoRAAdapter) -> AdapterInfo:
+        return cls(
+            name=adapter.name,
+            ranks={key: m.rank for key, m in adapter.modules.items()},
+            alphas={key: m.alpha for key, m in adapter.modules.items()},
+            use_rslora=adapter.use_rslora,
+            source=adapter.source,
+        )
+
+    def to_json(self) -> dict:
+        modules = [
+            {"layer": layer, "projection": proj, "rank": rank, "alpha": self.alphas[(layer, proj)]}
+            for (layer, proj), rank in sorted(self.ranks.items())
+        ]
+        return {"name": self.name, "use_rslora": self.use_rslora, "source": self.source, "modules": modules}
+
+    @classmethod
+    def from_json(cls, data: dict) -> AdapterInfo:
+        keys = [(int(m["layer"]), str(m["projection"])) for m in data["modules"]]
+        return cls(
+            name=data["name"],
+            ranks={k: int(m["rank"]) for k, m in zip(keys, data["modules"], strict=True)},
+            alphas={k: float(m["alpha"]) for k, m in zip(keys, data["modules"], strict=True)},
+            use_rslora=bool(data.get("use_rslora", False)),
+            source=data.get("source"),
+        )
+
+
+def unstack_adapters(stacks: dict[Path, np.ndarray], infos: list[AdapterInfo]) -> list[LoRAAdapter]:
+    """The inverse of `stack_adapters`: one LoRAAdapter per info, cut back to its true ranks."""
+    adapters = []
+    for i, info in enumerate(infos):
+        modules = {}
+        for (layer, proj), rank in info.ranks.items():
+            a = stacks[param_path(proj, "lora_a")][layer, i, :, :rank].T
+            b = stacks[param_path(proj, "lora_b")][layer, i, :rank, :].T
+            modules[(layer, proj)] = LoRAModule(
+                a=np.ascontiguousarray(a, np.float32),
+                b=np.ascontiguousarray(b, np.float32),
+                alpha=info.alphas[(layer, proj)],
+                scale=float(stacks[param_path(proj, "scale")][layer, i]),
+            )
+        adapters.append(
+            LoRAAdapter(name=info.name, modules=modules, use_rslora=info.use_rslora, source=info.source)
+        )
+    return adapters
