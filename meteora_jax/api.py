@@ -67,6 +67,17 @@ class MeteoRAModel:
         """An empty KV cache for `batch` rows and up to `max_length` tokens in all."""
         return KVCache.init(self.config, batch, max_length, dtype=self.module.dtype)
 
+    def _check_adapter_ids(self, adapter_ids, batch: int) -> jax.Array:
+        forced = np.asarray(adapter_ids)
+        n = len(self.adapter_names)
+        if forced.shape != (batch,) or not np.issubdtype(forced.dtype, np.integer):
+            raise MeteoRAError(
+                f"adapter_ids must be {batch} integers (one per row), got {forced.dtype} {forced.shape}"
+            )
+        if forced.size and (forced.min() < -1 or forced.max() >= n):
+            raise MeteoRAError(f"adapter_ids must lie in [-1, {n}) (-1: no adapter), got {forced.tolist()}")
+        return jnp.asarray(forced, jnp.int32)
+
     def __call__(
         self,
         input_ids,
@@ -78,6 +89,7 @@ class MeteoRAModel:
         return_gate_logits: bool = False,
         top_k: int | None = None,
         temperature: float | None = None,
+        adapter_ids=None,
     ) -> CausalLMOutput:
         """Runs the jitted forward pass; `.logits` is (batch, length, vocab).
 
@@ -85,7 +97,8 @@ class MeteoRAModel:
         call's `.cache`, to decode incrementally. return_routing: `.routing` maps
         "layers.{i}.{projection}" to ids / weights (B, T, k), plus the raw gate logits
         (B, T, L) with return_gate_logits. top_k / temperature override the loaded defaults
-        (a new temperature never recompiles). Raises MeteoRAError for ids outside the
+        (a new temperature never recompiles). adapter_ids: (B,) one adapter per row, bypassing
+        the gates (-1: base model only). Raises MeteoRAError for ids outside the
         vocabulary, mismatched shapes, or a cache without room for the new tokens.
         """
         ids = np.asarray(input_ids)
@@ -114,8 +127,13 @@ class MeteoRAModel:
             top_k = self.moe.top_k if top_k is None else top_k
             temperature = self.moe.temperature if temperature is None else temperature
             validate_routing(top_k, temperature, self.moe.num_adapters)
-            routing = RoutingSettings(jnp.float32(temperature), top_k=top_k, return_logits=return_gate_logits)
-        elif return_routing or return_gate_logits or top_k is not None or temperature is not None:
+            forced = None if adapter_ids is None else self._check_adapter_ids(adapter_ids, ids.shape[0])
+            routing = RoutingSettings(
+                jnp.float32(temperature), top_k=top_k, return_logits=return_gate_logits, forced_ids=forced
+            )
+        elif any(v for v in (return_routing, return_gate_logits)) or any(
+            v is not None for v in (top_k, temperature, adapter_ids)
+        ):
             raise MeteoRAError("this model has no adapters: routing settings do not apply")
         graphdef, state = nnx.split(self.module)
         mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)

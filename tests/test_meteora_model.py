@@ -250,3 +250,26 @@ def test_routing_settings_are_checked(setup, fused):
     with pytest.raises(MeteoRAError, match="no adapters"):
         base(ids_of(0, 1, 3), return_routing=True)
     assert base.adapter_names == ()
+
+
+def test_forced_adapter_ids_equal_the_single_adapter_model(setup, fused):
+    base_dir, dirs = setup
+    ids = ids_of(6, 3, 12)
+    names = fused.adapter_names
+    forced = fused(ids, adapter_ids=[names.index("rslora"), -1, names.index("regex")], return_routing=True)
+    alone = {
+        n: mj.load_model(base_dir, adapters={n: dirs[n]}, gates=None, top_k=1) for n in ("rslora", "regex")
+    }
+    assert max_abs(forced.logits[0], alone["rslora"](ids[:1]).logits[0]) <= TOL
+    assert max_abs(forced.logits[2], alone["regex"](ids[2:]).logits[0]) <= TOL
+    assert max_abs(forced.logits[1], mj.load_model(base_dir)(ids[1:2]).logits[0]) <= TOL
+    r = forced.routing["layers.0.q_proj"]
+    assert (
+        r.ids.shape == (3, 12, 1)
+        and np.all(np.asarray(r.weights)[1] == 0)
+        and np.all(np.asarray(r.weights)[0] == 1)
+    )
+    with pytest.raises(MeteoRAError, match=r"adapter_ids must lie in \[-1, 6\)"):
+        fused(ids, adapter_ids=[0, 6, 1])
+    with pytest.raises(MeteoRAError, match="one per row"):
+        fused(ids, adapter_ids=[0, 1])

@@ -99,6 +99,7 @@ class MoELoRALinear(nnx.Module):
             ctx.settings,
             backend=self.backend,
             lora_x_md=lora_x,
+            forced_m=None if ctx.settings.forced_ids is None else jnp.repeat(ctx.settings.forced_ids, t),
         )
         routing = jax.tree.map(lambda a: a.reshape(b, t, a.shape[-1]), routing)
         return y_mo.reshape(b, t, -1), routing

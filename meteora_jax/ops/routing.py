@@ -15,11 +15,13 @@ import jax.numpy as jnp
 @dataclasses.dataclass(frozen=True)
 class RoutingSettings:
     """Run-time routing knobs. `top_k` is static (it shapes arrays); `temperature` is traced,
-    so changing it never recompiles. `return_logits` keeps the raw gate logits (training)."""
+    so changing it never recompiles. `return_logits` keeps the raw gate logits (training).
+    `forced_ids` pins each batch row to one adapter (weight 1), like PEFT's `adapter_names`."""
 
     temperature: jax.Array
     top_k: int = dataclasses.field(metadata=dict(static=True), default=2)
     return_logits: bool = dataclasses.field(metadata=dict(static=True), default=False)
+    forced_ids: jax.Array | None = None  # (B,) int32: one adapter per row, bypassing the gate; -1 = none
 
 
 @jax.tree_util.register_dataclass
@@ -37,9 +39,18 @@ def gate_logits(x_md: jax.Array, gate_dl: jax.Array) -> jax.Array:
     return jnp.dot(x_md.astype(jnp.float32), gate_dl.astype(jnp.float32))
 
 
-def route(x_md: jax.Array, gate_dl: jax.Array, settings: RoutingSettings) -> Routing:
-    """Chooses top-k adapters per token; weights = softmax(z[ids] / T) (k == 1 gives 1)."""
+def route(
+    x_md: jax.Array, gate_dl: jax.Array, settings: RoutingSettings, forced_m: jax.Array | None = None
+) -> Routing:
+    """Chooses top-k adapters per token; weights = softmax(z[ids] / T) (k == 1 gives 1).
+
+    forced_m: (M,) adapter id per token overriding the gate (k = 1, weight 1; -1: weight 0).
+    """
     z_ml = gate_logits(x_md, gate_dl)
+    if forced_m is not None:
+        ids = jnp.maximum(forced_m, 0).astype(jnp.int32)[:, None]
+        weights = (forced_m >= 0).astype(jnp.float32)[:, None]
+        return Routing(ids=ids, weights=weights, logits=z_ml if settings.return_logits else None)
     top_z, ids = jax.lax.top_k(z_ml, settings.top_k)
     weights = jax.nn.softmax(top_z / settings.temperature, axis=-1)
     return Routing(
