@@ -27,6 +27,7 @@ from meteora_jax import api
 from meteora_jax.config import PROJECTIONS, MoELoRAConfig
 from meteora_jax.errors import ConfigError, MeteoRAError
 from meteora_jax.modeling.llama import LlamaForCausalLM
+from meteora_jax.ops import BACKENDS
 
 TOL = 1e-4
 ADAPTERS = {
@@ -273,3 +274,13 @@ def test_forced_adapter_ids_equal_the_single_adapter_model(setup, fused):
         fused(ids, adapter_ids=[0, 6, 1])
     with pytest.raises(MeteoRAError, match="one per row"):
         fused(ids, adapter_ids=[0, 1])
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b not in ("auto", "xla")])
+def test_every_backend_gives_the_same_model(setup, fused, backend):
+    base_dir, dirs = setup
+    with pytest.warns(UserWarning):
+        other = mj.load_model(base_dir, adapters=dirs, top_k=2, backend=backend)
+    ids = ids_of(8, 2, 21)
+    assert max_abs(other(ids).logits, fused(ids).logits) <= 1e-5
+    assert max_abs(other(ids[:, :1]).logits, fused(ids[:, :1]).logits) <= 1e-5

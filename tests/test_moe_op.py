@@ -35,7 +35,7 @@ def random_layer(seed, m, d, o, ranks, dtype=jnp.float32):
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "auto"])
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     m=st.integers(1, 37),
     d=st.integers(1, 40),

@@ -15,9 +15,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from meteora_jax.ops.grouping import group_metadata, tile_rows_for, visit_row_mask
 from meteora_jax.ops.routing import Routing, RoutingSettings, route
 
-BACKENDS = ("auto", "xla")
+BACKENDS = ("auto", "xla", "xla_grouped", "xla_gather")
+
+
+def choose_backend(tokens: int, top_k: int, num_adapters: int, d_in: int, rank: int) -> str:
+    """The XLA backend for a shape (placeholder thresholds, tuned below from measurements)."""
+    if tokens * top_k <= 16:
+        return "xla_gather"
+    if num_adapters * rank <= 256:
+        return "xla"
+    return "xla_grouped"
 
 
 def combine_weights(routing: Routing, scale_l: jax.Array, num_adapters: int) -> jax.Array:
@@ -30,6 +40,64 @@ def _dense_delta(x_md, a_ldr, b_lro, coef_ml):
     h_mlr = jnp.einsum("md,ldr->mlr", x_md, a_ldr.astype(x_md.dtype))
     h_mlr = h_mlr * coef_ml.astype(x_md.dtype)[:, :, None]
     return jnp.einsum("mlr,lro->mo", h_mlr, b_lro.astype(x_md.dtype))
+
+
+def _gather_delta(x_md, a_ldr, b_lro, routing: Routing, scale_l):
+    """Reads only the chosen adapters: (M, k, D, R) and (M, k, R, O) gathers. For decode (small M)."""
+    coef_mk = routing.weights * scale_l.astype(routing.weights.dtype)[routing.ids]
+    h_mkr = jnp.einsum("md,mkdr->mkr", x_md, a_ldr.astype(x_md.dtype)[routing.ids])
+    h_mkr = h_mkr * coef_mk.astype(x_md.dtype)[:, :, None]
+    return jnp.einsum("mkr,mkro->mo", h_mkr, b_lro.astype(x_md.dtype)[routing.ids])
+
+
+def _grouped_delta(x_md, a_ldr, b_lro, routing: Routing, scale_l):
+    """Pairs sorted by adapter, one (tm x D) @ (D x R) and (tm x R) @ (R x O) matmul per tile visit.
+
+    Dead visits are skipped with lax.cond; the loops have static trip counts, so reverse-mode
+    differentiation works.
+    """
+    m, d = x_md.shape
+    n_adapters, _, r = a_ldr.shape
+    o = b_lro.shape[-1]
+    k = routing.ids.shape[-1]
+    tm = tile_rows_for(m * k, n_adapters)
+    meta = group_metadata(routing.ids, n_adapters, tm)
+    p_pad = meta.num_tiles * tm
+    pad = p_pad - m * k
+    coef_p = (routing.weights * scale_l.astype(routing.weights.dtype)[routing.ids]).reshape(m * k)[meta.order]
+    coef_p = jnp.pad(coef_p.astype(x_md.dtype), (0, pad))
+    tokens_p = jnp.pad(meta.sorted_token, (0, pad))
+    x_pd = x_md[tokens_p]  # (P_pad, D): each token's row once per choice
+    a_ldr, b_lro = a_ldr.astype(x_md.dtype), b_lro.astype(x_md.dtype)
+    n_visits = meta.visit_tile.shape[0]
+
+    def shrink(v, h_pr):
+        def live(h_pr):
+            start = meta.visit_tile[v] * tm
+            rows_td = jax.lax.dynamic_slice(x_pd, (start, 0), (tm, d))
+            part_tr = jnp.dot(rows_td, a_ldr[meta.visit_adapter[v]])
+            part_tr = jnp.where(visit_row_mask(meta, v)[:, None], part_tr, 0)
+            cur = jax.lax.dynamic_slice(h_pr, (start, 0), (tm, r))
+            return jax.lax.dynamic_update_slice(h_pr, cur + part_tr, (start, 0))
+
+        return jax.lax.cond(v < meta.num_visits, live, lambda h: h, h_pr)
+
+    h_pr = jax.lax.fori_loop(0, n_visits, shrink, jnp.zeros((p_pad, r), x_md.dtype))
+    h_pr = h_pr * coef_p[:, None]
+
+    def expand(v, y_po):
+        def live(y_po):
+            start = meta.visit_tile[v] * tm
+            rows_tr = jax.lax.dynamic_slice(h_pr, (start, 0), (tm, r))
+            rows_tr = jnp.where(visit_row_mask(meta, v)[:, None], rows_tr, 0)
+            part_to = jnp.dot(rows_tr, b_lro[meta.visit_adapter[v]])
+            cur = jax.lax.dynamic_slice(y_po, (start, 0), (tm, o))
+            return jax.lax.dynamic_update_slice(y_po, cur + part_to, (start, 0))
+
+        return jax.lax.cond(v < meta.num_visits, live, lambda y: y, y_po)
+
+    y_po = jax.lax.fori_loop(0, n_visits, expand, jnp.zeros((p_pad, o), x_md.dtype))
+    return jnp.zeros((m, o), x_md.dtype).at[tokens_p].add(y_po)
 
 
 def moe_lora(
@@ -55,7 +123,15 @@ def moe_lora(
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
     routing = route(x_md, gate_dl, settings, forced_m)
-    coef_ml = combine_weights(routing, scale_l, a_ldr.shape[0])
     lora_x = x_md if lora_x_md is None else lora_x_md
-    y_mo = jnp.dot(x_md, kernel_do.astype(x_md.dtype)) + _dense_delta(lora_x, a_ldr, b_lro, coef_ml)
+    backend = (
+        choose_backend(x_md.shape[0], routing.ids.shape[-1], *a_ldr.shape) if backend == "auto" else backend
+    )
+    if backend == "xla_gather":
+        delta = _gather_delta(lora_x, a_ldr, b_lro, routing, scale_l)
+    elif backend == "xla_grouped":
+        delta = _grouped_delta(lora_x, a_ldr, b_lro, routing, scale_l)
+    else:
+        delta = _dense_delta(lora_x, a_ldr, b_lro, combine_weights(routing, scale_l, a_ldr.shape[0]))
+    y_mo = jnp.dot(x_md, kernel_do.astype(x_md.dtype)) + delta
     return y_mo.astype(x_md.dtype), routing

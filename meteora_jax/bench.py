@@ -1,0 +1,160 @@
+"""`meteora-jax bench layer|model`: MoE-LoRA cost measured side by side with its baselines.
+
+Every figure is a ratio to the base model measured in the same run: each repeat times every
+variant once, in turn (interleaved, so drift hits all alike), and the median over repeats is
+reported. Absolute times are printed for context only. Peak memory is XLA's own accounting
+of the compiled program's temporary buffers.
+
+Variants: `base` (no adapters), `lora` (one plain LoRA of the same rank on the same
+projections), `meteora[<backend>]` (L adapters, top-k routing), and, when torch is
+installed, the reference implementation's algorithm (per-token gather of the chosen
+adapters' weights, then two bmm) against torch's own base layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from tqdm import tqdm
+
+from meteora_jax.config import PROJECTIONS, LlamaConfig, MoELoRAConfig
+from meteora_jax.errors import ConfigError
+from meteora_jax.modeling.llama import KVCache, LlamaForCausalLM
+from meteora_jax.ops.routing import RoutingSettings
+
+# LLaMA-3-8B's decoder layer (the vocabulary is irrelevant to a layer and kept tiny).
+LLAMA3_8B_LAYER = LlamaConfig(
+    vocab_size=256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=1,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    rope_theta=500000.0,
+    max_position_embeddings=8192,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSettings:
+    """What to measure: adapters x rank with top-k routing, at each token count."""
+
+    adapters: int = 28
+    rank: int = 8
+    top_k: int = 2
+    prefill_tokens: tuple[int, ...] = (512, 2048)
+    decode_tokens: tuple[int, ...] = (1, 8)
+    decode_context: int = 512
+    backends: tuple[str, ...] = ("auto",)
+    repeats: int = 5
+    torch_reference: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.repeats < 1 or self.adapters < 1 or self.rank < 1 or not 1 <= self.top_k <= self.adapters:
+            raise ConfigError("bench needs repeats, adapters, rank >= 1 and 1 <= top_k <= adapters")
+
+
+def _model(config: LlamaConfig, n_adapters: int, rank: int, top_k: int, backend: str, seed: int):
+    """A random model; with adapters, random non-zero A, B and gates on all seven projections."""
+    moe = None
+    if n_adapters:
+        names = tuple(f"adapter_{i}" for i in range(n_adapters))
+        moe = MoELoRAConfig(adapter_names=names, targets=PROJECTIONS, rank=rank, top_k=top_k)
+    model = LlamaForCausalLM(config, moe, backend=backend, rngs=nnx.Rngs(seed))
+    if moe is not None:  # LoRA B starts at zero; give every adapter real weights
+        lora = nnx.state(model, nnx.LoRAParam)
+        keys = iter(jax.random.split(jax.random.key(seed + 1), len(jax.tree.leaves(lora))))
+        nnx.update(
+            model, jax.tree.map(lambda a: jax.random.normal(next(keys), a.shape, a.dtype) * 0.02, lora)
+        )
+    return model
+
+
+def _compiled(model: LlamaForCausalLM, tokens: int, context: int, top_k: int):
+    """(run(), peak temp bytes) for a forward over `tokens` new tokens after `context` cached ones."""
+    graphdef, state = nnx.split(model)
+    ids = jnp.ones((1, tokens), jnp.int32)
+    routing = None if model.moe is None else RoutingSettings(jnp.float32(1.0), top_k=top_k)
+    cache = None
+    if context:
+        cache = KVCache.init(model.config, 1, context + tokens, model.dtype)
+        cache = dataclasses.replace(
+            cache, valid=cache.valid.at[:, :context].set(True), index=jnp.int32(context)
+        )
+
+    def forward(state, ids, cache, routing):
+        return nnx.merge(graphdef, state)(ids, cache=cache, routing=routing).logits
+
+    compiled = jax.jit(forward).lower(state, ids, cache, routing).compile()
+    memory = compiled.memory_analysis()
+    peak = None if memory is None else int(memory.temp_size_in_bytes)
+    return (lambda: compiled(state, ids, cache, routing).block_until_ready()), peak
+
+
+def _interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per variant, timing each variant once per repeat, in turn."""
+    for run in runs.values():
+        run()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def bench(config: LlamaConfig, settings: BenchSettings, log=print) -> list[dict]:
+    """Measures every case (prefill and decode token counts); returns one row per case."""
+    models = {"base": _model(config, 0, settings.rank, 1, "xla", settings.seed)}
+    models["lora"] = _model(config, 1, settings.rank, 1, "xla", settings.seed)
+    for backend in settings.backends:
+        models[f"meteora[{backend}]"] = _model(
+            config, settings.adapters, settings.rank, settings.top_k, backend, settings.seed
+        )
+    cases = [("prefill", t, 0) for t in settings.prefill_tokens]
+    cases += [("decode", t, settings.decode_context) for t in settings.decode_tokens]
+    rows = []
+    for phase, tokens, context in tqdm(cases, desc="bench", unit="case"):
+        runs, peaks = {}, {}
+        for name, model in models.items():
+            top_k = 1 if model.moe is None or model.moe.num_adapters == 1 else settings.top_k
+            runs[name], peaks[name] = _compiled(model, tokens, context, top_k)
+        if settings.torch_reference:
+            from meteora_jax import bench_torch  # noqa: PLC0415  (torch is optional)
+
+            runs.update(bench_torch.reference_runs(config, settings, tokens, context))
+        seconds = _interleaved(runs, settings.repeats)
+        row = {"phase": phase, "tokens": tokens, "context": context, "adapters": settings.adapters,
+               "rank": settings.rank, "top_k": settings.top_k, "base_ms": seconds["base"] * 1e3,
+               "ratio": {n: s / seconds["base"] for n, s in seconds.items() if not n.startswith("torch")},
+               "peak_bytes": peaks}  # fmt: skip
+        if "torch_base" in seconds:
+            row["torch_reference_ratio"] = seconds["torch_reference"] / seconds["torch_base"]
+            row["speedup_vs_reference"] = {
+                n: row["torch_reference_ratio"] / r
+                for n, r in row["ratio"].items()
+                if n.startswith("meteora")
+            }
+        rows.append(row)
+        log(format_row(row))
+    return rows
+
+
+def format_row(row: dict) -> str:
+    ratios = ", ".join(f"{n} {r:.3f}x" for n, r in row["ratio"].items() if n != "base")
+    text = (
+        f"{row['phase']} {row['tokens']} tok (L={row['adapters']}, r={row['rank']}): "
+        f"base {row['base_ms']:.1f} ms; {ratios}"
+    )
+    if "torch_reference_ratio" in row:
+        text += f"; torch reference algorithm {row['torch_reference_ratio']:.3f}x its base"
+    return text

@@ -1,0 +1,93 @@
+"""`meteora-jax bench layer|model`: MoE-LoRA overhead against its baselines, measured side by side."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+
+from meteora_jax.bench import LLAMA3_8B_LAYER, BenchSettings, bench
+from meteora_jax.config import LlamaConfig
+
+# A small whole model for `bench model` (random weights: nothing is downloaded).
+SMALL_MODEL = dataclasses.replace(
+    LLAMA3_8B_LAYER,
+    vocab_size=32000,
+    hidden_size=1024,
+    intermediate_size=3584,
+    num_hidden_layers=8,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    head_dim=64,
+)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="measure MoE-LoRA overhead vs the base model, one plain LoRA and the reference algorithm",
+        description="Ratios to the base model, median of interleaved repeats, all variants in one run.",
+    )
+    parser.add_argument(
+        "what", choices=("layer", "model"), help="one LLaMA-3-8B decoder layer, or a whole model"
+    )
+    parser.add_argument("--adapters", type=int, default=28)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[512, 2048], help="prefill token counts")
+    parser.add_argument("--decode-tokens", type=int, nargs="*", default=[1, 8])
+    parser.add_argument("--decode-context", type=int, default=512, help="cached tokens before a decode step")
+    parser.add_argument("--backend", nargs="+", default=["auto"], help="MoE-LoRA backends to time")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-torch", action="store_true", help="skip the torch reference algorithm")
+    parser.add_argument("--base", help="HF model folder whose config.json sizes the model (weights unused)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.base:
+        config = LlamaConfig.from_hf(args.base)
+    else:
+        config = LLAMA3_8B_LAYER if args.what == "layer" else SMALL_MODEL
+    if args.what == "layer":
+        config = dataclasses.replace(config, num_hidden_layers=1, vocab_size=256)
+    torch_reference = args.what == "layer" and not args.no_torch
+    if torch_reference:
+        try:
+            import torch  # noqa: F401, PLC0415
+        except ImportError:
+            print("torch is not installed: skipping the reference algorithm")
+            torch_reference = False
+    settings = BenchSettings(
+        adapters=args.adapters,
+        rank=args.rank,
+        top_k=args.top_k,
+        prefill_tokens=tuple(args.tokens),
+        decode_tokens=tuple(args.decode_tokens),
+        decode_context=args.decode_context,
+        backends=tuple(args.backend),
+        repeats=args.repeats,
+        torch_reference=torch_reference,
+    )
+    rows = bench(config, settings)
+    if args.json:
+        payload = {"what": args.what, "config": config.to_hf_dict(), "settings": dataclasses.asdict(settings),
+                   "results": rows}  # fmt: skip
+        write_json(payload, args.json)
+
+
+def write_json(payload, path: str) -> None:
+    """Writes JSON atomically (temp file in the same folder, then rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
