@@ -49,30 +49,27 @@ def test_backend_matches_reference_forward_and_gradients(backend, m, d, o, ranks
     k = min(k, len(ranks))
     args = random_layer(seed, m, d, o, ranks)
     routing = RoutingSettings(jnp.float32(temperature), top_k=k)
+    cotangent = jnp.asarray(np.random.default_rng(seed + 1).standard_normal((m, o)), jnp.float32)
+    wrt = ("x_md", "gate_dl", "a_ldr", "b_lro")
 
-    y, r = jax.jit(lambda a: moe_lora(**a, settings=routing, backend=backend))(args)
-    y_ref, r_ref = jax.jit(lambda a: moe_lora_reference(**a, settings=routing))(args)
+    def forward_and_grads(fn):
+        """(y, routing, gradients of <y, cotangent> wrt x, gate, A, B), compiled once."""
+
+        def loss(diff):
+            out, r = fn(**{**args, **diff}, settings=routing)
+            return jnp.sum(out * cotangent), (out, r)
+
+        (_, (out, r)), grads = jax.value_and_grad(loss, has_aux=True)({n: args[n] for n in wrt})
+        return out, r, grads
+
+    y, r, grads = jax.jit(lambda: forward_and_grads(lambda **kw: moe_lora(**kw, backend=backend)))()
+    y_ref, r_ref, grads_ref = jax.jit(lambda: forward_and_grads(moe_lora_reference))()
     np.testing.assert_array_equal(r.ids, r_ref.ids)
     np.testing.assert_allclose(r.weights, r_ref.weights, atol=1e-6)
     np.testing.assert_allclose(y, y_ref, atol=TOL[jnp.float32] * (1 + np.abs(y_ref).max()))
-
-    cotangent = jnp.asarray(np.random.default_rng(seed + 1).standard_normal(y.shape), jnp.float32)
-    wrt = ("x_md", "gate_dl", "a_ldr", "b_lro")
-
-    def loss(fn, *diff):
-        out, _ = fn(**{**args, **dict(zip(wrt, diff, strict=True))}, settings=routing)
-        return jnp.sum(out * cotangent)
-
-    ours = jax.jit(
-        jax.grad(lambda *p: loss(lambda **kw: moe_lora(**kw, backend=backend), *p), argnums=(0, 1, 2, 3))
-    )
-    grads = ours(*(args[n] for n in wrt))
-    grads_ref = jax.jit(jax.grad(lambda *p: loss(moe_lora_reference, *p), argnums=(0, 1, 2, 3)))(
-        *(args[n] for n in wrt)
-    )
-    for name, g, g_ref in zip(wrt, grads, grads_ref, strict=True):
-        scale = 1 + float(jnp.abs(g_ref).max())
-        np.testing.assert_allclose(g, g_ref, atol=1e-4 * scale, err_msg=f"d{name}")
+    for name in wrt:
+        scale = 1 + float(jnp.abs(grads_ref[name]).max())
+        np.testing.assert_allclose(grads[name], grads_ref[name], atol=1e-4 * scale, err_msg=f"d{name}")
 
 
 def torch_meteora(x, w, gate, a_list, b_list, scales, k, temperature):
@@ -135,3 +132,24 @@ def test_unknown_backend_is_refused():
     args = random_layer(1, 2, 3, 3, [1])
     with pytest.raises(ValueError, match="'nope'"):
         moe_lora(**args, settings=RoutingSettings(jnp.float32(1.0), top_k=1), backend="nope")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("routing_case", ["one_adapter", "spread"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_backends_on_concentrated_and_spread_routing(backend, routing_case, dtype):
+    args = random_layer(11, 70, 24, 20, [8, 3, 8, 5, 1, 8, 2, 8, 4], dtype=dtype)
+    if routing_case == "one_adapter":  # the usual MeteoRA case: one task, every token on adapter 3
+        args["x_md"] = args["x_md"].at[:, 0].set(8.0)
+        args["gate_dl"] = args["gate_dl"].at[0, 3].set(100.0)
+    settings_ = RoutingSettings(jnp.float32(1.0), top_k=2)
+    y, r = moe_lora(**args, settings=settings_, backend=backend)
+    y_ref, r_ref = moe_lora_reference(**args, settings=settings_)
+    if routing_case == "one_adapter":
+        assert np.all(np.asarray(r.ids)[:, 0] == 3)
+    else:
+        assert len(np.unique(np.asarray(r.ids))) == 9
+    assert y.dtype == dtype
+    np.testing.assert_allclose(
+        np.asarray(y, np.float32), np.asarray(y_ref), atol=TOL[dtype] * (1 + float(jnp.abs(y_ref).max()))
+    )
