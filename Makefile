@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(TEST_ENV) $(BIN)/python -m pytest -q -n 2 --durations=15 tests
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 demo: $(STAMP)
 	$(BIN)/meteora-jax demo

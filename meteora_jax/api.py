@@ -14,9 +14,9 @@ from flax import nnx
 
 from meteora_jax.config import LlamaConfig, MoELoRAConfig, validate_routing
 from meteora_jax.errors import ConfigError, MeteoRAError
+from meteora_jax.io import gates as gates_io
 from meteora_jax.io.hf import load_llama
-from meteora_jax.io.peft import read_adapters
-from meteora_jax.io.stacking import AdapterInfo, init_gates, moe_config_for, stack_adapters
+from meteora_jax.io.stacking import AdapterInfo
 from meteora_jax.modeling.llama import CausalLMOutput, KVCache, LlamaForCausalLM
 from meteora_jax.ops import BACKENDS
 from meteora_jax.ops.routing import RoutingSettings
@@ -170,7 +170,7 @@ def load_model(
     their order is the gate order (`model.adapter_names`). gates: a MeteoRA reference
     `model.safetensors` or a meteora-jax checkpoint folder; without it, gates are seeded
     normal (`seed`) and a warning says routing is untrained. top_k / temperature: routing
-    defaults (those stored in a checkpoint, else 2 and 1.0). dtype: compute dtype;
+    defaults (those stored in a checkpoint, else min(2, adapters) and 1.0). dtype: compute dtype;
     param_dtype: storage dtype (default: dtype). Under `jax.set_mesh` (or with `mesh=`)
     parameters land sharded by the logical rules in `meteora_jax.sharding`.
     """
@@ -184,28 +184,12 @@ def load_model(
     options = dict(dtype=compute, param_dtype=storage, scan_layers=scan_layers, backend=backend, mesh=mesh)
     if adapters is None and gates is None:
         return MeteoRAModel(load_llama(base_dir, **options))
-    config = LlamaConfig.from_hf(base_dir)
-    if gates is not None:
-        from meteora_jax.io import gates as gates_io  # noqa: PLC0415  (lands with checkpoint support)
-    if adapters is None:
-        moe, extra, infos = gates_io.load_checkpoint_adapters(gates, config, base_dir, top_k, temperature)
-    else:
-        adapter_list = read_adapters(adapters, config)
-        moe = moe_config_for(
-            adapter_list,
-            top_k=2 if top_k is None else top_k,
-            temperature=1.0 if temperature is None else temperature,
+    if adapters is not None and gates is None:
+        warnings.warn(
+            "no gates given: routing uses untrained, randomly initialised gates "
+            f"(seed {seed}); pass gates= to load trained ones",
+            UserWarning,
+            stacklevel=2,
         )
-        extra = stack_adapters(adapter_list, config, moe)
-        infos = [AdapterInfo.of(a) for a in adapter_list]
-        if gates is None:
-            warnings.warn(
-                "no gates given: routing uses untrained, randomly initialised gates "
-                f"(seed {seed}); pass gates= to load trained ones",
-                UserWarning,
-                stacklevel=2,
-            )
-            extra.update(init_gates(config, moe, seed))
-        else:
-            extra.update(gates_io.load_gates(gates, config, moe, adapter_list, base_dir))
+    moe, extra, infos = gates_io.fuse(base_dir, adapters, gates, top_k, temperature, seed=seed)
     return MeteoRAModel(load_llama(base_dir, moe, extra, **options), infos)

@@ -1,17 +1,14 @@
-"""The `meteora-jax` command."""
+"""The `meteora-jax` command: one subcommand per module in `meteora_jax.commands`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from meteora_jax.commands import bench, convert, demo, export, generate
 from meteora_jax.errors import MeteoRAError
 
-
-def _demo(args: argparse.Namespace) -> None:
-    from meteora_jax.demo import base_model
-
-    base_model.run(out_dir=args.out, seed=args.seed, force=args.force)
+COMMANDS = (demo, convert, export, generate, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,11 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="meteora-jax", description="MeteoRA in JAX: many LoRA adapters fused into one LLaMA."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the embedded end-to-end demo (tiny model, CPU, no downloads)")
-    demo.add_argument("--out", help="keep the generated HF model in this folder (default: temporary)")
-    demo.add_argument("--force", action="store_true", help="replace --out if it exists")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_demo)
+    for command in COMMANDS:
+        command.register(sub)
     return parser
 
 

@@ -43,11 +43,16 @@ def register(subparsers) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-torch", action="store_true", help="skip the torch reference algorithm")
     parser.add_argument("--base", help="HF model folder whose config.json sizes the model (weights unused)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="generate: batch sizes")
+    parser.add_argument("--new-tokens", type=int, default=32, help="generate: tokens decoded per run")
+    parser.add_argument("--prompt-length", type=int, default=64, help="generate: prompt tokens")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.what == "generate":
+        return run_generate(args)
     if args.base:
         config = LlamaConfig.from_hf(args.base)
     else:
@@ -91,3 +96,30 @@ def write_json(payload, path: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    """Decode tokens/s and prefill time of a MeteoRA model vs its base, batch by batch."""
+    from meteora_jax.bench_generate import GenerateBenchSettings, bench_generate, format_bench  # noqa: PLC0415
+
+    overrides = {}
+    if args.base:
+        config = LlamaConfig.from_hf(args.base)
+        overrides = {f: getattr(config, f) for f in ("vocab_size", "hidden_size", "intermediate_size",
+                                                     "num_hidden_layers", "num_attention_heads",
+                                                     "num_key_value_heads")}  # fmt: skip
+    settings = GenerateBenchSettings(
+        num_adapters=args.adapters,
+        rank=args.rank,
+        top_k=args.top_k,
+        prompt_length=args.prompt_length,
+        new_tokens=args.new_tokens,
+        batch_sizes=tuple(args.batch),
+        repeats=args.repeats,
+        backend=args.backend[0],
+        **overrides,
+    )
+    report = bench_generate(settings)
+    print(format_bench(report))
+    if args.json:
+        write_json({"what": "generate", "results": report}, args.json)

@@ -1,0 +1,184 @@
+"""Generation benchmark: decode tokens/s of a many-adapter MeteoRA model against its base model.
+
+Both models are random (built in memory, nothing read or downloaded) with the same LLaMA shape,
+and are measured in the same run, interleaved repeat by repeat, so machine noise hits both
+alike. Per batch size:
+
+- prefill: one prompt forward pass into a fresh KV cache (the jitted prefill program);
+- decode: (t(N new tokens) - t(1 new token)) / (N - 1) per step, from two whole-generation
+  programs, so prefill, dispatch and compile time cancel out; reported as tokens/s
+  (batch * steps / seconds). Generation never stops early (no EOS).
+
+Every figure is the median of `repeats` timed runs after one warm-up (compile) run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from meteora_jax.api import DTYPES, MeteoRAModel
+from meteora_jax.config import PROJECTIONS, LlamaConfig, MoELoRAConfig
+from meteora_jax.errors import ConfigError
+from meteora_jax.generate import (
+    GenerationSettings,
+    _Plan,
+    _prefill_program,
+    _routing_settings,
+    _Sampling,
+    generate,
+)
+from meteora_jax.modeling.llama import LlamaForCausalLM
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateBenchSettings:
+    """Model shape and measurement sizes (defaults: a small model that runs on a laptop CPU)."""
+
+    vocab_size: int = 8192
+    hidden_size: int = 512
+    intermediate_size: int = 1408
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    num_adapters: int = 28
+    rank: int = 8
+    top_k: int = 2
+    prompt_length: int = 64
+    new_tokens: int = 32
+    batch_sizes: tuple[int, ...] = (1, 8)
+    repeats: int = 5
+    dtype: str = "float32"
+    backend: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.repeats < 5:
+            raise ConfigError(f"repeats must be >= 5 (the figures are medians), got {self.repeats}")
+        if self.new_tokens < 2:
+            raise ConfigError(f"new_tokens must be >= 2 (decode time is a difference), got {self.new_tokens}")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ConfigError(f"batch_sizes must be positive, got {self.batch_sizes}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r} is not supported (choose from {', '.join(DTYPES)})")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError("hidden_size must be a multiple of num_attention_heads")
+
+    def llama(self) -> LlamaConfig:
+        return LlamaConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.hidden_size // self.num_attention_heads,
+            max_position_embeddings=max(2048, self.prompt_length + self.new_tokens),
+        )
+
+    def moe(self) -> MoELoRAConfig:
+        names = tuple(f"adapter_{i:02d}" for i in range(self.num_adapters))
+        return MoELoRAConfig(adapter_names=names, targets=PROJECTIONS, rank=self.rank, top_k=self.top_k)
+
+
+def _models(s: GenerateBenchSettings) -> dict[str, MeteoRAModel]:
+    dtype = DTYPES[s.dtype]
+    kw = dict(dtype=dtype, param_dtype=dtype, backend=s.backend)
+    base = LlamaForCausalLM(s.llama(), rngs=nnx.Rngs(s.seed), **kw)
+    fused = LlamaForCausalLM(s.llama(), s.moe(), rngs=nnx.Rngs(s.seed), **kw)
+    # LoRA B starts at zero; random values make sure nothing is skipped as trivially zero.
+    for _, variable in nnx.iter_graph(fused):
+        if isinstance(variable, nnx.LoRAParam) and not np.any(np.asarray(variable[...])):
+            variable[...] = 0.01 * jax.random.normal(jax.random.key(s.seed + 1), variable[...].shape, dtype)
+    return {"base": MeteoRAModel(base), "meteora": MeteoRAModel(fused)}
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
+def _runners(model: MeteoRAModel, s: GenerateBenchSettings, batch: int):
+    """Three zero-argument callables: prefill, generate 1 token, generate N tokens."""
+    ids = np.random.default_rng(s.seed).integers(3, s.vocab_size, (batch, s.prompt_length))
+    settings = GenerationSettings(max_new_tokens=s.new_tokens)
+    graphdef, params = nnx.split(model.module)
+    ids_bp, mask_bp = jnp.asarray(ids, jnp.int32), jnp.ones((batch, s.prompt_length), jnp.int32)
+    sampling = _Sampling.of(settings, s.vocab_size)
+    routing = _routing_settings(model, batch, None, None, None, False)
+    plan = _Plan(s.new_tokens, return_routing=False, output_logits=False)
+
+    def prefill():
+        return _prefill_program(graphdef, params, ids_bp, mask_bp, sampling, routing, plan).logits_bv
+
+    def run(n):
+        return lambda: generate(model, ids, max_new_tokens=n, eos_token_id=[]).sequences
+
+    return prefill, run(1), run(s.new_tokens)
+
+
+def bench_generate(settings: GenerateBenchSettings | None = None, **overrides) -> dict:
+    """Measures prefill time and decode tokens/s, MeteoRA vs base, per batch size.
+
+    Returns {"settings": {...}, "device": str, "results": [{"batch", "base": {...},
+    "meteora": {...}, "decode_ratio", "prefill_ratio"}]}; ratios are MeteoRA speed / base
+    speed (1.0: no overhead; the target is >= 0.90 for decode).
+    """
+    s = dataclasses.replace(settings or GenerateBenchSettings(), **overrides)
+    models = _models(s)
+    runners = {(name, b): _runners(m, s, b) for name, m in models.items() for b in s.batch_sizes}
+    for fns in runners.values():  # compile everything before any timing
+        for fn in fns:
+            _timed(fn)
+    samples = {key: ([], []) for key in runners}  # (prefill seconds, decode seconds per step)
+    for _ in range(s.repeats):
+        for key, (prefill, one, many) in runners.items():  # interleaved: base, meteora, base, ...
+            samples[key][0].append(_timed(prefill))
+            samples[key][1].append((_timed(many) - _timed(one)) / (s.new_tokens - 1))
+    results = []
+    for b in s.batch_sizes:
+        row = {"batch": b}
+        for name in models:
+            prefill_s = statistics.median(samples[(name, b)][0])
+            step_s = statistics.median(samples[(name, b)][1])
+            row[name] = {
+                "prefill_s": prefill_s,
+                "decode_step_s": step_s,
+                "decode_tokens_per_s": b / step_s if step_s > 0 else float("inf"),
+            }
+        row["decode_ratio"] = row["meteora"]["decode_tokens_per_s"] / row["base"]["decode_tokens_per_s"]
+        row["prefill_ratio"] = row["base"]["prefill_s"] / row["meteora"]["prefill_s"]
+        results.append(row)
+    return {"settings": dataclasses.asdict(s), "device": str(jax.devices()[0]), "results": results}
+
+
+def format_bench(report: dict) -> str:
+    """A markdown table of a `bench_generate` report."""
+    s = report["settings"]
+    lines = [
+        f"{s['num_adapters']} adapters (rank {s['rank']}, top-{s['top_k']}) vs base; "
+        f"D={s['hidden_size']}, {s['num_hidden_layers']} layers, prompt {s['prompt_length']}, "
+        f"{s['new_tokens']} new tokens, {s['dtype']}, median of {s['repeats']}; {report['device']}",
+        "",
+        "| batch | base decode tok/s | MeteoRA decode tok/s | ratio | base prefill ms | MeteoRA prefill ms |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        base, fused = r["base"], r["meteora"]
+        cells = [
+            str(r["batch"]),
+            f"{base['decode_tokens_per_s']:.1f}",
+            f"{fused['decode_tokens_per_s']:.1f}",
+            f"{r['decode_ratio']:.2f}",
+            f"{1e3 * base['prefill_s']:.1f}",
+            f"{1e3 * fused['prefill_s']:.1f}",
+        ]
+        lines.append(f"| {' | '.join(cells)} |")
+    return "\n".join(lines)

@@ -1,0 +1,57 @@
+"""`meteora-jax convert`: PEFT adapters (and trained gates) over a base -> a meteora-jax checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from meteora_jax.commands import adapter_specs
+from meteora_jax.io import checkpoint, gates
+
+
+def register(subparsers) -> None:
+    sub = subparsers
+    convert = sub.add_parser(
+        "convert", help="fuse PEFT adapters (and trained gates) over a base into a meteora-jax checkpoint"
+    )
+    convert.add_argument("--base", required=True, help="the HF LLaMA base folder")
+    convert.add_argument(
+        "--adapter",
+        action="append",
+        required=True,
+        metavar="[NAME=]DIR",
+        help="a PEFT adapter folder; repeat in gate order (name: the folder's name unless NAME= is given)",
+    )
+    convert.add_argument(
+        "--gates",
+        metavar="FILE|CKPT",
+        help="trained gates: a MeteoRA model.safetensors or a checkpoint folder",
+    )
+    convert.add_argument("--top-k", type=int, help="routing default stored in the checkpoint (default 2)")
+    convert.add_argument(
+        "--temperature", type=float, help="routing default stored in the checkpoint (default 1)"
+    )
+    convert.add_argument(
+        "--seed", type=int, default=0, help="seed of the untrained gates when --gates is absent"
+    )
+    convert.add_argument("--out", required=True, metavar="CKPT", help="the checkpoint folder to write")
+    convert.add_argument("--force", action="store_true", help="replace --out if it exists")
+    convert.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    checkpoint.refuse_existing(args.out, force=args.force)
+    moe, params, infos = gates.fuse(
+        args.base, adapter_specs(args.adapter), args.gates, args.top_k, args.temperature, seed=args.seed
+    )
+    if args.gates is None:
+        print(
+            f"meteora-jax convert: warning: no --gates: the checkpoint holds untrained, randomly initialised "
+            f"gates (seed {args.seed}); train them, or pass trained ones with --gates",
+            file=sys.stderr,
+        )
+    out = checkpoint.write_checkpoint(args.out, params, moe, infos, args.base, step=0, force=args.force)
+    print(
+        f"wrote {out} (step 0): {moe.num_adapters} adapters ({', '.join(moe.adapter_names)}), "
+        f"rank {moe.rank}, targets {', '.join(moe.targets)}, top_k {moe.top_k}, temperature {moe.temperature}"
+    )

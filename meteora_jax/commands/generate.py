@@ -1,0 +1,266 @@
+"""`meteora-jax generate`: text in, text out, with an optional token-level routing view.
+
+One prompt (`--prompt`) streams its tokens to the terminal as they are decoded; a JSONL file of
+prompts (`--prompts`) runs in batches through the jitted decode loop and prints one JSON line
+per prompt. `--routing-html` / `--routing-png` / `--routing-json` save which adapters the gates
+chose for every prompt and generated token (`meteora_jax.viz`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from meteora_jax.commands import adapter_specs
+from meteora_jax.errors import ConfigError, MeteoRAError
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Adds the `generate` subcommand (handler: `run`) to an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "generate",
+        help="generate text with a fused MeteoRA model (or its base), optionally saving the routing view",
+        description="Generate text; streams a single --prompt, batches a --prompts JSONL file.",
+    )
+    model = p.add_argument_group("model")
+    model.add_argument("--ckpt", help="a meteora-jax checkpoint folder (its base folder is read from it)")
+    model.add_argument("--base", metavar="DIR", help="the HF LLaMA base folder (overrides the checkpoint's)")
+    model.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="a PEFT adapter folder; repeat in gate order",
+    )
+    model.add_argument(
+        "--gates", metavar="FILE|CKPT", help="trained gates: MeteoRA model.safetensors or a checkpoint"
+    )
+    model.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: the base folder)")
+    model.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    text = p.add_argument_group("prompts")
+    source = text.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt (streamed to the terminal)")
+    source.add_argument(
+        "--prompts", metavar="FILE.jsonl", help='one {"prompt": ...} per line; prints JSON lines'
+    )
+    text.add_argument(
+        "--raw", action="store_true", help="use prompts as given (default: [INST] ... [/INST] format)"
+    )
+    text.add_argument(
+        "--batch-size", type=int, default=8, help="prompts per batch with --prompts (default 8)"
+    )
+    text.add_argument("--out", metavar="FILE.jsonl", help="write --prompts results here instead of stdout")
+    sampling = p.add_argument_group("sampling")
+    sampling.add_argument("--max-new-tokens", type=int, default=128)
+    sampling.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    sampling.add_argument(
+        "--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)"
+    )
+    sampling.add_argument("--seed", type=int, default=0)
+    sampling.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    routing = p.add_argument_group("routing")
+    routing.add_argument("--top-k-adapters", type=int, help="adapters per token (default: the model's)")
+    routing.add_argument(
+        "--routing-temperature", type=float, help="gate softmax temperature (default: the model's)"
+    )
+    routing.add_argument(
+        "--force-adapter", metavar="NAME", help="use this adapter for every token, bypassing gates"
+    )
+    routing.add_argument("--routing-html", metavar="FILE", help="write the token-level routing view (HTML)")
+    routing.add_argument(
+        "--routing-png", metavar="FILE", help="write a heatmap of the first prompt's routing (PNG)"
+    )
+    routing.add_argument(
+        "--routing-json", metavar="FILE", help="write every token's routing, all layers (JSON)"
+    )
+    p.set_defaults(func=run)
+    return p
+
+
+def _checkpoint_base(ckpt: str) -> str:
+    """The base folder recorded in a checkpoint's metadata."""
+    from meteora_jax.io import checkpoint  # noqa: PLC0415
+
+    step, meta = checkpoint.read_meta(ckpt)
+    if meta.base_path is None or not os.path.isdir(meta.base_path):
+        raise FileNotFoundError(
+            f"the base model {meta.base_path} recorded in {ckpt} (step {step}) is not there: "
+            "pass it with --base"
+        )
+    return meta.base_path
+
+
+def _load(args):
+    """(model, base folder) from --ckpt or --base [--adapter ...] [--gates]."""
+    from meteora_jax.api import load_model  # noqa: PLC0415
+
+    adapters = adapter_specs(args.adapter) if args.adapter else None
+    if args.ckpt is not None:
+        if args.gates is not None:
+            raise ConfigError("--ckpt and --gates both name trained gates: pass one of them")
+        base, gates = (args.base or _checkpoint_base(args.ckpt)), args.ckpt
+    elif args.base is None:
+        raise ConfigError("no model: pass --ckpt CKPT, or --base DIR (with --adapter / --gates for MeteoRA)")
+    else:
+        base, gates = args.base, args.gates
+    return load_model(base, adapters=adapters, gates=gates, dtype=args.dtype), base
+
+
+def _generation_kwargs(args, model, tokenizer, batch: int) -> dict:
+    from meteora_jax.data.prompts import pad_token_of  # noqa: PLC0415
+
+    eos = {int(e) for e in model.config.eos_token_id}
+    if tokenizer.eos_token_id is not None:
+        eos.add(int(tokenizer.eos_token_id))
+    kwargs = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        eos_token_id=sorted(eos),
+        pad_token_id=pad_token_of(tokenizer),
+        routing_top_k=args.top_k_adapters,
+        routing_temperature=args.routing_temperature,
+        return_routing=bool(args.routing_html or args.routing_png or args.routing_json),
+    )
+    if args.force_adapter is not None:
+        names = model.adapter_names
+        if args.force_adapter not in names:
+            raise ConfigError(
+                f"--force-adapter {args.force_adapter!r} is not one of the adapters {list(names)}"
+            )
+        kwargs["adapter_ids"] = [names.index(args.force_adapter)] * batch
+    return kwargs
+
+
+def _generate_batch(model, tokenizer, texts: list[str], kwargs: dict, stream: bool):
+    """Generates for one batch of prompt texts; returns (output, responses)."""
+    import numpy as np  # noqa: PLC0415
+
+    from meteora_jax.data.prompts import IncrementalDecoder, encode_prompts  # noqa: PLC0415
+    from meteora_jax.generate import generate  # noqa: PLC0415
+
+    batch = encode_prompts(tokenizer, texts)
+    on_token = None
+    if stream:
+        decoder = IncrementalDecoder(tokenizer)
+
+        def on_token(tokens_b, live_b):
+            if live_b[0]:
+                sys.stdout.write(decoder.push(int(tokens_b[0])))
+                sys.stdout.flush()
+
+    out = generate(model, batch.input_ids, attention_mask=batch.attention_mask, on_token=on_token, **kwargs)
+    new_bn = np.asarray(out.new_tokens)
+    live_bn = np.asarray(out.attention_mask[:, out.prompt_length :]).astype(bool)
+    responses = [tokenizer.decode(new_bn[b][live_bn[b]], skip_special_tokens=True) for b in range(len(texts))]
+    return out, responses
+
+
+def _routing_rows(out, tokenizer, model, prompts: list[str]):
+    """(trace, JSON record) per row of a generation with routing."""
+    import numpy as np  # noqa: PLC0415
+
+    from meteora_jax import viz  # noqa: PLC0415
+    from meteora_jax.data.prompts import token_texts  # noqa: PLC0415
+
+    seq_bt, mask_bt = np.asarray(out.sequences), np.asarray(out.attention_mask).astype(bool)
+    texts = [token_texts(tokenizer, seq_bt[b][mask_bt[b]]) for b in range(seq_bt.shape[0])]
+    titles = [p if len(p) <= 80 else p[:77] + "..." for p in prompts]
+    traces = viz.traces_from_generation(out, texts, model.adapter_names, titles)
+    records = [
+        {"prompt": prompts[b], **viz.routing_record(out, b, texts[b], model.adapter_names)}
+        for b in range(seq_bt.shape[0])
+    ]
+    return traces, records
+
+
+def _write_routing(args, model, traces, records, kwargs) -> None:
+    from meteora_jax import viz  # noqa: PLC0415
+
+    k = kwargs["routing_top_k"] or model.moe.top_k
+    temperature = kwargs["routing_temperature"] or model.moe.temperature
+    subtitle = f"{len(model.adapter_names)} adapters, top-{k}, routing temperature {temperature:g}."
+    if args.force_adapter is not None:
+        subtitle += f" Forced adapter: {args.force_adapter}."
+    if args.routing_html:
+        viz.write_routing_html(args.routing_html, traces, subtitle=subtitle)
+    if args.routing_png:
+        viz.write_routing_heatmap(args.routing_png, traces[0])
+    if args.routing_json:
+        viz.write_routing_json(args.routing_json, records)
+    written = [f for f in (args.routing_html, args.routing_png, args.routing_json) if f]
+    print(f"routing written to {', '.join(written)}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> None:
+    """The `generate` handler."""
+    from tqdm import tqdm  # noqa: PLC0415
+
+    from meteora_jax.data.prompts import format_prompt, load_tokenizer, read_prompts  # noqa: PLC0415
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    model, base = _load(args)
+    if (args.routing_html or args.routing_png or args.routing_json) and model.moe is None:
+        raise ConfigError(
+            "--routing-html / --routing-png / --routing-json need adapters (--adapter or --ckpt)"
+        )
+    tokenizer = load_tokenizer(args.tokenizer or base)
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    texts = prompts if args.raw else [format_prompt(p) for p in prompts]
+    traces, records, lines = [], [], []
+    started = time.perf_counter()
+    if args.prompt is not None:
+        kwargs = _generation_kwargs(args, model, tokenizer, 1)
+        out, responses = _generate_batch(model, tokenizer, texts, kwargs, stream=True)
+        print()
+        print(
+            f"[{int(out.num_new_tokens[0])} tokens in {time.perf_counter() - started:.1f} s]", file=sys.stderr
+        )
+        if kwargs["return_routing"]:
+            traces, records = _routing_rows(out, tokenizer, model, prompts)
+    else:
+        starts = range(0, len(texts), args.batch_size)
+        for start in tqdm(starts, desc="generating", unit="batch", disable=None, file=sys.stderr):
+            chunk = slice(start, start + args.batch_size)
+            kwargs = _generation_kwargs(args, model, tokenizer, len(texts[chunk]))
+            out, responses = _generate_batch(model, tokenizer, texts[chunk], kwargs, stream=False)
+            lines += [
+                json.dumps({"prompt": p, "response": r})
+                for p, r in zip(prompts[chunk], responses, strict=True)
+            ]
+            if kwargs["return_routing"]:
+                more_traces, more_records = _routing_rows(out, tokenizer, model, prompts[chunk])
+                traces += more_traces
+                records += more_records
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in lines))
+        else:
+            print("\n".join(lines))
+    if traces:
+        _write_routing(args, model, traces, records, kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m meteora_jax.commands.generate ...`: the subcommand on its own."""
+    parser = argparse.ArgumentParser(prog="meteora-jax")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["generate", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        args.func(args)
+    except (MeteoRAError, FileNotFoundError) as e:
+        print(f"meteora-jax generate: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: prompt formatting and tokenisation (`prompts`)."""

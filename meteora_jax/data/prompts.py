@@ -1,0 +1,166 @@
+"""Text in, text out: the base model's tokenizer, the MeteoRA prompt format, left-padded batches.
+
+The reference formats every task prompt as `"[INST] {input} [/INST]\\n"` (SPEC section 3) and
+its LLaMA tokenizer adds BOS; we do both by default, at generation as at training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from meteora_jax.errors import ConfigError
+
+PROMPT_TEMPLATE = "[INST] {input} [/INST]\n"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+_REPLACEMENT = "\ufffd"  # what a decoder shows for an incomplete UTF-8 sequence
+
+
+def format_prompt(text: str) -> str:
+    """`text` in the MeteoRA instruction format: "[INST] {text} [/INST]\\n"."""
+    return PROMPT_TEMPLATE.format(input=text)
+
+
+def load_tokenizer(base_dir: str | os.PathLike):
+    """The tokenizer saved in a HF model folder (transformers AutoTokenizer, local files only)."""
+    import transformers  # noqa: PLC0415  (heavy; only text-facing callers need it)
+
+    base_dir = os.fspath(base_dir)
+    if not os.path.isdir(base_dir):
+        raise FileNotFoundError(f"base model folder {base_dir} does not exist")
+    if not any(os.path.isfile(os.path.join(base_dir, f)) for f in TOKENIZER_FILES):
+        raise ConfigError(
+            f"{base_dir} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            "save one there, or point to its folder (--tokenizer)"
+        )
+    try:
+        return transformers.AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"{base_dir} holds no usable tokenizer (tokenizer.json / tokenizer.model with "
+            f"tokenizer_config.json): {e}"
+        ) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedBatch:
+    """input_ids / attention_mask (B, T) int32, padded on the left with `pad_token_id`."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    pad_token_id: int
+
+
+def pad_token_of(tokenizer) -> int:
+    """The tokenizer's pad id, else its EOS id, else 0 (padding is masked, so any id works)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def encode_prompts(tokenizer, texts: Sequence[str], *, add_special_tokens: bool = True) -> EncodedBatch:
+    """Tokenises `texts` (BOS added when the tokenizer adds it) into one left-padded batch."""
+    if isinstance(texts, str) or not texts:
+        raise ConfigError("texts must be a non-empty list of strings")
+    rows = [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
+    empty = [i for i, r in enumerate(rows) if not r]
+    if empty:
+        raise ConfigError(f"prompt {empty[0]} encodes to no tokens")
+    pad = pad_token_of(tokenizer)
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
+    return EncodedBatch(ids, mask, pad)
+
+
+class IncrementalDecoder:
+    """Turns a stream of token ids into text pieces whose concatenation is the decoded text.
+
+    Decoding token by token loses the spaces and multi-byte characters that tokenizers only
+    render in context, so each piece is the growth of the decoded text of the tokens since a
+    recent offset; a piece ending in an incomplete character is held back until it completes.
+    """
+
+    def __init__(self, tokenizer, *, skip_special_tokens: bool = True, context: int = 6):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.context = context
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # decode from here, so the text keeps its in-context form
+        self.read_offset = 0  # tokens up to here are already emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def push(self, token_id: int) -> str:
+        """Adds one token; returns the newly complete text (possibly "")."""
+        self.ids.append(int(token_id))
+        before = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        after = self._decode(self.ids[self.prefix_offset :])
+        if after.endswith(_REPLACEMENT) or not after.startswith(before):
+            return ""
+        self.prefix_offset = max(self.prefix_offset, len(self.ids) - self.context)
+        self.read_offset = len(self.ids)
+        return after[len(before) :]
+
+
+def token_texts(tokenizer, ids: Iterable[int]) -> list[str]:
+    """One display piece per token (special tokens shown), concatenating to the decoded text."""
+    decoder = IncrementalDecoder(tokenizer, skip_special_tokens=False)
+    return [decoder.push(i) for i in ids]
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """The "prompt" field of every line of a JSONL file (task files also carry "response")."""
+    path = os.fspath(path)
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path} line {number}: not valid JSON ({e})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ConfigError(f'{path} line {number}: expected an object with a string "prompt"')
+            prompts.append(record["prompt"])
+    if not prompts:
+        raise ConfigError(f"{path} holds no prompts")
+    return prompts
+
+
+def train_tiny_tokenizer(texts: Sequence[str], out_dir: str | os.PathLike, vocab_size: int = 200):
+    """A small LLaMA-style BPE tokenizer trained on `texts`, saved as a transformers folder.
+
+    For tests and demos that must run without downloads: ids 0, 1, 2 are <unk>, <s>, </s>
+    (LLaMA's), BOS is added to every encoding, and spaces are kept as "▁" (sentencepiece style)
+    so decoding gives the text back. Returns the loaded `PreTrainedTokenizerFast`.
+    """
+    import tokenizers  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tok.normalizer = tokenizers.normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Split("▁", behavior="merged_with_next")
+    tok.decoder = tokenizers.decoders.Replace("▁", " ")
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.save_pretrained(os.fspath(out_dir))
+    return load_tokenizer(out_dir)
