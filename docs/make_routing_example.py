@@ -27,7 +27,8 @@ from flax import nnx
 
 import meteora_jax as mj
 from meteora_jax.data.prompts import train_tiny_tokenizer
-from meteora_jax.io.peft import LoRAAdapter, LoRAModule, projection_shape, write_adapter
+from meteora_jax.io.peft import LoRAAdapter, LoRAModule, projection_shape
+from meteora_jax.io.peft_write import write_adapter
 
 DOCS = os.path.dirname(os.path.abspath(__file__))
 CORPUS = [

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from meteora_jax.config import LlamaConfig
 from meteora_jax.errors import CheckpointError, ConfigError, MeteoRAError
 from meteora_jax.io import peft as peft_io
+from meteora_jax.io import peft_write
 from meteora_jax.io.peft import (
     BLOCK_OF,
     PROJECTIONS,
@@ -40,8 +41,8 @@ from meteora_jax.io.peft import (
     projection_shape,
     read_adapter,
     read_adapters,
-    write_adapter,
 )
+from meteora_jax.io.peft_write import write_adapter
 
 HF_CONFIG = dict(
     vocab_size=97,
@@ -356,7 +357,7 @@ def test_write_failure_leaves_nothing_half_written(build, config, tmp_path, monk
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(peft_io, "save_file", broken)
+    monkeypatch.setattr(peft_write, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         write_adapter(_plain_adapter(build, config), str(out), overwrite=True)
     assert os.listdir(tmp_path) == (["out"] if existing else [])

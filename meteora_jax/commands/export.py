@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from meteora_jax.errors import ConfigError
 from meteora_jax.io import checkpoint, meteora_torch
-from meteora_jax.io.peft import write_adapter
+from meteora_jax.io.peft_write import write_adapter
 from meteora_jax.io.stacking import unstack_adapters
 
 

@@ -7,7 +7,12 @@ Backends:
   routing weight (zero for adapters not chosen), then one (L*R) x O matmul. Work is
   M*(D + O)*L*R: close to free while L*R is small next to D and O (the MeteoRA case of 28
   adapters of rank 8 on a 4096-wide model), no per-token copy of adapter weights.
-- "auto": the best available backend for the platform and shape; today that is "xla".
+- "xla_grouped": (token, choice) pairs sorted by adapter and cut in tiles (ops/grouping.py),
+  one small matmul per tile visit: work ~ (k*T + live adapters * tile) * R * (D + O).
+- "xla_gather": reads only the chosen adapters per token; for decode (a few tokens).
+- "pallas": the kernels in `pallas_kernels` (TPU Mosaic / GPU Triton; interpret mode on CPU).
+- "auto": picks an XLA backend by shape (`choose_backend`, from measurements). It does not
+  pick "pallas": the kernels have no measured accelerator timings yet.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import jax.numpy as jnp
 from meteora_jax.ops.grouping import group_metadata, tile_rows_for, visit_row_mask
 from meteora_jax.ops.routing import Routing, RoutingSettings, route
 
-BACKENDS = ("auto", "xla", "xla_grouped", "xla_gather")
+BACKENDS = ("auto", "xla", "xla_grouped", "xla_gather", "pallas")
 
 
 def choose_backend(tokens: int, top_k: int, num_adapters: int, d_in: int, rank: int) -> str:
@@ -144,6 +149,12 @@ def moe_lora(
         delta = _gather_delta(lora_x, a_ldr, b_lro, routing, scale_l)
     elif backend == "xla_grouped":
         delta = _grouped_delta(lora_x, a_ldr, b_lro, routing, scale_l)
+    elif backend == "pallas":
+        # Imported here: pallas_kernels builds on meteora_jax.ops.grouping (no import cycle).
+        from pallas_kernels import moe_lora_delta  # noqa: PLC0415
+
+        coef_mk = routing.weights * scale_l.astype(routing.weights.dtype)[routing.ids]
+        delta = moe_lora_delta(lora_x, a_ldr, b_lro, routing.ids, coef_mk)
     else:
         delta = _dense_delta(lora_x, a_ldr, b_lro, combine_weights(routing, scale_l, a_ldr.shape[0]))
     y_mo = jnp.dot(x_md, kernel_do.astype(x_md.dtype)) + delta
