@@ -3,7 +3,7 @@
 from meteora_jax.api import MeteoRAModel, load_model
 from meteora_jax.config import LlamaConfig, MoELoRAConfig, RopeScaling
 from meteora_jax.errors import CheckpointError, ConfigError, MeteoRAError
-from meteora_jax.generate import GenerateOutput, GenerationSettings, generate
+from meteora_jax.generation import GenerateOutput, GenerationSettings, generate
 from meteora_jax.io.hf import load_llama, save_llama
 from meteora_jax.modeling.llama import CausalLMOutput, KVCache, LlamaForCausalLM
 from meteora_jax.sharding import make_mesh

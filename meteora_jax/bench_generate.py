@@ -26,7 +26,7 @@ from flax import nnx
 from meteora_jax.api import DTYPES, MeteoRAModel
 from meteora_jax.config import PROJECTIONS, LlamaConfig, MoELoRAConfig
 from meteora_jax.errors import ConfigError
-from meteora_jax.generate import (
+from meteora_jax.generation import (
     GenerationSettings,
     _Plan,
     _prefill_program,

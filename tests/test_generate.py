@@ -16,12 +16,12 @@ import torch
 from conftest import make_hf_model, make_peft_adapter, max_abs, torch_meteora_model
 
 import meteora_jax as mj
-from meteora_jax import generate as gen
+from meteora_jax import generation as gen
 from meteora_jax.commands import generate as generate_command
 from meteora_jax.config import PROJECTIONS
 from meteora_jax.data import prompts
 from meteora_jax.errors import ConfigError, MeteoRAError
-from meteora_jax.generate import generate
+from meteora_jax.generation import generate
 
 NEW = 24
 LENGTHS = (5, 13, 9)  # one bucket (16); row 0 is the shortest, so it is padded most

@@ -11,7 +11,7 @@ import pytest
 from matplotlib import image as mpimg
 
 from meteora_jax import viz
-from meteora_jax.generate import GenerateOutput
+from meteora_jax.generation import GenerateOutput
 from meteora_jax.ops.routing import Routing
 
 NAMES = ("math", "code", "german & <de>", "chat")

@@ -144,7 +144,7 @@ def _generate_batch(model, tokenizer, texts: list[str], kwargs: dict, stream: bo
     import numpy as np  # noqa: PLC0415
 
     from meteora_jax.data.prompts import IncrementalDecoder, encode_prompts  # noqa: PLC0415
-    from meteora_jax.generate import generate  # noqa: PLC0415
+    from meteora_jax.generation import generate  # noqa: PLC0415
 
     batch = encode_prompts(tokenizer, texts)
     on_token = None
