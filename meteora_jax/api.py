@@ -184,12 +184,12 @@ def load_model(
     options = dict(dtype=compute, param_dtype=storage, scan_layers=scan_layers, backend=backend, mesh=mesh)
     if adapters is None and gates is None:
         return MeteoRAModel(load_llama(base_dir, **options))
-    if adapters is not None and gates is None:
+    moe, extra, infos = gates_io.fuse(base_dir, adapters, gates, top_k, temperature, seed=seed)
+    if gates is None:
         warnings.warn(
             "no gates given: routing uses untrained, randomly initialised gates "
             f"(seed {seed}); pass gates= to load trained ones",
             UserWarning,
             stacklevel=2,
         )
-    moe, extra, infos = gates_io.fuse(base_dir, adapters, gates, top_k, temperature, seed=seed)
     return MeteoRAModel(load_llama(base_dir, moe, extra, **options), infos)

@@ -90,3 +90,35 @@ def test_explicit_mesh_argument(mesh, tiny_dir):
     kernel = nnx.state(model.module, nnx.Param)["layers"]["mlp"]["up_proj"]["kernel"].get_value()
     assert kernel.sharding.spec == P(None, "fsdp", "tensor")
     assert len(kernel.sharding.device_set) == 8
+
+
+def test_meteora_model_under_mesh(mesh, tiny_dir, tmp_path):
+    from meteora_jax.io.peft import LoRAAdapter, LoRAModule, projection_shape
+    from meteora_jax.io.peft_write import write_adapter
+
+    config = mj.LlamaConfig.from_hf(tiny_dir)
+    rng = np.random.default_rng(0)
+    folders = {}
+    for name, rank in (("a", 4), ("b", 8)):
+        modules = {}
+        for layer in range(config.num_hidden_layers):
+            for proj in ("q_proj", "down_proj"):
+                d_in, d_out = projection_shape(config, proj)
+                a, b = rng.normal(size=(rank, d_in)) * 0.1, rng.normal(size=(d_out, rank)) * 0.1
+                modules[(layer, proj)] = LoRAModule.from_alpha(a, b, 2.0 * rank)
+        folders[name] = str(tmp_path / name)
+        write_adapter(LoRAAdapter(name, modules), folders[name], config=config)
+    ids = np.random.default_rng(1).integers(0, 128, (4, 9))
+    with pytest.warns(UserWarning):
+        reference = mj.load_model(tiny_dir, adapters=folders)(ids, return_routing=True)
+    with jax.set_mesh(mesh), pytest.warns(UserWarning):
+        model = mj.load_model(tiny_dir, adapters=folders)
+        down = model.module.layers.mlp.down_proj
+        assert down.lora_a[...].sharding.spec == P(None, None, "tensor", None)  # (Y, L, in=mlp, R)
+        assert down.lora_b[...].sharding.spec == P(None, None, None, "fsdp")  # (Y, L, R, out=embed)
+        assert down.gate[...].sharding.spec == P(None, "tensor", None)  # (Y, in=mlp, L)
+        out = model(ids, return_routing=True)
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(reference.logits), atol=1e-5)
+    np.testing.assert_array_equal(
+        out.routing["layers.1.q_proj"].ids, reference.routing["layers.1.q_proj"].ids
+    )

@@ -31,7 +31,9 @@ def register(subparsers) -> None:
         description="Ratios to the base model, median of interleaved repeats, all variants in one run.",
     )
     parser.add_argument(
-        "what", choices=("layer", "model"), help="one LLaMA-3-8B decoder layer, or a whole model"
+        "what",
+        choices=("layer", "model", "generate"),
+        help="one LLaMA-3-8B decoder layer, a whole model, or jitted generation (decode tokens/s)",
     )
     parser.add_argument("--adapters", type=int, default=28)
     parser.add_argument("--rank", type=int, default=8)
