@@ -38,19 +38,15 @@ def test_bench_rejects_bad_settings(capsys):
     assert "top_k" in capsys.readouterr().err
 
 
-def test_bench_generate_runs(tmp_path):
-    out = tmp_path / "gen.json"
-    argv = ["bench", "generate", "--adapters", "3", "--rank", "2", "--batch", "1", "--new-tokens", "3"]
-    argv += ["--prompt-length", "4", "--json", str(out)]
-    import meteora_jax.bench_generate as bg
+def test_bench_generate_runs(tmp_path, monkeypatch):
+    import meteora_jax.bench_generate as bench_generate
 
     tiny = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                 num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
-    original = bg.GenerateBenchSettings
-    patched = lambda **kw: original(**{**kw, **tiny})  # noqa: E731
-    bg.GenerateBenchSettings = patched
-    try:
-        assert main(argv) == 0
-    finally:
-        bg.GenerateBenchSettings = original
-    assert out.exists()
+    original = bench_generate.GenerateBenchSettings
+    monkeypatch.setattr(bench_generate, "GenerateBenchSettings", lambda **kw: original(**{**kw, **tiny}))
+    out = tmp_path / "gen.json"
+    argv = ["bench", "generate", "--adapters", "3", "--rank", "2", "--batch", "1", "--new-tokens", "3"]
+    assert main([*argv, "--prompt-length", "4", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())["results"]
+    assert report
