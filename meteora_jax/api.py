@@ -67,7 +67,8 @@ class MeteoRAModel:
         """An empty KV cache for `batch` rows and up to `max_length` tokens in all."""
         return KVCache.init(self.config, batch, max_length, dtype=self.module.dtype)
 
-    def _check_adapter_ids(self, adapter_ids, batch: int) -> jax.Array:
+    def check_adapter_ids(self, adapter_ids, batch: int) -> jax.Array:
+        """adapter_ids as a (B,) int32 array; raises MeteoRAError unless one id in [-1, L) per row."""
         forced = np.asarray(adapter_ids)
         n = len(self.adapter_names)
         if forced.shape != (batch,) or not np.issubdtype(forced.dtype, np.integer):
@@ -127,7 +128,7 @@ class MeteoRAModel:
             top_k = self.moe.top_k if top_k is None else top_k
             temperature = self.moe.temperature if temperature is None else temperature
             validate_routing(top_k, temperature, self.moe.num_adapters)
-            forced = None if adapter_ids is None else self._check_adapter_ids(adapter_ids, ids.shape[0])
+            forced = None if adapter_ids is None else self.check_adapter_ids(adapter_ids, ids.shape[0])
             routing = RoutingSettings(
                 jnp.float32(temperature), top_k=top_k, return_logits=return_gate_logits, forced_ids=forced
             )

@@ -425,16 +425,7 @@ def _routing_settings(model, batch: int, routing_top_k, routing_temperature, ada
     temperature = model.moe.temperature if routing_temperature is None else routing_temperature
     if not (_is_real(temperature) and math.isfinite(temperature) and temperature > 0):
         raise ConfigError(f"routing_temperature must be a number > 0, got {temperature!r}")
-    forced = None
-    if adapter_ids is not None:
-        forced_b = np.asarray(adapter_ids)
-        if forced_b.shape != (batch,) or not np.issubdtype(forced_b.dtype, np.integer):
-            raise MeteoRAError(
-                f"adapter_ids must be {batch} integers (one per row), got {forced_b.dtype} {forced_b.shape}"
-            )
-        if forced_b.min() < -1 or forced_b.max() >= n:
-            raise MeteoRAError(f"adapter_ids must lie in [-1, {n}) (-1: no adapter), got {forced_b.tolist()}")
-        forced = jnp.asarray(forced_b, jnp.int32)
+    forced = None if adapter_ids is None else model.check_adapter_ids(adapter_ids, batch)
     return RoutingSettings(jnp.float32(temperature), top_k=int(top_k), forced_ids=forced)
 
 

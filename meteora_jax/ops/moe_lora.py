@@ -49,6 +49,11 @@ def choose_backend(tokens: int, top_k: int, num_adapters: int, d_in: int, rank: 
     return "xla_grouped"
 
 
+def pair_coefficients(routing: Routing, scale_l: jax.Array) -> jax.Array:
+    """(M, k) multiplier of each chosen adapter's LoRA output: routing weight * LoRA scale."""
+    return routing.weights * scale_l.astype(routing.weights.dtype)[routing.ids]
+
+
 def combine_weights(routing: Routing, scale_l: jax.Array, num_adapters: int) -> jax.Array:
     """(M, L) per-adapter multipliers: routing weight * LoRA scale, zero for unchosen adapters."""
     one_hot_mkl = jax.nn.one_hot(routing.ids, num_adapters, dtype=routing.weights.dtype)
@@ -63,7 +68,7 @@ def _dense_delta(x_md, a_ldr, b_lro, coef_ml):
 
 def _gather_delta(x_md, a_ldr, b_lro, routing: Routing, scale_l):
     """Reads only the chosen adapters: (M, k, D, R) and (M, k, R, O) gathers. For decode (small M)."""
-    coef_mk = routing.weights * scale_l.astype(routing.weights.dtype)[routing.ids]
+    coef_mk = pair_coefficients(routing, scale_l)
     h_mkr = jnp.einsum("md,mkdr->mkr", x_md, a_ldr.astype(x_md.dtype)[routing.ids])
     h_mkr = h_mkr * coef_mk.astype(x_md.dtype)[:, :, None]
     return jnp.einsum("mkr,mkro->mo", h_mkr, b_lro.astype(x_md.dtype)[routing.ids])
@@ -83,7 +88,7 @@ def _grouped_delta(x_md, a_ldr, b_lro, routing: Routing, scale_l):
     meta = group_metadata(routing.ids, n_adapters, tm)
     p_pad = meta.num_tiles * tm
     pad = p_pad - m * k
-    coef_p = (routing.weights * scale_l.astype(routing.weights.dtype)[routing.ids]).reshape(m * k)[meta.order]
+    coef_p = pair_coefficients(routing, scale_l).reshape(m * k)[meta.order]
     coef_p = jnp.pad(coef_p.astype(x_md.dtype), (0, pad))
     tokens_p = jnp.pad(meta.sorted_token, (0, pad))
     x_pd = x_md[tokens_p]  # (P_pad, D): each token's row once per choice
@@ -153,8 +158,7 @@ def moe_lora(
         # Imported here: pallas_kernels builds on meteora_jax.ops.grouping (no import cycle).
         from pallas_kernels import moe_lora_delta  # noqa: PLC0415
 
-        coef_mk = routing.weights * scale_l.astype(routing.weights.dtype)[routing.ids]
-        delta = moe_lora_delta(lora_x, a_ldr, b_lro, routing.ids, coef_mk)
+        delta = moe_lora_delta(lora_x, a_ldr, b_lro, routing.ids, pair_coefficients(routing, scale_l))
     else:
         delta = _dense_delta(lora_x, a_ldr, b_lro, combine_weights(routing, scale_l, a_ldr.shape[0]))
     y_mo = jnp.dot(x_md, kernel_do.astype(x_md.dtype)) + delta
