@@ -26,8 +26,9 @@ import numpy as np
 from flax import nnx
 
 import meteora_jax as mj
+from meteora_jax.config import projection_shape
 from meteora_jax.data.prompts import train_tiny_tokenizer
-from meteora_jax.io.peft import LoRAAdapter, LoRAModule, projection_shape
+from meteora_jax.io.peft import LoRAAdapter, LoRAModule
 from meteora_jax.io.peft_write import write_adapter
 
 DOCS = os.path.dirname(os.path.abspath(__file__))

@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping, Sequence
-from functools import partial
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from meteora_jax.config import LlamaConfig, MoELoRAConfig, validate_routing
+from meteora_jax.config import LlamaConfig, MoELoRAConfig
 from meteora_jax.errors import ConfigError, MeteoRAError
+from meteora_jax.inputs import check_tokens, is_int, resolve_routing, validate_routing
 from meteora_jax.io import gates as gates_io
 from meteora_jax.io.hf import load_llama
 from meteora_jax.io.stacking import AdapterInfo
 from meteora_jax.modeling.llama import CausalLMOutput, KVCache, LlamaForCausalLM
 from meteora_jax.ops import BACKENDS
-from meteora_jax.ops.routing import RoutingSettings
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -30,9 +29,8 @@ def _dtype(name: str, setting: str):
     return DTYPES[name]
 
 
-@partial(jax.jit, static_argnames=("graphdef", "return_routing"))
-def _forward(graphdef, state, input_ids, attention_mask, positions, cache, routing, return_routing):
-    module = nnx.merge(graphdef, state)
+@nnx.jit(static_argnames=("return_routing",), graph=True, graph_updates=True)
+def _forward(module, input_ids, attention_mask, positions, cache, routing, return_routing):
     return module(
         input_ids,
         attention_mask=attention_mask,
@@ -43,12 +41,33 @@ def _forward(graphdef, state, input_ids, attention_mask, positions, cache, routi
     )
 
 
+class _CacheLengths:
+    """Host-side lengths of the KV caches this model made or returned, keyed by their `index`
+    array, so checking a cache's room needs no device-to-host copy (which would stall the
+    asynchronous dispatch of a decode loop). Unknown caches fall back to reading the index."""
+
+    def __init__(self):
+        self._known: dict[int, tuple[weakref.ref, int]] = {}
+
+    def remember(self, cache: KVCache, length: int) -> None:
+        key = id(cache.index)
+        self._known[key] = (weakref.ref(cache.index, lambda _, key=key: self._known.pop(key, None)), length)
+
+    def length(self, cache: KVCache) -> int:
+        ref, length = self._known.get(id(cache.index), (None, None))
+        if ref is not None and ref() is cache.index:
+            return length
+        return int(cache.index)
+
+
 class MeteoRAModel:
     """A loaded model. Call it on token ids (B, T); `module` is the NNX module (for training)."""
 
     def __init__(self, module: LlamaForCausalLM, adapter_info: Sequence[AdapterInfo] = ()):
         self.module = module
         self.adapter_info: tuple[AdapterInfo, ...] = tuple(adapter_info)
+        self._cache_lengths = _CacheLengths()
+        self._bound: tuple[LlamaForCausalLM, Callable] | None = None
 
     @property
     def moe(self) -> MoELoRAConfig | None:
@@ -65,19 +84,23 @@ class MeteoRAModel:
 
     def init_cache(self, batch: int, max_length: int) -> KVCache:
         """An empty KV cache for `batch` rows and up to `max_length` tokens in all."""
-        return KVCache.init(self.config, batch, max_length, dtype=self.module.dtype)
+        for name, value in (("batch", batch), ("max_length", max_length)):
+            if not is_int(value) or value < 1:
+                raise MeteoRAError(f"init_cache: {name} must be a positive integer, got {value!r}")
+        cache = KVCache.init(self.config, batch, max_length, dtype=self.module.dtype)
+        self._cache_lengths.remember(cache, 0)
+        return cache
 
-    def check_adapter_ids(self, adapter_ids, batch: int) -> jax.Array:
-        """adapter_ids as a (B,) int32 array; raises MeteoRAError unless one id in [-1, L) per row."""
-        forced = np.asarray(adapter_ids)
-        n = len(self.adapter_names)
-        if forced.shape != (batch,) or not np.issubdtype(forced.dtype, np.integer):
-            raise MeteoRAError(
-                f"adapter_ids must be {batch} integers (one per row), got {forced.dtype} {forced.shape}"
+    def _forward(self) -> Callable:
+        """The jitted forward bound to `module` with its graph walk cached (`nnx.cached_partial`):
+        later calls skip the per-call split, and still see in-place updates of its variables
+        (a training step, `nnx.update`); assigning another module to `.module` rebinds."""
+        if self._bound is None or self._bound[0] is not self.module:
+            self._bound = (
+                self.module,
+                nnx.cached_partial(_forward, self.module, graph=True, graph_updates=True),
             )
-        if forced.size and (forced.min() < -1 or forced.max() >= n):
-            raise MeteoRAError(f"adapter_ids must lie in [-1, {n}) (-1: no adapter), got {forced.tolist()}")
-        return jnp.asarray(forced, jnp.int32)
+        return self._bound[1]
 
     def __call__(
         self,
@@ -99,56 +122,41 @@ class MeteoRAModel:
         "layers.{i}.{projection}" to ids / weights (B, T, k), plus the raw gate logits
         (B, T, L) with return_gate_logits. top_k / temperature override the loaded defaults
         (a new temperature never recompiles). adapter_ids: (B,) one adapter per row, bypassing
-        the gates (-1: base model only). Raises MeteoRAError for ids outside the
-        vocabulary, mismatched shapes, or a cache without room for the new tokens.
+        the gates (-1: base model only). Raises MeteoRAError for ids outside the vocabulary
+        (checked on host arrays; a `jax.Array` gets shape checks only), mismatched shapes, or a
+        cache without room for the new tokens.
         """
-        ids = np.asarray(input_ids)
-        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-            raise MeteoRAError(
-                f"input_ids must be an integer array (batch, length), got {ids.dtype} {ids.shape}"
-            )
-        vocab = self.config.vocab_size
-        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-            bad = ids[(ids < 0) | (ids >= vocab)]
-            raise MeteoRAError(f"input_ids contain {bad[0]}, outside the vocabulary [0, {vocab})")
-        for name, arr in (("attention_mask", attention_mask), ("positions", positions)):
-            if arr is not None and np.shape(arr) != ids.shape:
-                raise MeteoRAError(f"{name} has shape {np.shape(arr)}, expected {ids.shape} like input_ids")
+        tokens = check_tokens(input_ids, self.config.vocab_size, attention_mask, positions)
+        b, t = tokens.input_ids.shape
         if cache is not None:
-            if cache.valid.shape[0] != ids.shape[0]:
-                raise MeteoRAError(f"cache holds {cache.valid.shape[0]} rows, input_ids has {ids.shape[0]}")
-            used = int(cache.index)
-            if used + ids.shape[1] > cache.max_length:
+            if cache.valid.shape[0] != b:
+                raise MeteoRAError(f"cache holds {cache.valid.shape[0]} rows, input_ids has {b}")
+            used = self._cache_lengths.length(cache)
+            if used + t > cache.max_length:
                 raise MeteoRAError(
-                    f"cache has room for {cache.max_length - used} more tokens, got {ids.shape[1]} "
+                    f"cache has room for {cache.max_length - used} more tokens, got {t} "
                     f"(max_length={cache.max_length})"
                 )
-        routing = None
-        if self.moe is not None:
-            top_k = self.moe.top_k if top_k is None else top_k
-            temperature = self.moe.temperature if temperature is None else temperature
-            validate_routing(top_k, temperature, self.moe.num_adapters)
-            forced = None if adapter_ids is None else self.check_adapter_ids(adapter_ids, ids.shape[0])
-            routing = RoutingSettings(
-                jnp.float32(temperature), top_k=top_k, return_logits=return_gate_logits, forced_ids=forced
-            )
-        elif any(v for v in (return_routing, return_gate_logits)) or any(
-            v is not None for v in (top_k, temperature, adapter_ids)
-        ):
-            raise MeteoRAError("this model has no adapters: routing settings do not apply")
-        graphdef, state = nnx.split(self.module)
-        mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-        pos = None if positions is None else jnp.asarray(positions, jnp.int32)
-        return _forward(
-            graphdef,
-            state,
-            jnp.asarray(ids, jnp.int32),
-            mask,
-            pos,
+        routing = resolve_routing(
+            self.moe,
+            b,
+            top_k=top_k,
+            temperature=temperature,
+            adapter_ids=adapter_ids,
+            return_routing=return_routing,
+            return_logits=return_gate_logits,
+        )
+        out = self._forward()(
+            tokens.input_ids,
+            tokens.attention_mask,
+            tokens.positions,
             cache,
             routing,
             return_routing=return_routing or return_gate_logits,
         )
+        if cache is not None:
+            self._cache_lengths.remember(out.cache, used + t)
+        return out
 
 
 def load_model(

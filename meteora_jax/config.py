@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from meteora_jax.errors import ConfigError
+from meteora_jax.inputs import validate_routing
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
@@ -281,11 +282,17 @@ class MoELoRAConfig:
         return len(self.adapter_names)
 
 
-def validate_routing(top_k, temperature, num_adapters: int | None = None) -> None:
-    """Checks run-time routing settings; raises ConfigError naming the setting."""
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-        raise ConfigError(f"top_k must be a positive integer, got {top_k!r}")
-    if num_adapters is not None and top_k > num_adapters:
-        raise ConfigError(f"top_k={top_k} exceeds the number of adapters ({num_adapters})")
-    if not (isinstance(temperature, int | float) and temperature > 0):
-        raise ConfigError(f"temperature must be a number > 0, got {temperature!r}")
+# ----------------------------------------------------------------------------- model shape facts
+
+# The decoder block holding each projection (its module path in LLaMA and in our parameters).
+BLOCK_OF = {p: "self_attn" if p in PROJECTIONS[:4] else "mlp" for p in PROJECTIONS}
+
+
+def projection_shape(config: LlamaConfig, projection: str) -> tuple[int, int]:
+    """(in, out) features of one projection of the base model; ConfigError for an unknown name."""
+    d, f = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    shapes = dict(zip(PROJECTIONS, ((d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)), strict=True))
+    if projection not in shapes:
+        raise ConfigError(f"unknown projection {projection!r} (expected one of {', '.join(PROJECTIONS)})")
+    return shapes[projection]

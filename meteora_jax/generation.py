@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -30,8 +29,9 @@ import numpy as np
 from flax import nnx
 
 from meteora_jax.errors import ConfigError, MeteoRAError
+from meteora_jax.inputs import check_tokens, is_int, is_real, resolve_routing
 from meteora_jax.modeling.llama import KVCache
-from meteora_jax.ops.routing import Routing, RoutingSettings
+from meteora_jax.ops.routing import Routing
 
 # Prompt buckets: powers of two from _MIN_BUCKET to _BUCKET_STEP, then multiples of _BUCKET_STEP.
 _MIN_BUCKET, _BUCKET_STEP = 16, 512
@@ -46,14 +46,6 @@ def prompt_bucket(length: int) -> int:
     if length <= _BUCKET_STEP:
         return max(_MIN_BUCKET, 1 << max(0, length - 1).bit_length())
     return -(-length // _BUCKET_STEP) * _BUCKET_STEP
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +71,7 @@ class GenerationSettings:
     def __post_init__(self):
         for name in ("max_new_tokens", "top_k", "pad_token_id", "seed", "no_repeat_ngram_size"):
             value = getattr(self, name)
-            if not _is_int(value):
+            if not is_int(value):
                 raise ConfigError(f"{name} must be an integer, got {value!r}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
@@ -88,13 +80,13 @@ class GenerationSettings:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed must lie in [0, 2**32), got {self.seed}")
-        if not (_is_real(self.temperature) and math.isfinite(self.temperature)):
+        if not (is_real(self.temperature) and math.isfinite(self.temperature)):
             raise ConfigError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
-        if not (_is_real(self.top_p) and 0 < self.top_p <= 1):
+        if not (is_real(self.top_p) and 0 < self.top_p <= 1):
             raise ConfigError(f"top_p must lie in (0, 1], got {self.top_p!r}")
-        bad = [e for e in self.eos_token_ids if not _is_int(e) or e < 0]
+        bad = [e for e in self.eos_token_ids if not is_int(e) or e < 0]
         if bad:
             raise ConfigError(f"eos_token_id must be non-negative integers, got {list(self.eos_token_ids)}")
 
@@ -108,7 +100,7 @@ class GenerationSettings:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class _Sampling:
+class SamplingArrays:
     """GenerationSettings as the program sees them: traced values, static switches."""
 
     temperature: jax.Array  # () float32
@@ -120,7 +112,7 @@ class _Sampling:
     no_repeat_ngram_size: int = dataclasses.field(metadata=dict(static=True), default=0)
 
     @classmethod
-    def of(cls, s: GenerationSettings, vocab_size: int) -> _Sampling:
+    def of(cls, s: GenerationSettings, vocab_size: int) -> SamplingArrays:
         eos = list(s.eos_token_ids) or [-1]
         return cls(
             temperature=jnp.float32(s.temperature),
@@ -134,7 +126,7 @@ class _Sampling:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
+class GenerationPlan:
     """Static shape of one generation program (hashable: a jit cache key)."""
 
     max_new_tokens: int
@@ -144,7 +136,7 @@ class _Plan:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class _DecodeState:
+class DecodeState:
     """The decode loop's carry. Slots [0, P) hold the prompt, slot P + i the i-th new token."""
 
     tokens_bs: jax.Array  # (B, S) int32, pad where nothing was generated
@@ -227,7 +219,7 @@ def _top_p_filter(logits_bv, top_p):
     return jnp.where(drop_bv, -jnp.inf, logits_bv)
 
 
-def _sample(logits_bv, key, sampling: _Sampling):
+def _sample(logits_bv, key, sampling: SamplingArrays):
     logits_bv = logits_bv / sampling.temperature
     if sampling.top_k:
         kth_b = jax.lax.top_k(logits_bv, sampling.top_k)[0][:, -1]
@@ -238,7 +230,7 @@ def _sample(logits_bv, key, sampling: _Sampling):
     return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
 
 
-def _next_tokens(logits_bv, s: _DecodeState, sampling: _Sampling):
+def _next_tokens(logits_bv, s: DecodeState, sampling: SamplingArrays):
     """(B,) the next token of every row: greedy at temperature 0, else sampled."""
     if sampling.no_repeat_ngram_size:
         cur = s.prompt_length + s.step
@@ -265,7 +257,7 @@ def _write_routing(buffers, routes, start):
     )
 
 
-def _append(s: _DecodeState, sampling: _Sampling) -> _DecodeState:
+def _append(s: DecodeState, sampling: SamplingArrays) -> DecodeState:
     """Chooses the next token from `s.logits_bv` and writes it at slot P + step."""
     tok_b = _next_tokens(s.logits_bv, s, sampling)
     live_b = ~s.done_b
@@ -285,7 +277,9 @@ def _append(s: _DecodeState, sampling: _Sampling) -> _DecodeState:
     )
 
 
-def _prefill(graphdef, params, ids_bp, mask_bp, sampling: _Sampling, routing, plan: _Plan) -> _DecodeState:
+def _prefill(
+    graphdef, params, ids_bp, mask_bp, sampling: SamplingArrays, routing, plan: GenerationPlan
+) -> DecodeState:
     """Runs the prompt through the model into a fresh cache; keeps the next-token logits."""
     module = nnx.merge(graphdef, params)
     b, p = ids_bp.shape
@@ -301,7 +295,7 @@ def _prefill(graphdef, params, ids_bp, mask_bp, sampling: _Sampling, routing, pl
     logits_bnv = None
     if plan.output_logits:
         logits_bnv = jnp.zeros((b, plan.max_new_tokens, module.config.vocab_size), jnp.float32)
-    return _DecodeState(
+    return DecodeState(
         tokens_bs=jnp.full((b, s_len), sampling.pad, jnp.int32).at[:, :p].set(ids_bp),
         real_bs=jnp.zeros((b, s_len), bool).at[:, :p].set(mask_bp.astype(bool)),
         cache=out.cache,
@@ -314,7 +308,9 @@ def _prefill(graphdef, params, ids_bp, mask_bp, sampling: _Sampling, routing, pl
     )
 
 
-def _step(graphdef, params, s: _DecodeState, sampling: _Sampling, routing, plan: _Plan) -> _DecodeState:
+def _step(
+    graphdef, params, s: DecodeState, sampling: SamplingArrays, routing, plan: GenerationPlan
+) -> DecodeState:
     """One decode step: pick the next token, then feed it (its logits and routing).
 
     Feeding the last new token too costs one forward pass per generation but gives its
@@ -332,7 +328,7 @@ def _step(graphdef, params, s: _DecodeState, sampling: _Sampling, routing, plan:
     )
 
 
-def _running(s: _DecodeState, plan: _Plan):
+def _running(s: DecodeState, plan: GenerationPlan):
     return (s.step < plan.max_new_tokens) & ~jnp.all(s.done_b)
 
 
@@ -345,15 +341,17 @@ def _generate_program(graphdef, params, ids_bp, mask_bp, sampling, routing, plan
     )
 
 
-_prefill_program = jax.jit(_prefill, static_argnames=("graphdef", "plan"))
-_step_program = jax.jit(_step, static_argnames=("graphdef", "plan"))
+# The prefill and one decode step as programs of their own: streaming drives them from the host,
+# and `meteora-jax bench generate` times the prefill alone.
+prefill_program = jax.jit(_prefill, static_argnames=("graphdef", "plan"))
+step_program = jax.jit(_step, static_argnames=("graphdef", "plan"))
 
 
 def _stepped(graphdef, params, ids_bp, mask_bp, sampling, routing, plan, on_token):
     """The same generation driven from the host, calling `on_token(tokens_b, live_b)` per step."""
-    s = _prefill_program(graphdef, params, ids_bp, mask_bp, sampling, routing, plan)
+    s = prefill_program(graphdef, params, ids_bp, mask_bp, sampling, routing, plan)
     while bool(_running(s, plan)):
-        s = _step_program(graphdef, params, s, sampling, routing, plan)
+        s = step_program(graphdef, params, s, sampling, routing, plan)
         slot = s.prompt_length + int(s.step) - 1
         on_token(np.asarray(s.tokens_bs[:, slot]), np.asarray(s.real_bs[:, slot]))
     return s
@@ -365,28 +363,11 @@ def _stepped(graphdef, params, ids_bp, mask_bp, sampling, routing, plan, on_toke
 def _prompt_arrays(model, input_ids, attention_mask, max_new_tokens: int, pad: int):
     """Checks the prompt and pads it on the left to its bucket: (ids (B, P'), mask (B, P'), P)."""
     ids = np.asarray(input_ids)
-    if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise MeteoRAError(
-            f"input_ids must be a non-empty integer array (batch, length), got {ids.dtype} {ids.shape}"
-        )
-    vocab = model.config.vocab_size
-    if ids.min() < 0 or ids.max() >= vocab:
-        bad = ids[(ids < 0) | (ids >= vocab)]
-        raise MeteoRAError(f"input_ids contain {bad[0]}, outside the vocabulary [0, {vocab})")
-    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
-    if mask.shape != ids.shape:
-        raise MeteoRAError(f"attention_mask has shape {mask.shape}, expected {ids.shape} like input_ids")
-    if not np.isin(mask, (0, 1)).all():
-        raise MeteoRAError("attention_mask must hold only 0 (padding) and 1 (real token)")
-    mask = mask.astype(np.int32)
-    if np.any(np.diff(mask, axis=-1) < 0):
-        row = int(np.nonzero(np.any(np.diff(mask, axis=-1) < 0, axis=-1))[0][0])
-        raise MeteoRAError(f"attention_mask must pad on the left (0s, then 1s): row {row} has a 0 after a 1")
-    lengths = mask.sum(axis=-1)
-    if lengths.min() == 0:
-        raise MeteoRAError(f"attention_mask row {int(np.argmin(lengths))} has no real token")
+    mask = np.ones_like(ids) if attention_mask is None or ids.ndim != 2 else np.asarray(attention_mask)
+    tokens = check_tokens(ids, model.config.vocab_size, mask, left_padded=True)
+    ids, mask = tokens.input_ids, tokens.attention_mask
     limit = model.config.max_position_embeddings
-    longest = int(lengths.max())
+    longest = int(mask.sum(axis=-1).max())
     if longest > limit:
         raise MeteoRAError(f"a prompt of {longest} tokens exceeds max_position_embeddings={limit}")
     if longest + max_new_tokens > limit:
@@ -396,46 +377,18 @@ def _prompt_arrays(model, input_ids, attention_mask, max_new_tokens: int, pad: i
         )
     p = ids.shape[1]
     extra = prompt_bucket(p) - p
-    ids_bp = np.pad(ids.astype(np.int32), ((0, 0), (extra, 0)), constant_values=pad)
+    ids_bp = np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad)
     mask_bp = np.pad(mask, ((0, 0), (extra, 0)))
     return jnp.asarray(ids_bp), jnp.asarray(mask_bp), p
-
-
-def _routing_settings(model, batch: int, routing_top_k, routing_temperature, adapter_ids, return_routing):
-    """RoutingSettings for a fused model (None for a base model); errors name the setting."""
-    given = {
-        "return_routing": return_routing or None,
-        "routing_top_k": routing_top_k,
-        "routing_temperature": routing_temperature,
-        "adapter_ids": adapter_ids,
-    }
-    if model.moe is None:
-        used = [name for name, value in given.items() if value is not None]
-        if used:
-            raise MeteoRAError(
-                f"{', '.join(used)}: this model has no adapters, routing settings do not apply"
-            )
-        return None
-    n = model.moe.num_adapters
-    top_k = model.moe.top_k if routing_top_k is None else routing_top_k
-    if not _is_int(top_k) or not 1 <= top_k <= n:
-        raise ConfigError(
-            f"routing_top_k must be an integer in [1, {n}] (the number of adapters), got {top_k!r}"
-        )
-    temperature = model.moe.temperature if routing_temperature is None else routing_temperature
-    if not (_is_real(temperature) and math.isfinite(temperature) and temperature > 0):
-        raise ConfigError(f"routing_temperature must be a number > 0, got {temperature!r}")
-    forced = None if adapter_ids is None else model.check_adapter_ids(adapter_ids, batch)
-    return RoutingSettings(jnp.float32(temperature), top_k=int(top_k), forced_ids=forced)
 
 
 def _eos_ids(model, eos_token_id) -> tuple[int, ...]:
     if eos_token_id is None:
         return tuple(model.config.eos_token_id)
-    if _is_int(eos_token_id):
+    if is_int(eos_token_id):
         return (int(eos_token_id),)
     is_list = isinstance(eos_token_id, Sequence | np.ndarray) and not isinstance(eos_token_id, str)
-    if is_list and all(_is_int(e) for e in eos_token_id):
+    if is_list and all(is_int(e) for e in eos_token_id):
         return tuple(int(e) for e in eos_token_id)
     raise ConfigError(f"eos_token_id must be an integer or a list of integers, got {eos_token_id!r}")
 
@@ -490,18 +443,24 @@ def generate(
     )
     settings.check_vocab(config.vocab_size)
     ids_bp, mask_bp, p = _prompt_arrays(model, input_ids, attention_mask, max_new_tokens, pad_token_id)
-    routing = _routing_settings(
-        model, ids_bp.shape[0], routing_top_k, routing_temperature, adapter_ids, return_routing
+    routing = resolve_routing(
+        model.moe,
+        ids_bp.shape[0],
+        top_k=routing_top_k,
+        temperature=routing_temperature,
+        adapter_ids=adapter_ids,
+        return_routing=return_routing,
+        prefix="routing_",
     )
-    plan = _Plan(int(max_new_tokens), bool(return_routing), bool(output_logits))
-    sampling = _Sampling.of(settings, config.vocab_size)
+    plan = GenerationPlan(int(max_new_tokens), bool(return_routing), bool(output_logits))
+    sampling = SamplingArrays.of(settings, config.vocab_size)
     graphdef, params = nnx.split(model.module)
     args = (graphdef, params, ids_bp, mask_bp, sampling, routing, plan)
     s = _generate_program(*args) if on_token is None else _stepped(*args, on_token)
     return _output(s, ids_bp.shape[1] - p, p)
 
 
-def _output(s: _DecodeState, offset: int, p: int) -> GenerateOutput:
+def _output(s: DecodeState, offset: int, p: int) -> GenerateOutput:
     """Drops the bucket's padding columns; zeroes routing weights on padding."""
     real_bs = s.real_bs[:, offset:]
     routing = None

@@ -7,10 +7,12 @@ coef = routing weight * adapter scale, and the base matmul x @ W; `moe_lora_delt
 differentiable rest (dx, dcoef, and dA / dB only when adapters are trained; see `ops`).
 
 Files, split as jax's megablox is: `tiling` (the named `Tiling` bounds and the per-call `Plan`),
-`metadata` (pure jnp: packed layout, sorted-pair groups, visits), `tpu` / `gpu` (the
-`pallas_call`s, with cost estimates), `ops` (the custom-VJP op and dispatch), `reference` (the
-jnp oracle), `device_check` (correctness and timings on an accelerator: `python -m
-pallas_kernels.device_check [--small]`).
+`grouping` (pure jnp: pairs sorted by group, tile visits; shared with the library's XLA grouped
+path), `metadata` (pure jnp: packed layout, sorted-pair groups by pack, visits), `tpu` / `gpu`
+(the `pallas_call`s, with cost estimates), `ops` (the custom-VJP op and dispatch), `reference`
+(the jnp oracle and the dtype-keyed test tolerance). This package imports nothing of
+`meteora_jax`; correctness and timings on an accelerator, next to the library's XLA paths, are
+checked from above both: `python -m meteora_jax.bench.device_check [--small]`.
 
 Packed rank layout. A rank-8 adapter padded alone to the 128 lanes of a TPU vreg / MXU tile
 would waste 15/16 of every matmul. Instead adapters are packed side by side: the rank is rounded
@@ -44,7 +46,7 @@ Kernels (details in `tpu` and `gpu`):
 """
 
 from pallas_kernels.ops import moe_lora_delta
-from pallas_kernels.reference import delta_reference
+from pallas_kernels.reference import delta_reference, tolerance
 from pallas_kernels.tiling import GPU_TILING, TPU_TILING, Plan, Tiling, default_tiling, make_plan
 
 __all__ = [
@@ -56,4 +58,5 @@ __all__ = [
     "delta_reference",
     "make_plan",
     "moe_lora_delta",
+    "tolerance",
 ]

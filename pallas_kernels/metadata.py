@@ -5,7 +5,7 @@ L adapters, R rank, S rank slot, G adapters per pack, W = G*S pack width, Q pack
 of tm rows, V visits. Everything here has static shapes and runs anywhere (CPU tests, the XLA
 glue around the kernels, the scalar-prefetch operands of the TPU kernels).
 
-Pairs are grouped by *pack* (adapter // G), not by adapter: `meteora_jax.ops.grouping`
+Pairs are grouped by *pack* (adapter // G), not by adapter: `pallas_kernels.grouping`
 sorts them and lists the (tile, pack) visits of the forward kernels; this module adds the
 per-row adapter slot (which S lanes of the pack a row owns), the visits of the transposed
 kernel (every pack visited at least once, so packs without rows get zero gradients), the pack
@@ -19,7 +19,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from meteora_jax.ops.grouping import GroupMetadata, group_metadata
+from pallas_kernels.grouping import GroupMetadata, group_metadata
 from pallas_kernels.tiling import Plan
 
 # ---------------------------------------------------------------------------------------------
@@ -69,7 +69,7 @@ def lane_mask(slot_p: jax.Array, plan: Plan) -> jax.Array:
 class PairGroups:
     """Pairs sorted by pack, and the visits the kernels walk.
 
-    groups: meteora's GroupMetadata over packs (order, sorted_token, sorted_adapter = pack,
+    groups: the GroupMetadata over packs (order, sorted_token, sorted_adapter = pack,
     group_sizes / group_starts (Q,), visit_tile / visit_adapter (V,), num_visits).
     inverse: (P,) sorted row of each pair (m*k + j). token_p / slot_p: (P_pad,) token and slot of
     each sorted row (0 on padding rows). valid_p: (P_pad,) row < P. group_ends: (Q,).

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from meteora_jax.ops.grouping import tile_rows_for
+from pallas_kernels.grouping import tile_rows_for
 
 FLAVORS = ("tpu", "gpu")
 

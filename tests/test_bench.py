@@ -1,10 +1,14 @@
 """`meteora-jax bench`: runs end to end at tiny sizes and reports ratios (no timing is asserted)."""
 
 import json
+import sys
 
 import pytest
 
+import meteora_jax.bench
+from meteora_jax.bench import device_check
 from meteora_jax.cli import main
+from pallas_kernels.reference import delta_reference
 
 pytestmark = pytest.mark.slow
 
@@ -38,15 +42,57 @@ def test_bench_rejects_bad_settings(capsys):
     assert "top_k" in capsys.readouterr().err
 
 
+def test_bench_layer_without_torch_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    monkeypatch.delitem(sys.modules, "meteora_jax.bench.torch_reference", raising=False)
+    monkeypatch.delattr(meteora_jax.bench, "torch_reference", raising=False)  # as if never imported
+    assert main(["bench", "layer", "--adapters", "2", "--rank", "2", "--tokens", "8"]) == 2
+    assert "pip install -e '.[test]'" in capsys.readouterr().err
+
+
 def test_bench_generate_runs(tmp_path, monkeypatch):
-    import meteora_jax.bench_generate as bench_generate
+    import meteora_jax.commands.bench as command
 
     tiny = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                 num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
-    original = bench_generate.GenerateBenchSettings
-    monkeypatch.setattr(bench_generate, "GenerateBenchSettings", lambda **kw: original(**{**kw, **tiny}))
+    original = command.GenerateBenchSettings
+    monkeypatch.setattr(command, "GenerateBenchSettings", lambda **kw: original(**{**kw, **tiny}))
     out = tmp_path / "gen.json"
     argv = ["bench", "generate", "--adapters", "3", "--rank", "2", "--batch", "1", "--new-tokens", "3"]
     assert main([*argv, "--prompt-length", "4", "--json", str(out)]) == 0
     report = json.loads(out.read_text())["results"]
     assert report
+
+
+def test_device_check_small_runs_on_cpu(capsys):
+    """The --small path: every kernel in interpret mode, every XLA column, errors within tolerance."""
+    assert device_check.main(["--small", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    for case in device_check.SMALL_CASES:
+        row = next(line for line in out.splitlines() if line.startswith(case.name + " "))
+        assert " yes " in row and "ERROR" not in row, row
+
+
+def test_device_check_fails_loudly_when_a_backend_breaks(monkeypatch, capsys):
+    def broken(x, a, b, routing, scale, *, backend):
+        if backend == "xla_grouped":
+            raise RuntimeError("grouped backend broken")
+        return original(x, a, b, routing, scale, backend=backend)
+
+    original = device_check.lora_delta
+    monkeypatch.setattr(device_check, "lora_delta", broken)
+    # The jnp oracle stands in for the kernels: this test is about the reporting, and fast.
+    monkeypatch.setattr(
+        device_check,
+        "moe_lora_delta",
+        lambda x, a, b, ids, coef, **_: delta_reference(x, a, b, ids, coef).astype(x.dtype),
+    )
+    monkeypatch.setattr(device_check, "SMALL_CASES", device_check.SMALL_CASES[-1:])
+    assert device_check.main(["--small", "--repeats", "1"]) == 1
+    captured = capsys.readouterr()
+    assert "Traceback" in captured.err and "grouped backend broken" in captured.err
+    assert "FAILED (tracebacks above): small decode / xla grouped" in captured.out
+    failures = device_check.Failures()
+    row = device_check.check_case(device_check.SMALL_CASES[0], failures, interpret=None, repeats=1)
+    assert row["xla grouped"] == "ERROR" and failures.labels == ["small decode / xla grouped"]
+    assert row["ok"] == "yes" and all(isinstance(row[c], float) for c in ("xla dense", "base x@W"))

@@ -202,7 +202,7 @@ def test_sampling_frequencies_follow_the_filtered_softmax():
     import jax
 
     logits = np.log(np.array([[0.5, 0.2, 0.15, 0.1, 0.05]], np.float32))
-    sampling = gen._Sampling.of(gen.GenerationSettings(1, temperature=1.0, top_p=0.8, top_k=4), 5)
+    sampling = gen.SamplingArrays.of(gen.GenerationSettings(1, temperature=1.0, top_p=0.8, top_k=4), 5)
     keys = jax.random.split(jax.random.key(0), 4000)
     draws = np.asarray(jax.vmap(lambda k: gen._sample(logits, k, sampling))(keys))[:, 0]
     freq = np.bincount(draws, minlength=5) / len(draws)
@@ -290,7 +290,7 @@ def test_streaming_steps_equal_the_batch_loop(base):
         ids, mask = left_padded(lengths)
         batch = ours(base, ids, mask, temperature=temperature, seed=3, eos_token_id=[9])
         if not seen:
-            steps = gen._step_program._cache_size()
+            steps = gen.step_program._cache_size()
         seen.clear()
         streamed = ours(
             base,
@@ -304,7 +304,7 @@ def test_streaming_steps_equal_the_batch_loop(base):
         np.testing.assert_array_equal(np.asarray(streamed.sequences), np.asarray(batch.sequences))
         assert len(seen) == streamed.num_new_tokens.max()
         np.testing.assert_array_equal(np.stack(seen, 1), np.asarray(streamed.new_tokens)[:, : len(seen)])
-    assert gen._step_program._cache_size() <= steps + 1
+    assert gen.step_program._cache_size() <= steps + 1
 
 
 BAD_SETTINGS = [

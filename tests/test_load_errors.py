@@ -245,9 +245,9 @@ def test_ids_outside_vocabulary(model, bad):
 
 
 def test_ids_wrong_rank_or_dtype(model):
-    with pytest.raises(MeteoRAError, match=r"input_ids must be an integer array \(batch, length\)"):
+    with pytest.raises(MeteoRAError, match=r"input_ids must be a non-empty integer array \(batch, length\)"):
         model(np.array([1, 2, 3]))
-    with pytest.raises(MeteoRAError, match=r"input_ids must be an integer array .*float"):
+    with pytest.raises(MeteoRAError, match=r"input_ids must be a non-empty integer array .*float"):
         model(np.array([[1.0, 2.0]]))
 
 

@@ -302,12 +302,12 @@ def test_write_refuses_existing_output_and_leaves_nothing_half_written(world, tm
         meteora_torch.write_reference(model, world["base"], out)
     assert os.listdir(out) == ["keep.txt"]
 
-    def broken(path, entries, metadata=None):
+    def broken(tensors, path, metadata=None, **kwargs):
         with open(path, "wb") as f:
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(meteora_torch, "write_safetensors", broken)
+    monkeypatch.setattr(meteora_torch, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         meteora_torch.write_reference(model, world["base"], out, force=True)
     assert os.listdir(out) == ["keep.txt"], "a failed write must leave the old output alone"

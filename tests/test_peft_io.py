@@ -28,20 +28,11 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file, save_file
 
-from meteora_jax.config import LlamaConfig
+from meteora_jax.config import BLOCK_OF, PROJECTIONS, LlamaConfig, projection_shape
 from meteora_jax.errors import CheckpointError, ConfigError, MeteoRAError
 from meteora_jax.io import peft as peft_io
 from meteora_jax.io import peft_write
-from meteora_jax.io.peft import (
-    BLOCK_OF,
-    PROJECTIONS,
-    LoRAAdapter,
-    LoRAModule,
-    module_name,
-    projection_shape,
-    read_adapter,
-    read_adapters,
-)
+from meteora_jax.io.peft import LoRAAdapter, LoRAModule, module_name, read_adapter, read_adapters
 from meteora_jax.io.peft_write import write_adapter
 
 HF_CONFIG = dict(

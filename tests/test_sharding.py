@@ -93,7 +93,8 @@ def test_explicit_mesh_argument(mesh, tiny_dir):
 
 
 def test_meteora_model_under_mesh(mesh, tiny_dir, tmp_path):
-    from meteora_jax.io.peft import LoRAAdapter, LoRAModule, projection_shape
+    from meteora_jax.config import projection_shape
+    from meteora_jax.io.peft import LoRAAdapter, LoRAModule
     from meteora_jax.io.peft_write import write_adapter
 
     config = mj.LlamaConfig.from_hf(tiny_dir)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import tempfile
 
-from meteora_jax.bench import LLAMA3_8B_LAYER, BenchSettings, bench
+from meteora_jax.bench.generate import GenerateBenchSettings, bench_generate, format_bench
+from meteora_jax.bench.layer import LLAMA3_8B_LAYER, BenchSettings, bench
 from meteora_jax.config import LlamaConfig
+from meteora_jax.io.files import write_text_atomic
 
 # A small whole model for `bench model` (random weights: nothing is downloaded).
 SMALL_MODEL = dataclasses.replace(
@@ -61,13 +61,8 @@ def run(args: argparse.Namespace) -> None:
         config = LLAMA3_8B_LAYER if args.what == "layer" else SMALL_MODEL
     if args.what == "layer":
         config = dataclasses.replace(config, num_hidden_layers=1, vocab_size=256)
+    # Without torch, `bench` raises a ConfigError that names the install command and --no-torch.
     torch_reference = args.what == "layer" and not args.no_torch
-    if torch_reference:
-        try:
-            import torch  # noqa: F401, PLC0415
-        except ImportError:
-            print("torch is not installed: skipping the reference algorithm")
-            torch_reference = False
     settings = BenchSettings(
         adapters=args.adapters,
         rank=args.rank,
@@ -88,22 +83,11 @@ def run(args: argparse.Namespace) -> None:
 
 def write_json(payload, path: str) -> None:
     """Writes JSON atomically (temp file in the same folder, then rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_text_atomic(path, json.dumps(payload, indent=2))
 
 
 def run_generate(args: argparse.Namespace) -> None:
     """Decode tokens/s and prefill time of a MeteoRA model vs its base, batch by batch."""
-    from meteora_jax.bench_generate import GenerateBenchSettings, bench_generate, format_bench  # noqa: PLC0415
-
     overrides = {}
     if args.base:
         config = LlamaConfig.from_hf(args.base)

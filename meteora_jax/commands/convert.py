@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from meteora_jax.commands import adapter_specs
-from meteora_jax.io import checkpoint, gates
+from meteora_jax.io import checkpoint, files, gates
 
 
 def register(subparsers) -> None:
@@ -40,7 +40,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    checkpoint.refuse_existing(args.out, force=args.force)
+    files.refuse_existing(args.out, force=args.force)
     moe, params, infos = gates.fuse(
         args.base, adapter_specs(args.adapter), args.gates, args.top_k, args.temperature, seed=args.seed
     )

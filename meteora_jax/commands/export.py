@@ -8,7 +8,7 @@ import os
 from tqdm import tqdm
 
 from meteora_jax.errors import ConfigError
-from meteora_jax.io import checkpoint, meteora_torch
+from meteora_jax.io import checkpoint, files, meteora_torch
 from meteora_jax.io.peft_write import write_adapter
 from meteora_jax.io.stacking import unstack_adapters
 
@@ -35,7 +35,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    checkpoint.refuse_existing(args.out, force=args.force)
+    files.refuse_existing(args.out, force=args.force)
     ckpt = checkpoint.restore(args.ckpt)
     meta, where = ckpt.meta, f"{args.ckpt} (step {ckpt.step})"
     if args.to == "peft":
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> None:
                     f"adapter name {name!r} in {where} cannot be used as a folder name under {args.out}"
                 )
         adapters = unstack_adapters(ckpt.params, list(meta.adapters))
-        with checkpoint.staged_directory(args.out, force=args.force) as tmp:
+        with files.staged_directory(args.out, force=args.force) as tmp:
             for adapter in tqdm(adapters, desc="writing PEFT adapters", unit="adapter", disable=None):
                 write_adapter(
                     adapter,

@@ -16,14 +16,11 @@ self-describing. Loading against a base whose config or fingerprint differs is r
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -31,10 +28,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from meteora_jax.config import LlamaConfig, MoELoRAConfig
+from meteora_jax.config import LlamaConfig, MoELoRAConfig, projection_shape
 from meteora_jax.errors import CheckpointError, ConfigError
+from meteora_jax.io.files import raise_problems, staged_directory
 from meteora_jax.io.hf import CONFIG_FILE, IGNORED_KEYS, weight_files
-from meteora_jax.io.peft import projection_shape
 from meteora_jax.io.stacking import AdapterInfo, Path, param_path
 from meteora_jax.modeling.moe_lora import AdapterScale, GateParam
 
@@ -45,7 +42,6 @@ META_ITEM = "meta"
 LEAVES = ("gate", "lora_a", "lora_b", "scale")
 # Fingerprint sampling: this many windows of this many bytes, evenly spread over each tensor.
 SAMPLES, SAMPLE_BYTES = 16, 256
-_MAX_SHOWN = 12
 
 
 # ----------------------------------------------------------------------------- base fingerprint
@@ -270,7 +266,7 @@ def _check_params(params: Mapping[Path, Any], meta: CheckpointMeta, where: str) 
         for p, v in params.items()
         if p in expected and tuple(np.shape(v)) != expected[p]
     ]
-    _raise_if(problems, where)
+    raise_problems(CheckpointError, where, problems)
 
 
 def _nest(params: Mapping[Path, Any]) -> dict:
@@ -294,52 +290,6 @@ def _flatten(tree: Mapping, prefix: Path = ()) -> dict[Path, Any]:
 
 
 # ----------------------------------------------------------------------------- folders
-
-
-@contextlib.contextmanager
-def staged_directory(out_dir: str | os.PathLike, *, force: bool = False) -> Iterator[str]:
-    """Yields a temporary folder next to `out_dir` that becomes `out_dir` when the block succeeds.
-
-    An existing `out_dir` (other than an empty folder) is refused unless `force`; with `force`
-    it is replaced only once the new one is complete. On failure the temporary folder is
-    removed, so nothing half-written is ever left under the name.
-    """
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    refuse_existing(out_dir, force=force)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
-        os.chmod(tmp, 0o755)
-        yield tmp
-        if os.path.lexists(out_dir):
-            trash = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.replace(out_dir, os.path.join(trash, "old"))
-            try:
-                os.replace(tmp, out_dir)
-            except BaseException:
-                os.replace(os.path.join(trash, "old"), out_dir)
-                raise
-            finally:
-                shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def refuse_existing(out_dir: str | os.PathLike, *, force: bool = False) -> None:
-    """FileExistsError for an existing file, link or non-empty folder, unless `force`.
-
-    Commands call it before any long work, so a taken output name fails at once.
-    """
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    empty_dir = os.path.isdir(out_dir) and not os.path.islink(out_dir) and not os.listdir(out_dir)
-    if os.path.lexists(out_dir) and not empty_dir and not force:
-        raise FileExistsError(
-            f"{out_dir} already exists (refusing to overwrite it: pass --force / force=True)"
-        )
 
 
 def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
@@ -547,9 +497,3 @@ def _host_target(tree_metadata):
     """A numpy restore target mirroring stored array metadata (so nothing lands on a device)."""
     tree = getattr(tree_metadata, "tree", tree_metadata)
     return jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree)
-
-
-def _raise_if(problems: list[str], where: str) -> None:
-    if problems:
-        more = f"; and {len(problems) - _MAX_SHOWN} more" if len(problems) > _MAX_SHOWN else ""
-        raise CheckpointError(f"{where}: {'; '.join(problems[:_MAX_SHOWN])}{more}")

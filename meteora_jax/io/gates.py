@@ -16,6 +16,7 @@ import numpy as np
 from meteora_jax.config import LlamaConfig, MoELoRAConfig
 from meteora_jax.errors import CheckpointError, ConfigError
 from meteora_jax.io import checkpoint, meteora_torch
+from meteora_jax.io.files import raise_problems
 from meteora_jax.io.peft import LoRAAdapter, read_adapters
 from meteora_jax.io.stacking import AdapterInfo, Path, init_gates, moe_config_for, stack_adapters
 
@@ -113,8 +114,7 @@ def _check_adapters(meta: checkpoint.CheckpointMeta, moe: MoELoRAConfig, adapter
                 f"adapter {adapter.name!r} has use_rslora={info.use_rslora}, "
                 f"the checkpoint {stored.use_rslora}"
             )
-    if problems:
-        raise CheckpointError(f"checkpoint {where} does not match adapters=: {'; '.join(problems)}")
+    raise_problems(CheckpointError, f"checkpoint {where} does not match adapters=", problems)
 
 
 def load_checkpoint_adapters(

@@ -12,8 +12,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +20,7 @@ from flax import nnx
 
 from meteora_jax.config import LlamaConfig, MoELoRAConfig
 from meteora_jax.errors import CheckpointError
+from meteora_jax.io.files import raise_problems, staged_directory, write_text_atomic
 from meteora_jax.io.safetensors_io import FLOAT_DTYPES, SafetensorsFile, save_file
 from meteora_jax.modeling.llama import LlamaForCausalLM
 from meteora_jax.modeling.moe_lora import BASE_PARAMS
@@ -169,9 +168,7 @@ def _plan(
                 problems.append(f"tensor {key} has dtype {files[key].dtype(key)}, expected a float type")
             keys.append(key)
         plan[path] = (rule, keys)
-    if problems:
-        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
-        raise CheckpointError(f"{where}: weights do not match {CONFIG_FILE}: {shown}")
+    raise_problems(CheckpointError, f"{where}: weights do not match {CONFIG_FILE}", problems, max_shown=8)
     return plan
 
 
@@ -255,10 +252,12 @@ def save_llama(
 ) -> None:
     """Writes `config.json` + safetensors (sharded with an index past `max_shard_bytes`).
 
-    The folder is written under a temporary name and renamed, so a failure leaves nothing.
+    The folder is written under a temporary name and renamed into place (`files.staged_directory`),
+    so a failure leaves nothing; with `overwrite` an existing folder is replaced only once the new
+    one is complete.
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir) and not overwrite:
+    if os.path.lexists(out_dir) and not overwrite:
         raise FileExistsError(
             f"{out_dir} already exists (refusing to overwrite it: "
             "pass overwrite=True, or --force on the command line)"
@@ -272,13 +271,8 @@ def save_llama(
         for layer, one in enumerate(value) if rule.stacked else [(None, value)]:
             tensors[rule.hf.format(layer=layer)] = one.T if rule.transpose else one
 
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
-        os.chmod(tmp, 0o755)
-        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(config.to_hf_dict(), f, indent=2)
+    with staged_directory(out_dir, force=overwrite) as tmp:
+        write_text_atomic(os.path.join(tmp, CONFIG_FILE), json.dumps(config.to_hf_dict(), indent=2))
         shards = _split_shards(tensors, max_shard_bytes)
         if len(shards) == 1:
             save_file(shards[0], os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
@@ -289,14 +283,8 @@ def save_llama(
                 save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
                 weight_map.update(dict.fromkeys(shard, name))
             total = sum(t.nbytes for t in tensors.values())
-            with open(os.path.join(tmp, INDEX_FILE), "w", encoding="utf-8") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            write_text_atomic(os.path.join(tmp, INDEX_FILE), json.dumps(index, indent=2))
 
 
 def _split_shards(tensors: dict[str, np.ndarray], max_bytes: int | None) -> list[dict[str, np.ndarray]]:

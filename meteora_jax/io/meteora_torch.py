@@ -23,25 +23,24 @@ import dataclasses
 import json
 import os
 import re
-import struct
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from meteora_jax.config import PROJECTIONS, LlamaConfig, MoELoRAConfig
+from meteora_jax.config import BLOCK_OF, PROJECTIONS, LlamaConfig, MoELoRAConfig, projection_shape
 from meteora_jax.errors import CheckpointError, ConfigError
-from meteora_jax.io.checkpoint import base_fingerprint, expected_shapes, model_params, staged_directory
+from meteora_jax.io.checkpoint import base_fingerprint, expected_shapes, model_params
+from meteora_jax.io.files import raise_problems, staged_directory, write_text_atomic
 from meteora_jax.io.hf import HF_KEY_TABLE, IGNORED_KEYS, weight_files
-from meteora_jax.io.peft import BLOCK_OF, LoRAAdapter, projection_shape
-from meteora_jax.io.safetensors_io import DTYPES, FLOAT_DTYPES, SafetensorsFile
+from meteora_jax.io.peft import LoRAAdapter
+from meteora_jax.io.safetensors_io import FLOAT_DTYPES, SafetensorsFile, save_file
 from meteora_jax.io.stacking import AdapterInfo, Path, param_path
 
 PREFIX = "base_model.model."
 WEIGHTS_FILE = "model.safetensors"
 ORDER_FILE = "adapter_order.json"
-_MAX_SHOWN = 12
 _CHUNK = 1 << 22  # elements compared at a time, so a 2 GB embedding never sits in memory twice
 
 
@@ -187,7 +186,7 @@ def read_reference(
         out.update(stacks)
         problems += lora_problems
     problems += _compare_base(file, index.base, config, os.fspath(base_dir))
-    _raise_if(problems, path)
+    raise_problems(CheckpointError, path, problems)
     return out
 
 
@@ -378,30 +377,21 @@ def write_reference_params(
         for p, s in shapes.items()
         if p not in params or tuple(np.shape(params[p])) != s
     ]
-    if wrong:
-        raise ConfigError(f"MeteoRA parameters do not fit {base_dir}: {'; '.join(wrong[:_MAX_SHOWN])}")
+    raise_problems(ConfigError, f"MeteoRA parameters do not fit {base_dir}", wrong)
     files = weight_files(base_dir)
-    entries = [
-        (
-            reference_base_key(k, moe.targets),
-            files[k].dtype(k),
-            files[k].shape(k),
-            lambda k=k: files[k].get(k),
-        )
-        for k in files
-        if not IGNORED_KEYS.fullmatch(k)
-    ]
+    # Base tensors as memory-mapped views: save_file reads each only while writing it.
+    tensors = {
+        reference_base_key(k, moe.targets): files[k].get(k) for k in files if not IGNORED_KEYS.fullmatch(k)
+    }
     for proj in moe.targets:
         for part in MOE_PARTS.values():
             stack = np.asarray(jax.device_get(params[param_path(proj, part.leaf)]), np.float32)
             for layer in range(config.num_hidden_layers):
-                value = np.ascontiguousarray(part.to_file(stack[layer]))
-                entries.append((part.key(layer, proj), value.dtype, value.shape, lambda v=value: v))
+                tensors[part.key(layer, proj)] = part.to_file(stack[layer])
     order = _order_json(moe, infos, base_dir)
     with staged_directory(out_dir, force=force) as tmp:
-        write_safetensors(os.path.join(tmp, WEIGHTS_FILE), entries)
-        with open(os.path.join(tmp, ORDER_FILE), "w", encoding="utf-8") as f:
-            json.dump(order, f, indent=2)
+        save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), progress=True)
+        write_text_atomic(os.path.join(tmp, ORDER_FILE), json.dumps(order, indent=2))
     return os.path.abspath(os.fspath(out_dir))
 
 
@@ -437,50 +427,3 @@ def _order_json(moe: MoELoRAConfig, infos: Sequence[AdapterInfo], base_dir: str)
         "base": {"path": os.path.abspath(base_dir), "fingerprint": base_fingerprint(base_dir)},
         "adapters": adapters,
     }
-
-
-_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-
-
-def write_safetensors(path: str, entries, metadata: dict[str, str] | None = None) -> None:
-    """Streams tensors into a safetensors file, one at a time, so a 16 GB model is never in memory.
-
-    entries: (name, dtype, shape, load) with `load()` returning the array (a memory-mapped view
-    is written without a copy). Tensors are laid out in name order; the header is padded to 8 bytes.
-    """
-    entries = sorted(entries, key=lambda e: e[0])
-    header: dict = {"__metadata__": metadata or {"format": "pt"}}
-    offset = 0
-    for name, dtype, shape, _ in entries:
-        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        header[name] = {
-            "dtype": _DTYPE_NAMES[np.dtype(dtype)],
-            "shape": list(shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with (
-        open(path, "wb") as f,
-        tqdm(
-            total=offset, unit="B", unit_scale=True, desc=f"writing {os.path.basename(path)}", disable=None
-        ) as bar,
-    ):
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name, dtype, shape, load in entries:
-            value = np.asarray(load())
-            if value.dtype != np.dtype(dtype) or value.shape != tuple(shape):
-                raise AssertionError(
-                    f"tensor {name}: got {value.dtype} {value.shape}, planned {dtype} {shape}"
-                )
-            data = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
-            f.write(data.data)
-            bar.update(data.size)
-
-
-def _raise_if(problems: list[str], where: str) -> None:
-    if problems:
-        more = f"; and {len(problems) - _MAX_SHOWN} more" if len(problems) > _MAX_SHOWN else ""
-        raise CheckpointError(f"{where}: {'; '.join(problems[:_MAX_SHOWN])}{more}")

@@ -30,18 +30,18 @@ from typing import Any
 
 import numpy as np
 
-from meteora_jax.config import PROJECTIONS, LlamaConfig
+from meteora_jax.config import BLOCK_OF, PROJECTIONS, LlamaConfig, projection_shape
 from meteora_jax.errors import CheckpointError, ConfigError, MeteoRAError
+from meteora_jax.inputs import is_int
+from meteora_jax.io.files import raise_problems
 from meteora_jax.io.safetensors_io import SafetensorsFile
 
-BLOCK_OF = {p: "self_attn" if p in PROJECTIONS[:4] else "mlp" for p in PROJECTIONS}
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 BIN_FILE = "adapter_model.bin"
 # PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["llama"], used when target_modules is null.
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 _LOW_FLOATS = ("bfloat16", "float8_e4m3fn", "float8_e5m2")  # ml_dtypes floats, numpy kind "V"
-_MAX_SHOWN = 12
 
 
 def module_name(layer: int, projection: str) -> str:
@@ -52,16 +52,6 @@ def module_name(layer: int, projection: str) -> str:
 def peft_key(layer: int, projection: str, part: str) -> str:
     """PEFT's saved key (no adapter name) of `part` "A" or "B" of one module."""
     return f"base_model.model.{module_name(layer, projection)}.lora_{part}.weight"
-
-
-def projection_shape(config: LlamaConfig, projection: str) -> tuple[int, int]:
-    """(in, out) features of one projection of the base model."""
-    d, f = config.hidden_size, config.intermediate_size
-    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    shapes = dict(zip(PROJECTIONS, ((d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)), strict=True))
-    if projection not in shapes:
-        raise ConfigError(f"unknown projection {projection!r} (expected one of {', '.join(PROJECTIONS)})")
-    return shapes[projection]
 
 
 def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
@@ -131,8 +121,7 @@ class LoRAAdapter:
                     f"{module.rank} give {lora_scaling(module.alpha, module.rank, self.use_rslora)}"
                     f"{' (rsLoRA)' if self.use_rslora else ''}"
                 )
-        if problems:
-            _raise(ConfigError, f"adapter {self.name!r}", problems)
+        raise_problems(ConfigError, f"adapter {self.name!r}", problems)
         order = {p: i for i, p in enumerate(PROJECTIONS)}
         object.__setattr__(
             self, "modules", dict(sorted(self.modules.items(), key=lambda kv: (kv[0][0], order[kv[0][1]])))
@@ -194,12 +183,8 @@ _REFUSED_SETTINGS = (
 )
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _is_number(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+    return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
 
 
 def _str_or_list(raw: dict, field: str, problems: list[str]) -> tuple[str, ...] | str | None:
@@ -231,7 +216,7 @@ def _parse_settings(raw: Any, where: str) -> _Settings:
         if value is not None and refused(value):
             problems.append(message.format(v=value))
     r, alpha = raw.get("r", 8), raw.get("lora_alpha", 8)
-    if not _is_int(r) or r <= 0:
+    if not is_int(r) or r <= 0:
         problems.append(f"r must be a positive integer, got {r!r}")
     if not _is_number(alpha):
         problems.append(f"lora_alpha must be a finite number, got {alpha!r}")
@@ -251,9 +236,9 @@ def _parse_settings(raw: Any, where: str) -> _Settings:
     if isinstance(exclude, str):
         _check_regex(exclude, "exclude_modules", problems)
     layers = raw.get("layers_to_transform")
-    if isinstance(layers, list) and all(_is_int(v) for v in layers):
+    if isinstance(layers, list) and all(is_int(v) for v in layers):
         layers = tuple(layers)
-    elif layers is not None and not _is_int(layers):
+    elif layers is not None and not is_int(layers):
         problems.append(f"layers_to_transform must be an integer, a list of integers or null, got {layers!r}")
     raw_pattern = _str_or_list(raw, "layers_pattern", problems)
     if regex_targets and (layers is not None or raw_pattern is not None):
@@ -269,7 +254,7 @@ def _parse_settings(raw: Any, where: str) -> _Settings:
 
     patterns = {}
     for field, valid, kind in (
-        ("rank_pattern", lambda v: _is_int(v) and v > 0, "positive integers"),
+        ("rank_pattern", lambda v: is_int(v) and v > 0, "positive integers"),
         ("alpha_pattern", _is_number, "finite numbers"),
     ):
         value = raw.get(field) or {}
@@ -279,8 +264,7 @@ def _parse_settings(raw: Any, where: str) -> _Settings:
         for key in value:
             _check_regex(rf"(.*\.)?({key})$", f"{field} key", problems)
         patterns[field] = value
-    if problems:
-        _raise(ConfigError, where, problems)
+    raise_problems(ConfigError, where, problems)
     return _Settings(r, float(alpha), use_rslora, targets, exclude, layers, layers_pattern, **patterns)
 
 
@@ -356,9 +340,16 @@ def _targets(s: _Settings, num_layers: int, where: str) -> dict[tuple[int, str],
         )
     if not targets and not problems:
         problems.append(f"target_modules {s.target_modules!r} matches none of the LLaMA projections")
-    if problems:
-        _raise(ConfigError, where, problems)
+    raise_problems(ConfigError, where, problems)
     return targets
+
+
+def adapter_targets(raw: Any, num_layers: int, where: str) -> dict[tuple[int, str], tuple[int, float]]:
+    """The modules an `adapter_config.json` dict adapts under PEFT's rules, in a base of `num_layers`.
+
+    Returns (layer, projection) -> (rank, alpha); raises one ConfigError listing every problem.
+    """
+    return _targets(_parse_settings(raw, where), num_layers, where)
 
 
 _MODULE_ALTERNATIVES = "|".join(rf"{BLOCK_OF[p]}\.{p}" for p in PROJECTIONS)
@@ -515,8 +506,7 @@ def read_adapter(path: str | os.PathLike, config: LlamaConfig, name: str | None 
                 a, b, target[1], lora_scaling(target[1], target[0], settings.use_rslora)
             )
         problems += module_problems
-    if problems:
-        _raise(CheckpointError, weights, problems)
+    raise_problems(CheckpointError, weights, problems)
     return LoRAAdapter(name, modules, use_rslora=settings.use_rslora, source=os.path.abspath(folder))
 
 
@@ -555,9 +545,3 @@ def read_adapters(specs: Sequence[str] | Mapping[str, str], config: LlamaConfig)
             f"{len(errors)} of {len(pairs)} adapters cannot be read:\n" + "\n".join(str(e) for e in errors)
         )
     return adapters
-
-
-def _raise(cls: type[Exception], where: str, problems: list[str]) -> None:
-    shown = "; ".join(problems[:_MAX_SHOWN])
-    more = f"; and {len(problems) - _MAX_SHOWN} more" if len(problems) > _MAX_SHOWN else ""
-    raise cls(f"{where}: {shown}{more}")

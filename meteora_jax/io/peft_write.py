@@ -10,25 +10,20 @@ from __future__ import annotations
 import collections
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
 
-from meteora_jax.config import PROJECTIONS, LlamaConfig
+from meteora_jax.config import BLOCK_OF, PROJECTIONS, LlamaConfig, projection_shape
 from meteora_jax.errors import CheckpointError
-from meteora_jax.io.peft import (  # the reading rules every written config is checked against
-    BLOCK_OF,
+from meteora_jax.io.files import raise_problems, staged_directory, write_text_atomic
+from meteora_jax.io.peft import (  # adapter_targets: the rules every written config is checked against
     CONFIG_FILE,
     SAFETENSORS_FILE,
     LoRAAdapter,
-    _parse_settings,
-    _raise,
-    _targets,
+    adapter_targets,
     module_name,
     peft_key,
-    projection_shape,
 )
 from meteora_jax.io.safetensors_io import save_file
 
@@ -130,8 +125,7 @@ def write_adapter(
                     f"module {module_name(layer, projection)} (a {m.a.shape}, b {m.b.shape}) does not fit "
                     f"the base model ({config.num_hidden_layers} layers, (in, out) = {(fan_in, fan_out)})"
                 )
-    if problems:
-        _raise(CheckpointError, f"adapter {adapter.name!r} (writing {out_dir})", problems)
+    raise_problems(CheckpointError, f"adapter {adapter.name!r} (writing {out_dir})", problems)
     num_layers = config.num_hidden_layers if config is not None else None
     peft_config = adapter_config(adapter, num_layers, base_model_name_or_path)
     _verify_config(peft_config, adapter, num_layers or max(layer for layer, _ in adapter.modules) + 1)
@@ -140,41 +134,14 @@ def write_adapter(
         tensors[peft_key(layer, projection, "A")] = m.a
         tensors[peft_key(layer, projection, "B")] = m.b
 
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-adapter-", dir=parent)
-    try:
-        os.chmod(tmp, 0o755)
-        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(peft_config, f, indent=2)
+    with staged_directory(out_dir, force=overwrite) as tmp:
+        write_text_atomic(os.path.join(tmp, CONFIG_FILE), json.dumps(peft_config, indent=2))
         save_file(tensors, os.path.join(tmp, SAFETENSORS_FILE), metadata={"format": "pt"})
-        _swap_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _verify_config(peft_config: dict, adapter: LoRAAdapter, num_layers: int) -> None:
     """Re-reads the generated config with PEFT's rules: it must give back every rank and alpha."""
-    settings = _parse_settings(peft_config, where="generated adapter config")
-    targets = _targets(settings, num_layers, where="generated adapter config")
+    targets = adapter_targets(peft_config, num_layers, where="generated adapter config")
     wanted = {slot: (m.rank, m.alpha) for slot, m in adapter.modules.items()}
     if targets != wanted:  # a bug here, never a user error
         raise AssertionError(f"adapter config {peft_config} does not reproduce adapter {adapter.name!r}")
-
-
-def _swap_into_place(tmp: str, out_dir: str) -> None:
-    """Renames `tmp` to `out_dir`; an existing `out_dir` is moved aside first and restored on failure."""
-    if not os.path.lexists(out_dir):
-        os.replace(tmp, out_dir)
-        return
-    trash = tempfile.mkdtemp(prefix=".old-adapter-", dir=os.path.dirname(out_dir))
-    old = os.path.join(trash, "old")
-    os.replace(out_dir, old)
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        os.replace(old, out_dir)
-        raise
-    finally:
-        shutil.rmtree(trash, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Zero-copy reading of `.safetensors` files, and atomic writing.
+"""Zero-copy reading of `.safetensors` files, and the project's one (atomic, streaming) writer.
 
 safetensors' own numpy reader cannot return bfloat16 (the dtype of most LLaMA checkpoints)
 and copies every tensor it returns. The format is one JSON header and raw little-endian
@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
+from collections.abc import Mapping
 
 import ml_dtypes
 import numpy as np
-import safetensors.numpy
+from tqdm import tqdm
 
 from meteora_jax.errors import CheckpointError
+from meteora_jax.io.files import atomic_file
 
 DTYPES = {
     "F64": np.dtype(np.float64),
@@ -30,10 +31,14 @@ DTYPES = {
     "I32": np.dtype(np.int32),
     "I16": np.dtype(np.int16),
     "I8": np.dtype(np.int8),
+    "U64": np.dtype(np.uint64),
+    "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16),
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
 }
 FLOAT_DTYPES = frozenset(DTYPES[name] for name in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"))
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -94,17 +99,54 @@ class SafetensorsFile:
         return self._mmap[start : self._data_start + end].view(dtype).reshape(shape)
 
 
-def save_file(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str] | None = None) -> None:
-    """Writes a safetensors file atomically (temp file in the same folder, then rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        contiguous = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-        safetensors.numpy.save_file(contiguous, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def save_file(
+    tensors: Mapping[str, np.ndarray],
+    path: str | os.PathLike,
+    metadata: dict[str, str] | None = None,
+    *,
+    progress: bool = False,
+) -> None:
+    """Writes a safetensors file atomically (`files.atomic_file`), one tensor at a time.
+
+    tensors: arrays by name. Memory-mapped views (`SafetensorsFile.get`) are read only while
+    they are written, and a non-contiguous array (a transpose) is copied one tensor at a time,
+    so a 16 GB model never sits in memory twice. Tensors are laid out in name order after a
+    header padded to 8 bytes. metadata: the header's string map (default `{"format": "pt"}`,
+    which transformers expects). progress: show a byte progress bar (on a terminal).
+    """
+    metadata = {"format": "pt"} if metadata is None else metadata
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError(f"safetensors metadata must map strings to strings, got {metadata!r}")
+    names = sorted(tensors)
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in names:
+        value = tensors[name]
+        dtype = np.dtype(value.dtype)
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(f"tensor {name}: dtype {dtype} cannot be stored in a safetensors file")
+        size = int(value.size) * dtype.itemsize
+        header[name] = {
+            "dtype": _DTYPE_NAMES[dtype],
+            "shape": list(value.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with (
+        atomic_file(path) as f,
+        tqdm(
+            total=offset,
+            unit="B",
+            unit_scale=True,
+            desc=f"writing {os.path.basename(os.fspath(path))}",
+            disable=None if progress else True,
+        ) as bar,
+    ):
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in names:
+            data = np.ascontiguousarray(tensors[name]).reshape(-1).view(np.uint8)
+            f.write(data.data)
+            bar.update(data.size)

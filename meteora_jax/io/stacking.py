@@ -11,9 +11,9 @@ import dataclasses
 
 import numpy as np
 
-from meteora_jax.config import PROJECTIONS, LlamaConfig, MoELoRAConfig
+from meteora_jax.config import BLOCK_OF, PROJECTIONS, LlamaConfig, MoELoRAConfig, projection_shape
 from meteora_jax.errors import ConfigError
-from meteora_jax.io.peft import BLOCK_OF, LoRAAdapter, LoRAModule, projection_shape
+from meteora_jax.io.peft import LoRAAdapter, LoRAModule
 
 Path = tuple[str, ...]
 

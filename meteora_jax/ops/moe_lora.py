@@ -7,12 +7,15 @@ Backends:
   routing weight (zero for adapters not chosen), then one (L*R) x O matmul. Work is
   M*(D + O)*L*R: close to free while L*R is small next to D and O (the MeteoRA case of 28
   adapters of rank 8 on a 4096-wide model), no per-token copy of adapter weights.
-- "xla_grouped": (token, choice) pairs sorted by adapter and cut in tiles (ops/grouping.py),
+- "xla_grouped": (token, choice) pairs sorted by adapter and cut in tiles (`pallas_kernels.grouping`),
   one small matmul per tile visit: work ~ (k*T + live adapters * tile) * R * (D + O).
 - "xla_gather": reads only the chosen adapters per token; for decode (a few tokens).
 - "pallas": the kernels in `pallas_kernels` (TPU Mosaic / GPU Triton; interpret mode on CPU).
 - "auto": picks an XLA backend by shape (`choose_backend`, from measurements). It does not
   pick "pallas": the kernels have no measured accelerator timings yet.
+
+`lora_delta` is the LoRA part alone, by backend (the op adds the base matmul to it;
+`meteora_jax.bench.device_check` times it against the kernels).
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from meteora_jax.ops.grouping import group_metadata, tile_rows_for, visit_row_mask
+import pallas_kernels
 from meteora_jax.ops.routing import Routing, RoutingSettings, route
+from pallas_kernels.grouping import group_metadata, tile_rows_for, visit_row_mask
 
 BACKENDS = ("auto", "xla", "xla_grouped", "xla_gather", "pallas")
 
@@ -123,6 +127,35 @@ def _grouped_delta(x_md, a_ldr, b_lro, routing: Routing, scale_l):
     return jax.lax.fori_loop(0, n_visits, expand, jnp.zeros((m, o), x_md.dtype))
 
 
+def lora_delta(
+    x_md: jax.Array,
+    a_ldr: jax.Array,
+    b_lro: jax.Array,
+    routing: Routing,
+    scale_l: jax.Array,
+    *,
+    backend: str = "auto",
+) -> jax.Array:
+    """The LoRA part of the MeteoRA linear: sum_j w_j * s_{id_j} * (x @ A_{id_j}) @ B_{id_j}.
+
+    x_md: (M, D) in the compute dtype; A (L, D, R); B (L, R, O); routing: ids / weights (M, k);
+    scale (L,). backend: one of `BACKENDS` ("auto" resolves by shape with `choose_backend`).
+    Returns delta (M, O) in x's dtype. Raises ValueError for an unknown backend.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
+    if backend == "auto":
+        backend = choose_backend(x_md.shape[0], routing.ids.shape[-1], *a_ldr.shape)
+    if backend == "xla_gather":
+        return _gather_delta(x_md, a_ldr, b_lro, routing, scale_l)
+    if backend == "xla_grouped":
+        return _grouped_delta(x_md, a_ldr, b_lro, routing, scale_l)
+    if backend == "pallas":
+        coef_mk = pair_coefficients(routing, scale_l)
+        return pallas_kernels.moe_lora_delta(x_md, a_ldr, b_lro, routing.ids, coef_mk)
+    return _dense_delta(x_md, a_ldr, b_lro, combine_weights(routing, scale_l, a_ldr.shape[0]))
+
+
 def moe_lora(
     x_md: jax.Array,
     kernel_do: jax.Array,
@@ -141,25 +174,12 @@ def moe_lora(
     x_md: (M, D) in the compute dtype; kernel (D, O); gate (D, L); A (L, D, R); B (L, R, O);
     scale (L,). lora_x_md: the LoRA input if it differs from x (dropout in training).
     forced_m: (M,) adapter per token bypassing the gate (-1: base only).
-    Returns y (M, O) in x's dtype and the Routing.
+    Returns y (M, O) in x's dtype and the Routing. Raises ValueError for an unknown backend.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
     routing = route(x_md, gate_dl, settings, forced_m)
     lora_x = x_md if lora_x_md is None else lora_x_md
-    backend = (
-        choose_backend(x_md.shape[0], routing.ids.shape[-1], *a_ldr.shape) if backend == "auto" else backend
-    )
-    if backend == "xla_gather":
-        delta = _gather_delta(lora_x, a_ldr, b_lro, routing, scale_l)
-    elif backend == "xla_grouped":
-        delta = _grouped_delta(lora_x, a_ldr, b_lro, routing, scale_l)
-    elif backend == "pallas":
-        # Imported here: pallas_kernels builds on meteora_jax.ops.grouping (no import cycle).
-        from pallas_kernels import moe_lora_delta  # noqa: PLC0415
-
-        delta = moe_lora_delta(lora_x, a_ldr, b_lro, routing.ids, pair_coefficients(routing, scale_l))
-    else:
-        delta = _dense_delta(lora_x, a_ldr, b_lro, combine_weights(routing, scale_l, a_ldr.shape[0]))
+    delta = lora_delta(lora_x, a_ldr, b_lro, routing, scale_l, backend=backend)
     y_mo = jnp.dot(x_md, kernel_do.astype(x_md.dtype)) + delta
     return y_mo.astype(x_md.dtype), routing

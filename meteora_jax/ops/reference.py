@@ -1,7 +1,8 @@
 """The MoE-LoRA layer stated as plainly as possible (SPEC section 1); the oracle for every path.
 
-Dimensions: M tokens, D in, O out, L adapters, R rank, k chosen. It gathers the k chosen
-adapters' weights per token (M x k x D x R): fine for tests, never used for real work.
+Dimensions: M tokens, D in, O out, L adapters, R rank, k chosen. The delta is
+`pallas_kernels.reference.delta_reference` (the one statement of the delta math, shared with the
+kernel tests); this adds the routing and the base matmul, all in float32.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from meteora_jax.ops.moe_lora import pair_coefficients
 from meteora_jax.ops.routing import Routing, RoutingSettings, route
+from pallas_kernels.reference import delta_reference
 
 
 def moe_lora_reference(
@@ -24,9 +27,6 @@ def moe_lora_reference(
     """y = x @ W + sum_j w_j * s_{id_j} * (x @ A_{id_j}) @ B_{id_j}, computed in float32."""
     x = x_md.astype(jnp.float32)
     routing = route(x, gate_dl, settings)
-    a_mkdr = a_ldr.astype(jnp.float32)[routing.ids]
-    b_mkro = b_lro.astype(jnp.float32)[routing.ids]
-    s_mk = scale_l.astype(jnp.float32)[routing.ids]
-    h_mkr = jnp.einsum("md,mkdr->mkr", x, a_mkdr)
-    delta_mo = jnp.einsum("mk,mkr,mkro->mo", routing.weights * s_mk, h_mkr, b_mkro)
-    return x @ kernel_do.astype(jnp.float32) + delta_mo, routing
+    base_mo = jnp.dot(x, kernel_do.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    delta_mo = delta_reference(x, a_ldr, b_lro, routing.ids, pair_coefficients(routing, scale_l))
+    return base_mo + delta_mo, routing

@@ -7,22 +7,22 @@ of the compiled program's temporary buffers.
 
 Variants: `base` (no adapters), `lora` (one plain LoRA of the same rank on the same
 projections), `meteora[<backend>]` (L adapters, top-k routing), and, when torch is
-installed, the reference implementation's algorithm (per-token gather of the chosen
-adapters' weights, then two bmm) against torch's own base layer.
+asked for (`torch_reference`, the default; it needs torch), the reference implementation's
+algorithm (per-token gather of the chosen adapters' weights, then two bmm) against torch's own
+base layer (`meteora_jax.bench.torch_reference`). Timing: `meteora_jax.bench.timing`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
-from collections.abc import Callable
+from types import ModuleType
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from tqdm import tqdm
 
+from meteora_jax.bench.timing import SETTLE_SECONDS, interleaved, medians
 from meteora_jax.config import PROJECTIONS, LlamaConfig, MoELoRAConfig
 from meteora_jax.errors import ConfigError
 from meteora_jax.modeling.llama import KVCache, LlamaForCausalLM
@@ -44,7 +44,10 @@ LLAMA3_8B_LAYER = LlamaConfig(
 
 @dataclasses.dataclass(frozen=True)
 class BenchSettings:
-    """What to measure: adapters x rank with top-k routing, at each token count."""
+    """What to measure: adapters x rank with top-k routing, at each token count.
+
+    torch_reference: also time the reference algorithm in torch (needs torch, the test extra).
+    """
 
     adapters: int = 28
     rank: int = 8
@@ -111,27 +114,19 @@ def _reference_gather_bytes(config: LlamaConfig, settings: BenchSettings, tokens
     return tokens * settings.top_k * settings.rank * widest * 4
 
 
-# Untimed pause after each run: torch's OpenMP workers spin for a while after a call and would
-# otherwise slow whichever variant runs next (measured: the base layer ran ~8% slow after torch).
-SETTLE_SECONDS = 0.3
+def _torch_reference() -> ModuleType:
+    """The torch reference module (imports torch; raises ConfigError, not ImportError, without it)."""
+    from meteora_jax.bench import torch_reference  # noqa: PLC0415  (torch is optional)
 
-
-def _interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds per variant, timing each variant once per repeat, in turn."""
-    for run in runs.values():
-        run()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-            time.sleep(SETTLE_SECONDS)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return torch_reference
 
 
 def bench(config: LlamaConfig, settings: BenchSettings, log=print) -> list[dict]:
-    """Measures every case (prefill and decode token counts); returns one row per case."""
+    """Measures every case (prefill and decode token counts); returns one row per case.
+
+    Raises ConfigError when `settings.torch_reference` is set and torch is not installed.
+    """
+    torch_reference = _torch_reference() if settings.torch_reference else None
     models = {"base": _model(config, 0, settings.rank, 1, "xla", settings.seed)}
     models["lora"] = _model(config, 1, settings.rank, 1, "xla", settings.seed)
     for backend in settings.backends:
@@ -152,10 +147,8 @@ def bench(config: LlamaConfig, settings: BenchSettings, log=print) -> list[dict]
         gather_bytes = _reference_gather_bytes(config, settings, tokens)
         run_torch = settings.torch_reference and gather_bytes <= TORCH_GATHER_BUDGET
         if run_torch:
-            from meteora_jax import bench_torch  # noqa: PLC0415  (torch is optional)
-
-            runs.update(bench_torch.reference_runs(config, settings, tokens, context))
-        seconds = _interleaved(runs, settings.repeats)
+            runs.update(torch_reference.reference_runs(config, settings, tokens, context))
+        seconds = medians(interleaved(runs, settings.repeats, settle_s=SETTLE_SECONDS))
         seconds["base"] = min(seconds["base"], seconds.pop("base_again"))
         peaks.pop("base_again")
         row = {"phase": phase, "tokens": tokens, "context": context, "adapters": settings.adapters,

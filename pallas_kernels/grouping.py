@@ -1,14 +1,16 @@
-"""Group metadata for grouped MoE-LoRA matmuls: (token, choice) pairs sorted by adapter, cut in tiles.
+"""Group metadata for grouped matmuls: (token, choice) pairs sorted by group, cut in row tiles.
 
-Dimensions: M tokens, k choices per token, P = M*k pairs, L adapters, tm rows per tile,
-V visits. Pure jnp with static shapes, so it runs anywhere (CPU tests, XLA paths, and as the
-scalar-prefetch metadata of the Pallas kernels).
+Dimensions: M tokens, k choices per token, P = M*k pairs, L groups, tm rows per tile, V visits.
+A group is an adapter for the XLA grouped path of `meteora_jax.ops.moe_lora` and a pack of
+adapters for the Pallas kernels (`pallas_kernels.metadata`); both build on this module. Pure
+jnp with static shapes, so it runs anywhere (CPU tests, XLA paths, and as the scalar-prefetch
+metadata of the Pallas kernels).
 
-Pairs are sorted by adapter and the sorted rows are cut into tiles of `tm` rows. A tile that
-holds rows of several adapters is visited once per adapter (rows of other adapters masked),
-as in megablox: V = ceil(P / tm) + L - 1 visits always suffice, and only
-`num_visits` <= V of them are live (the others repeat the last live visit with an empty mask).
-Work is ~ (P + live adapters * tm) * rank instead of M * L * rank for the dense form.
+Pairs are sorted by group and the sorted rows are cut into tiles of `tm` rows. A tile that
+holds rows of several groups is visited once per group (rows of other groups masked), as in
+megablox: V = ceil(P / tm) + L - 1 visits always suffice, and only `num_visits` <= V of them
+are live (the others repeat the last live visit with an empty mask). Work is
+~ (P + live groups * tm) * rank instead of M * L * rank for the dense form.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ class GroupMetadata:
     """Sorted pairs and the tile visits over them.
 
     order: (P,) pair index of each sorted row; sorted_token / sorted_adapter: (P,) the token
-    and adapter of each sorted row; group_sizes / group_starts: (L,) rows per adapter and where
-    they start; visit_tile / visit_adapter: (V,) the tile and adapter of each visit;
-    num_visits: () how many visits are live.
+    and group (adapter, or pack) of each sorted row; group_sizes / group_starts: (L,) rows per
+    group and where they start; visit_tile / visit_adapter: (V,) the tile and group of each
+    visit; num_visits: () how many visits are live.
     """
 
     order: jax.Array
@@ -45,24 +47,24 @@ class GroupMetadata:
         return -(-self.order.shape[0] // self.tile_rows)
 
 
-def tile_rows_for(num_pairs: int, num_adapters: int, *, lo: int = 8, hi: int = 128) -> int:
+def tile_rows_for(num_pairs: int, num_groups: int, *, lo: int = 8, hi: int = 128) -> int:
     """Rows per tile: about the mean group size (so spread routing wastes little), a power of two."""
-    mean = max(1, num_pairs // max(1, num_adapters))
+    mean = max(1, num_pairs // max(1, num_groups))
     tm = lo
     while tm * 2 <= min(mean, hi):
         tm *= 2
     return tm
 
 
-def group_metadata(ids_mk: jax.Array, num_adapters: int, tile_rows: int) -> GroupMetadata:
-    """Sorts the (token, choice) pairs of `ids_mk` (M, k) by adapter and lists the tile visits."""
+def group_metadata(ids_mk: jax.Array, num_groups: int, tile_rows: int) -> GroupMetadata:
+    """Sorts the (token, choice) pairs of `ids_mk` (M, k) by group id and lists the tile visits."""
     m, k = ids_mk.shape
     p = m * k
-    pair_adapter = ids_mk.reshape(p).astype(jnp.int32)
-    order = jnp.argsort(pair_adapter, stable=True).astype(jnp.int32)
-    sorted_adapter = pair_adapter[order]
+    pair_group = ids_mk.reshape(p).astype(jnp.int32)
+    order = jnp.argsort(pair_group, stable=True).astype(jnp.int32)
+    sorted_group = pair_group[order]
     sorted_token = (order // k).astype(jnp.int32)
-    group_sizes = jnp.bincount(pair_adapter, length=num_adapters).astype(jnp.int32)
+    group_sizes = jnp.bincount(pair_group, length=num_groups).astype(jnp.int32)
     group_ends = jnp.cumsum(group_sizes)
     group_starts = group_ends - group_sizes
 
@@ -72,7 +74,7 @@ def group_metadata(ids_mk: jax.Array, num_adapters: int, tile_rows: int) -> Grou
     last = (group_ends - 1) // tile_rows
     visits_per_group = jnp.where(nonempty, last - first + 1, 0)
     num_tiles = -(-p // tile_rows)
-    max_visits = num_tiles + num_adapters - 1
+    max_visits = num_tiles + num_groups - 1
     visit_offsets = jnp.cumsum(visits_per_group) - visits_per_group  # (L,)
     num_visits = jnp.sum(visits_per_group)
 
@@ -82,12 +84,12 @@ def group_metadata(ids_mk: jax.Array, num_adapters: int, tile_rows: int) -> Grou
     group_of_visit = jnp.searchsorted(visit_offsets + visits_per_group, live_v, side="right").astype(
         jnp.int32
     )
-    group_of_visit = jnp.minimum(group_of_visit, num_adapters - 1)
+    group_of_visit = jnp.minimum(group_of_visit, num_groups - 1)
     visit_tile = (first[group_of_visit] + live_v - visit_offsets[group_of_visit]).astype(jnp.int32)
     return GroupMetadata(
         order=order,
         sorted_token=sorted_token,
-        sorted_adapter=sorted_adapter,
+        sorted_adapter=sorted_group,
         group_sizes=group_sizes,
         group_starts=group_starts,
         visit_tile=visit_tile,
@@ -98,8 +100,8 @@ def group_metadata(ids_mk: jax.Array, num_adapters: int, tile_rows: int) -> Grou
 
 
 def visit_row_mask(meta: GroupMetadata, visit: jax.Array) -> jax.Array:
-    """(tm,) which rows of a visit's tile belong to its adapter (False for dead visits)."""
+    """(tm,) which rows of a visit's tile belong to its group (False for dead visits)."""
     rows = meta.visit_tile[visit] * meta.tile_rows + jnp.arange(meta.tile_rows)
-    adapter = meta.visit_adapter[visit]
-    start, size = meta.group_starts[adapter], meta.group_sizes[adapter]
+    group = meta.visit_adapter[visit]
+    start, size = meta.group_starts[group], meta.group_sizes[group]
     return (rows >= start) & (rows < start + size) & (visit < meta.num_visits)

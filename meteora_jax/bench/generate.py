@@ -9,14 +9,14 @@ alike. Per batch size:
   programs, so prefill, dispatch and compile time cancel out; reported as tokens/s
   (batch * steps / seconds). Generation never stops early (no EOS).
 
-Every figure is the median of `repeats` timed runs after one warm-up (compile) run.
+Every figure is the median of `repeats` timed runs after one warm-up (compile) run
+(`meteora_jax.bench.timing`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,16 +24,17 @@ import numpy as np
 from flax import nnx
 
 from meteora_jax.api import DTYPES, MeteoRAModel
+from meteora_jax.bench.timing import interleaved
 from meteora_jax.config import PROJECTIONS, LlamaConfig, MoELoRAConfig
 from meteora_jax.errors import ConfigError
 from meteora_jax.generation import (
+    GenerationPlan,
     GenerationSettings,
-    _Plan,
-    _prefill_program,
-    _routing_settings,
-    _Sampling,
+    SamplingArrays,
     generate,
+    prefill_program,
 )
+from meteora_jax.inputs import resolve_routing
 from meteora_jax.modeling.llama import LlamaForCausalLM
 
 
@@ -99,24 +100,18 @@ def _models(s: GenerateBenchSettings) -> dict[str, MeteoRAModel]:
     return {"base": MeteoRAModel(base), "meteora": MeteoRAModel(fused)}
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - start
-
-
 def _runners(model: MeteoRAModel, s: GenerateBenchSettings, batch: int):
     """Three zero-argument callables: prefill, generate 1 token, generate N tokens."""
     ids = np.random.default_rng(s.seed).integers(3, s.vocab_size, (batch, s.prompt_length))
     settings = GenerationSettings(max_new_tokens=s.new_tokens)
     graphdef, params = nnx.split(model.module)
     ids_bp, mask_bp = jnp.asarray(ids, jnp.int32), jnp.ones((batch, s.prompt_length), jnp.int32)
-    sampling = _Sampling.of(settings, s.vocab_size)
-    routing = _routing_settings(model, batch, None, None, None, False)
-    plan = _Plan(s.new_tokens, return_routing=False, output_logits=False)
+    sampling = SamplingArrays.of(settings, s.vocab_size)
+    routing = resolve_routing(model.moe, batch)
+    plan = GenerationPlan(s.new_tokens, return_routing=False, output_logits=False)
 
     def prefill():
-        return _prefill_program(graphdef, params, ids_bp, mask_bp, sampling, routing, plan).logits_bv
+        return prefill_program(graphdef, params, ids_bp, mask_bp, sampling, routing, plan).logits_bv
 
     def run(n):
         return lambda: generate(model, ids, max_new_tokens=n, eos_token_id=[]).sequences
@@ -133,21 +128,21 @@ def bench_generate(settings: GenerateBenchSettings | None = None, **overrides) -
     """
     s = dataclasses.replace(settings or GenerateBenchSettings(), **overrides)
     models = _models(s)
-    runners = {(name, b): _runners(m, s, b) for name, m in models.items() for b in s.batch_sizes}
-    for fns in runners.values():  # compile everything before any timing
-        for fn in fns:
-            _timed(fn)
-    samples = {key: ([], []) for key in runners}  # (prefill seconds, decode seconds per step)
-    for _ in range(s.repeats):
-        for key, (prefill, one, many) in runners.items():  # interleaved: base, meteora, base, ...
-            samples[key][0].append(_timed(prefill))
-            samples[key][1].append((_timed(many) - _timed(one)) / (s.new_tokens - 1))
+    runs = {}  # interleaved: base, meteora, base, ... (everything compiled before any timing)
+    for name, model in models.items():
+        for b in s.batch_sizes:
+            prefill, one, many = _runners(model, s, b)
+            runs.update({(name, b, "prefill"): prefill, (name, b, "one"): one, (name, b, "many"): many})
+    samples = interleaved(runs, s.repeats)
     results = []
     for b in s.batch_sizes:
         row = {"batch": b}
         for name in models:
-            prefill_s = statistics.median(samples[(name, b)][0])
-            step_s = statistics.median(samples[(name, b)][1])
+            prefill_s = statistics.median(samples[(name, b, "prefill")])
+            one_s, many_s = samples[(name, b, "one")], samples[(name, b, "many")]
+            # Per repeat, so both runs of a difference see the same machine state.
+            steps = [(t - t1) / (s.new_tokens - 1) for t, t1 in zip(many_s, one_s, strict=True)]
+            step_s = statistics.median(steps)
             row[name] = {
                 "prefill_s": prefill_s,
                 "decode_step_s": step_s,

@@ -1,19 +1,29 @@
-"""The reference implementation's MoE-LoRA algorithm in torch, for `meteora-jax bench`.
+"""The reference implementation's MoE-LoRA algorithm in torch, for `meteora-jax bench layer`.
 
 The MeteoRA reference gathers the chosen adapters' weights per token (T*k copies of
 A (r x in) and B (out x r)) and applies them with two batched matmuls. We time one LLaMA
 decoder layer with that algorithm in every projection against the same torch layer without
 adapters, so its overhead is measured on the same machine, in the same run, as ours.
+
+torch is optional (the test extra): importing this module without it raises ConfigError with
+the command that installs it.
 """
 
 from __future__ import annotations
 
 import math
 
-import torch
-import torch.nn.functional as F
-
 from meteora_jax.config import LlamaConfig
+from meteora_jax.errors import ConfigError
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError as error:
+    raise ConfigError(
+        "the torch reference algorithm needs torch: install the test extra: pip install -e '.[test]' "
+        "(or leave the comparison out: `meteora-jax bench --no-torch`, BenchSettings(torch_reference=False))"
+    ) from error
 
 
 class GatherBmmLinear(torch.nn.Module):
