@@ -1,7 +1,9 @@
-"""Text in, text out: the base model's tokenizer, the MeteoRA prompt format, left-padded batches.
+"""Text in, text out: the base model's tokenizer, the MeteoRA prompt format, the token rules.
 
 The reference formats every task prompt as `"[INST] {input} [/INST]\\n"` (SPEC section 3) and
-its LLaMA tokenizer adds BOS; we do both by default, at generation as at training.
+its LLaMA tokenizer adds BOS; we do both by default, at generation as at training: generation
+(`encode_prompts`) and training (`encode_example`, `encode_segments`) encode prompts through the
+one function `encode_prompt`, so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -63,11 +65,68 @@ def pad_token_of(tokenizer) -> int:
     return 0
 
 
+def encode_prompt(tokenizer, text: str, *, add_special_tokens: bool = True) -> list[int]:
+    """The ids of an already formatted prompt `text`, with the tokenizer's own special tokens (BOS).
+
+    The single place a prompt becomes tokens, for generation and for training alike.
+    """
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def _text_ids(tokenizer, text: str) -> list[int]:
+    """Continuation text (a response, a segment) without special tokens."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def _eos(tokenizer) -> list[int]:
+    return [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """[BOS] when the tokenizer puts BOS in front of an encoding, else []."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    with_special = encode_prompt(tokenizer, "a")
+    without = encode_prompt(tokenizer, "a", add_special_tokens=False)
+    return [int(bos)] if with_special[:1] == [bos] and without[:1] != [bos] else []
+
+
+def encode_example(tokenizer, prompt: str, response: str | None = None) -> tuple[list[int], int]:
+    """A task sample as training sees it: (ids, number of prompt tokens).
+
+    The prompt part is `format_prompt(prompt)` encoded exactly as generation encodes it
+    (`encode_prompt`, BOS by the tokenizer's own rule). The response, when given, is tokenised on
+    its own without special tokens and followed by EOS (if the tokenizer has one), so the model
+    learns to stop. Note that a sentencepiece tokenizer may give the response's first word the
+    word-start form it would not get right after the prompt's newline.
+    """
+    ids = encode_prompt(tokenizer, format_prompt(prompt))
+    num_prompt = len(ids)
+    if response is not None:
+        ids += _text_ids(tokenizer, response) + _eos(tokenizer)
+    return ids, num_prompt
+
+
+def encode_segments(tokenizer, texts: Sequence[str]) -> tuple[list[int], list[int]]:
+    """A sample whose text switches task: (ids, tokens per segment).
+
+    Each text is tokenised without special tokens; BOS (if the tokenizer adds one) comes once at the
+    start and counts to the first segment, EOS (if any) at the end and counts to the last.
+    """
+    if isinstance(texts, str) or not texts:
+        raise ConfigError("texts must be a non-empty list of strings")
+    pieces = [_text_ids(tokenizer, t) for t in texts]
+    pieces[0] = bos_prefix(tokenizer) + pieces[0]
+    pieces[-1] = pieces[-1] + _eos(tokenizer)
+    return [i for p in pieces for i in p], [len(p) for p in pieces]
+
+
 def encode_prompts(tokenizer, texts: Sequence[str], *, add_special_tokens: bool = True) -> EncodedBatch:
     """Tokenises `texts` (BOS added when the tokenizer adds it) into one left-padded batch."""
     if isinstance(texts, str) or not texts:
         raise ConfigError("texts must be a non-empty list of strings")
-    rows = [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
+    rows = [encode_prompt(tokenizer, t, add_special_tokens=add_special_tokens) for t in texts]
     empty = [i for i, r in enumerate(rows) if not r]
     if empty:
         raise ConfigError(f"prompt {empty[0]} encodes to no tokens")

@@ -20,13 +20,31 @@ import jax.numpy as jnp
 from flax import nnx
 
 from meteora_jax.config import LlamaConfig, MoELoRAConfig
-from meteora_jax.modeling.moe_lora import ForwardContext, MoELoRALinear, project
+from meteora_jax.modeling.moe_lora import ForwardContext, GateStats, MoELoRALinear, project
 from meteora_jax.modeling.rope import apply_rope, rope_tables
 from meteora_jax.ops.routing import Routing, RoutingSettings
 from meteora_jax.sharding import constrain
 
 # Mask value for disallowed attention: finite, so fully-masked (padding) rows give no NaN.
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+# Rematerialisation of a decoder layer in training: what its backward pass may keep.
+REMAT_POLICIES = {
+    "none": None,  # keep every activation
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs only
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep the layer input, recompute the rest
+}
+
+
+def segment_positions(segment_ids_bt: jax.Array) -> jax.Array:
+    """(B, T) positions that restart at 0 at every new segment (packed samples; 0 on padding)."""
+    b, t = segment_ids_bt.shape
+    idx_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    starts_bt = jnp.concatenate(
+        [jnp.ones((b, 1), bool), segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]], axis=-1
+    )
+    first_bt = jax.lax.cummax(jnp.where(starts_bt, idx_bt, 0), axis=1)
+    return jnp.where(segment_ids_bt > 0, idx_bt - first_bt, 0)
 
 
 def _param(rngs: nnx.Rngs, shape: Sequence[int], axes: tuple[str | None, ...], dtype, std: float = 0.02):
@@ -192,12 +210,14 @@ class CausalLMOutput:
 
     logits: (B, T, V) in the compute dtype; cache: the updated KVCache or None; routing:
     {"layers.{i}.{projection}": Routing} with ids / weights (B, T, k) and, when asked, the
-    raw gate logits (B, T, L); None unless requested.
+    raw gate logits (B, T, L); None unless requested. gate_stats: with gate labels (training),
+    {projection: GateStats} whose fields are (Y,) arrays, one value per decoder layer.
     """
 
     logits: jax.Array
     cache: KVCache | None = None
     routing: dict[str, Routing] | None = None
+    gate_stats: dict[str, GateStats] | None = None  # projection -> GateStats of (Y,) per layer
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -251,6 +271,9 @@ class LlamaForCausalLM(nnx.Module):
         routing: RoutingSettings | None = None,
         return_routing: bool = False,
         dropout_rng: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        gate_labels: jax.Array | None = None,
+        remat: str = "none",
     ) -> CausalLMOutput:
         """Forward pass over input_ids (B, T).
 
@@ -259,8 +282,21 @@ class LlamaForCausalLM(nnx.Module):
         self). cache: a KVCache to extend; the new tokens go at slots [index, index + T).
         routing: top-k / temperature (default: the MoE config's); return_routing: add the
         per-projection routing to the output; dropout_rng: enables LoRA dropout (training).
+        segment_ids: (B, T) packed rows (training): tokens attend only within their own
+        segment, 0 marks padding, and positions restart per segment unless given; replaces
+        attention_mask and excludes a cache. gate_labels: (B, T) task label per token (-1: none)
+        for the MeteoRA gate loss, returned as `gate_stats`. remat: "none" | "dots" | "full",
+        what each decoder layer keeps for the backward pass (REMAT_POLICIES).
         """
         b, t = input_ids.shape
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r} is not one of {tuple(REMAT_POLICIES)}")
+        if segment_ids is not None:
+            if cache is not None or attention_mask is not None:
+                raise ValueError("segment_ids replace attention_mask and cannot be used with a cache")
+            attention_mask = segment_ids > 0
+            if positions is None:
+                positions = segment_positions(segment_ids)
         mask_bt = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         if cache is None:
             valid_bs, q_slots, write_index = mask_bt, jnp.arange(t), None
@@ -275,6 +311,8 @@ class LlamaForCausalLM(nnx.Module):
             positions = jnp.maximum(positions, 0)
         kv_slots = jnp.arange(valid_bs.shape[1])
         allowed_bts = (kv_slots[None, None, :] <= q_slots[None, :, None]) & valid_bs[:, None, :]
+        if segment_ids is not None:
+            allowed_bts &= segment_ids[:, :, None] == segment_ids[:, None, :]
         if routing is None and self.moe is not None:
             routing = RoutingSettings(jnp.float32(self.moe.temperature), top_k=self.moe.top_k)
 
@@ -285,8 +323,10 @@ class LlamaForCausalLM(nnx.Module):
         layer_keys = (
             None if dropout_rng is None else jax.random.split(dropout_rng, self.config.num_hidden_layers)
         )
-        x_btd, kv, routes = self._run_layers(
-            x_btd, (cos_bth, sin_bth, allowed_bts), kv, write_index, routing, layer_keys, return_routing
+        labels_m = None if gate_labels is None else gate_labels.reshape(b * t).astype(jnp.int32)
+        walk = _LayerWalk(routing, labels_m, return_routing, REMAT_POLICIES[remat], remat != "none")
+        x_btd, kv, routes, stats = self._run_layers(
+            x_btd, (cos_bth, sin_bth, allowed_bts), kv, write_index, layer_keys, walk
         )
         x_btd = self.norm(x_btd)
         if self.lm_head is None:
@@ -297,41 +337,65 @@ class LlamaForCausalLM(nnx.Module):
         new_cache = None
         if cache is not None:
             new_cache = KVCache(k=kv[0], v=kv[1], valid=valid_bs, index=write_index + t)
-        return CausalLMOutput(logits=logits, cache=new_cache, routing=routes)
+        return CausalLMOutput(logits=logits, cache=new_cache, routing=routes, gate_stats=stats)
 
-    def _run_layers(self, x_btd, attn_inputs, kv, write_index, routing, layer_keys, return_routing):
-        """Walks the stacked layers (scanned or unrolled); routing comes back stacked then split."""
+    def _run_layers(self, x_btd, attn_inputs, kv, write_index, layer_keys, walk: _LayerWalk):
+        """Walks the stacked layers (scanned or unrolled). Per-layer outputs (routing, gate
+        statistics) come back stacked; routing is then split into "layers.{i}.{projection}"."""
         graphdef, state = nnx.split(self.layers)
 
         def one_layer(x, layer_state, layer_kv, key):
             layer = nnx.merge(graphdef, layer_state)
-            ctx = ForwardContext(settings=routing, dropout_key=key)
+            ctx = ForwardContext(settings=walk.routing, dropout_key=key, gate_labels_m=walk.labels_m)
             x, layer_kv = layer(x, ctx, *attn_inputs, layer_kv, write_index)
-            return x, layer_kv, (ctx.routes if return_routing else None)
+            routes = ctx.routes if walk.return_routing else None
+            return x, layer_kv, (routes, ctx.gate_stats if walk.labels_m is not None else None)
 
+        if walk.remat:
+            one_layer = jax.checkpoint(one_layer, policy=walk.policy, prevent_cse=not self.scan_layers)
         if self.scan_layers:
 
             def body(x, xs):
-                x, layer_kv, routes = one_layer(x, *xs)
-                return x, (layer_kv, routes)
+                x, layer_kv, per_layer = one_layer(x, *xs)
+                return x, (layer_kv, per_layer)
 
-            x_btd, (kv, stacked) = jax.lax.scan(body, x_btd, (state, kv, layer_keys))
-            per_layer = None
-            if return_routing:
-                per_layer = [
-                    jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.config.num_hidden_layers)
+            x_btd, (kv, (stacked_routes, stats)) = jax.lax.scan(body, x_btd, (state, kv, layer_keys))
+            per_layer_routes = None
+            if walk.return_routing:
+                per_layer_routes = [
+                    jax.tree.map(lambda a, i=i: a[i], stacked_routes)
+                    for i in range(self.config.num_hidden_layers)
                 ]
         else:
-            new_kv, per_layer = [], []
+            new_kv, per_layer_routes, per_layer_stats = [], [], []
             for i in range(self.config.num_hidden_layers):
                 layer_state = jax.tree.map(lambda a, i=i: a[i], state)
                 layer_kv = None if kv is None else (kv[0][i], kv[1][i])
                 key = None if layer_keys is None else layer_keys[i]
-                x_btd, layer_kv, routes = one_layer(x_btd, layer_state, layer_kv, key)
+                x_btd, layer_kv, (routes, layer_stats) = one_layer(x_btd, layer_state, layer_kv, key)
                 new_kv.append(layer_kv)
-                per_layer.append(routes)
+                per_layer_routes.append(routes)
+                per_layer_stats.append(layer_stats)
             kv = None if kv is None else tuple(jnp.stack(parts) for parts in zip(*new_kv, strict=True))
-        if not return_routing:
-            return x_btd, kv, None
-        flat = {f"layers.{i}.{name}": r for i, routes in enumerate(per_layer) for name, r in routes.items()}
-        return x_btd, kv, flat
+            stats = None
+            if walk.labels_m is not None:
+                stats = jax.tree.map(lambda *a: jnp.stack(a), *per_layer_stats)
+        flat = None
+        if walk.return_routing:
+            flat = {
+                f"layers.{i}.{name}": r
+                for i, routes in enumerate(per_layer_routes)
+                for name, r in routes.items()
+            }
+        return x_btd, kv, flat, stats
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerWalk:
+    """What one forward pass asks of every decoder layer (fixed for the whole walk)."""
+
+    routing: RoutingSettings | None
+    labels_m: jax.Array | None  # (B*T,) gate labels, training only
+    return_routing: bool
+    policy: object  # a jax.checkpoint policy, or None
+    remat: bool

@@ -33,13 +33,46 @@ class AdapterScale(nnx.Variable):
 BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.Any(GateParam, nnx.LoRAParam)))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GateStats:
+    """One projection's gate against the task labels, summed over the labelled tokens (float32):
+    cross-entropy of the raw gate logits, top-1 hits, and how many tokens were labelled."""
+
+    ce_sum: jax.Array
+    correct: jax.Array
+    count: jax.Array
+
+
+def gate_stats(logits_ml: jax.Array, labels_m: jax.Array) -> GateStats:
+    """GateStats of gate logits (M, L) against labels (M,) int32, -1 = unlabelled (padding).
+
+    The MeteoRA gate term pairs the gate logits at token t with the task label of token t (the
+    reference shifted them like the LM loss, pairing t with t + 1; SPEC section 2).
+    """
+    logits_ml = logits_ml.astype(jnp.float32)
+    labelled_m = labels_m >= 0
+    target_m = jnp.maximum(labels_m, 0)
+    picked_m = jnp.take_along_axis(logits_ml, target_m[:, None], axis=-1)[:, 0]
+    ce_m = jax.nn.logsumexp(logits_ml, axis=-1) - picked_m
+    hit_m = jnp.argmax(logits_ml, axis=-1) == target_m
+    return GateStats(
+        ce_sum=jnp.sum(jnp.where(labelled_m, ce_m, 0.0)),
+        correct=jnp.sum(labelled_m & hit_m, dtype=jnp.float32),
+        count=jnp.sum(labelled_m, dtype=jnp.float32),
+    )
+
+
 @dataclasses.dataclass
 class ForwardContext:
-    """Per-call routing state threaded through one decoder layer; collects each projection's routing."""
+    """Per-call state threaded through one decoder layer: routing settings, the dropout key and
+    the gate labels (M,) of training; collects each projection's routing and gate statistics."""
 
     settings: RoutingSettings | None = None
     dropout_key: jax.Array | None = None
+    gate_labels_m: jax.Array | None = None
     routes: dict[str, Routing] = dataclasses.field(default_factory=dict)
+    gate_stats: dict[str, GateStats] = dataclasses.field(default_factory=dict)
 
 
 class MoELoRALinear(nnx.Module):
@@ -80,8 +113,14 @@ class MoELoRALinear(nnx.Module):
         self.backend = backend
         self.dtype = dtype
 
-    def __call__(self, x_btd: jax.Array, ctx: ForwardContext) -> tuple[jax.Array, Routing]:
+    def __call__(self, x_btd: jax.Array, ctx: ForwardContext) -> tuple[jax.Array, Routing, GateStats | None]:
+        """Returns y (B, T, O), this projection's Routing (B, T, ...) and, when `ctx` carries gate
+        labels, its GateStats (computed here, per layer, so no (layers x tokens x L) tensor of
+        gate logits is ever kept)."""
         b, t, d = x_btd.shape
+        settings = ctx.settings
+        if ctx.gate_labels_m is not None and not settings.return_logits:
+            settings = dataclasses.replace(settings, return_logits=True)
         x_md = x_btd.reshape(b * t, d).astype(self.dtype)
         lora_x = None
         if ctx.dropout_key is not None and self.dropout > 0:
@@ -96,18 +135,26 @@ class MoELoRALinear(nnx.Module):
             self.lora_a[...],
             self.lora_b[...],
             self.scale[...],
-            ctx.settings,
+            settings,
             backend=self.backend,
             lora_x_md=lora_x,
             forced_m=None if ctx.settings.forced_ids is None else jnp.repeat(ctx.settings.forced_ids, t),
         )
+        stats = None
+        if ctx.gate_labels_m is not None:
+            stats = gate_stats(routing.logits, ctx.gate_labels_m)
+            if not ctx.settings.return_logits:
+                routing = dataclasses.replace(routing, logits=None)
         routing = jax.tree.map(lambda a: a.reshape(b, t, a.shape[-1]), routing)
-        return y_mo.reshape(b, t, -1), routing
+        return y_mo.reshape(b, t, -1), routing, stats
 
 
 def project(layer: nnx.Module, name: str, x_btd: jax.Array, ctx: ForwardContext) -> jax.Array:
-    """Applies a projection, plain or MeteoRA; the latter records its routing in `ctx`."""
+    """Applies a projection, plain or MeteoRA; the latter records its routing (and gate
+    statistics, in training) in `ctx`."""
     if isinstance(layer, MoELoRALinear):
-        y, ctx.routes[name] = layer(x_btd, ctx)
+        y, ctx.routes[name], stats = layer(x_btd, ctx)
+        if stats is not None:
+            ctx.gate_stats[name] = stats
         return y
     return layer(x_btd)
