@@ -362,10 +362,11 @@ def _stepped(graphdef, params, ids_bp, mask_bp, sampling, routing, plan, on_toke
 
 def _prompt_arrays(model, input_ids, attention_mask, max_new_tokens: int, pad: int):
     """Checks the prompt and pads it on the left to its bucket: (ids (B, P'), mask (B, P'), P)."""
-    ids = np.asarray(input_ids)
-    mask = np.ones_like(ids) if attention_mask is None or ids.ndim != 2 else np.asarray(attention_mask)
-    tokens = check_tokens(ids, model.config.vocab_size, mask, left_padded=True)
-    ids, mask = tokens.input_ids, tokens.attention_mask
+    # Host copies: a prompt is checked value by value (check_tokens skips that for jax arrays).
+    mask = None if attention_mask is None else np.asarray(attention_mask)
+    tokens = check_tokens(np.asarray(input_ids), model.config.vocab_size, mask, left_padded=True)
+    ids = tokens.input_ids
+    mask = np.ones_like(ids) if tokens.attention_mask is None else tokens.attention_mask
     limit = model.config.max_position_embeddings
     longest = int(mask.sum(axis=-1).max())
     if longest > limit:
