@@ -13,7 +13,7 @@ from flax import nnx
 
 from meteora_jax.config import LlamaConfig, MoELoRAConfig
 from meteora_jax.errors import ConfigError, MeteoRAError
-from meteora_jax.inputs import check_tokens, is_int, resolve_routing, validate_routing
+from meteora_jax.inputs import check_fits_memory, check_tokens, is_int, resolve_routing, validate_routing
 from meteora_jax.io import gates as gates_io
 from meteora_jax.io.hf import load_llama
 from meteora_jax.io.stacking import AdapterInfo
@@ -83,13 +83,36 @@ class MeteoRAModel:
         return self.module.config
 
     def init_cache(self, batch: int, max_length: int) -> KVCache:
-        """An empty KV cache for `batch` rows and up to `max_length` tokens in all."""
+        """An empty KV cache for `batch` rows and up to `max_length` tokens in all.
+
+        Raises MeteoRAError for sizes that are not positive integers, or a cache larger than
+        the memory of the model's devices (checked where the device reports it).
+        """
         for name, value in (("batch", batch), ("max_length", max_length)):
             if not is_int(value) or value < 1:
                 raise MeteoRAError(f"init_cache: {name} must be a positive integer, got {value!r}")
+        self.check_cache_fits(batch, max_length, f"init_cache(batch={batch}, max_length={max_length})")
         cache = KVCache.init(self.config, batch, max_length, dtype=self.module.dtype)
         self._cache_lengths.remember(cache, 0)
         return cache
+
+    def check_cache_fits(self, batch: int, max_length: int, what: str) -> None:
+        """Refuses, before anything is allocated, a KV cache of `batch` x `max_length` slots that
+        cannot fit the memory of the devices holding the model; `what` names the request."""
+        make = lambda: KVCache.init(self.config, batch, max_length, dtype=self.module.dtype)  # noqa: E731
+        nbytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(jax.eval_shape(make)))
+        c = self.config
+        detail = (
+            f"a KV cache of {batch} rows x {max_length} slots ({c.num_hidden_layers} layers x "
+            f"{c.num_key_value_heads} KV heads x {c.head_dim} head dim, keys and values, "
+            f"{jnp.dtype(self.module.dtype).name})"
+        )
+        check_fits_memory(nbytes, self.devices(), f"{what}: {detail}")
+
+    def devices(self) -> set[jax.Device]:
+        """The devices holding the model's parameters."""
+        leaf = next(iter(jax.tree.leaves(nnx.state(self.module, nnx.Param))), None)
+        return set(leaf.devices()) if isinstance(leaf, jax.Array) else {jax.devices()[0]}
 
     def _forward(self) -> Callable:
         """The jitted forward bound to `module` with its graph walk cached (`nnx.cached_partial`):

@@ -383,6 +383,16 @@ def _prompt_arrays(model, input_ids, attention_mask, max_new_tokens: int, pad: i
     return jnp.asarray(ids_bp), jnp.asarray(mask_bp), p
 
 
+def _check_ngram_size(n: int, prompt_length: int, max_new_tokens: int) -> None:
+    """Refuses an n-gram longer than the whole sequence: it could never repeat (nor be sliced)."""
+    length = prompt_length + max_new_tokens
+    if n > length:
+        raise ConfigError(
+            f"no_repeat_ngram_size={n} is beyond the sequence length {length} (prompt {prompt_length} + "
+            f"max_new_tokens={max_new_tokens}): use 0 (off) or a size up to {length}"
+        )
+
+
 def _eos_ids(model, eos_token_id) -> tuple[int, ...]:
     if eos_token_id is None:
         return tuple(model.config.eos_token_id)
@@ -444,6 +454,10 @@ def generate(
     )
     settings.check_vocab(config.vocab_size)
     ids_bp, mask_bp, p = _prompt_arrays(model, input_ids, attention_mask, max_new_tokens, pad_token_id)
+    _check_ngram_size(no_repeat_ngram_size, p, max_new_tokens)
+    b, p_slots = ids_bp.shape
+    what = f"generate({b} prompts padded to {p_slots} tokens, max_new_tokens={max_new_tokens})"
+    model.check_cache_fits(b, p_slots + max_new_tokens, what)
     routing = resolve_routing(
         model.moe,
         ids_bp.shape[0],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,27 @@ def is_int(value) -> bool:
 def is_real(value) -> bool:
     """A Python or numpy real number (not a bool); may be inf or nan."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+
+
+def validate_adapter_name(name, where: str) -> str:
+    """Checks an adapter name where it enters (a `NAME=DIR` spec, a folder name, a mapping key).
+
+    Names become folder names on export and keys in checkpoints, so they are letters, digits
+    and `._-`, 1 to 100 characters, and not `.` or `..`. `where` says where the name came from.
+    Raises ConfigError naming it; returns the name.
+    """
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: an adapter name must be a string, got {name!r}")
+    if not ADAPTER_NAME.fullmatch(name) or name in (".", ".."):
+        shown = repr(name) if len(name) <= 40 else f"{name[:37]!r}... ({len(name)} characters)"
+        raise ConfigError(
+            f"{where}: adapter name {shown} is not allowed (use 1 to 100 letters, digits, '.', '_' "
+            "or '-', not '.' or '..'; set it with NAME=DIR or a {name: folder} mapping)"
+        )
+    return name
 
 
 def validate_routing(
@@ -98,6 +120,49 @@ def resolve_routing(
     return RoutingSettings(
         jnp.float32(temperature), top_k=int(top_k), return_logits=return_logits, forced_ids=forced
     )
+
+
+def format_bytes(nbytes: int) -> str:
+    """`nbytes` in the largest binary unit that keeps it >= 1 ("1.5 GiB")."""
+    value, unit = float(nbytes), "bytes"
+    for larger in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, larger
+    return f"{int(value)} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+
+
+def device_memory_limit(devices) -> int | None:
+    """The memory `devices` hold in all (their `bytes_limit`s summed), or None where one says nothing.
+
+    CPU devices report no memory statistics (`memory_stats()` is None), so there the callers'
+    memory checks are skipped: host memory is the operating system's to manage.
+    """
+    total = 0
+    for device in devices:
+        try:
+            stats = device.memory_stats()
+        except (RuntimeError, NotImplementedError):  # a backend without the query
+            return None
+        if not stats or "bytes_limit" not in stats:
+            return None
+        total += int(stats["bytes_limit"])
+    return total
+
+
+def check_fits_memory(nbytes: int, devices, what: str) -> None:
+    """Refuses up front a buffer of `nbytes` that cannot fit the memory of `devices`.
+
+    The whole limit is the bar, not what is free now: a request over it can never run, while
+    memory in use may still be released, so nothing that could run is refused.
+    """
+    limit = device_memory_limit(devices)
+    if limit is not None and nbytes > limit:
+        names = ", ".join(sorted(str(d) for d in devices)) if len(devices) <= 4 else f"{len(devices)} devices"
+        raise MeteoRAError(
+            f"{what} needs {format_bytes(nbytes)}, more than the {format_bytes(limit)} of device memory "
+            f"({names}): ask for fewer rows or tokens"
+        )
 
 
 @dataclasses.dataclass(frozen=True)

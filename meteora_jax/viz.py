@@ -19,12 +19,15 @@ from __future__ import annotations
 import colorsys
 import dataclasses
 import html
+import io
 import json
 import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from meteora_jax.errors import MeteoRAError
+from meteora_jax.io.files import write_bytes_atomic, write_text_atomic
 from meteora_jax.ops.routing import Routing
 
 _TOP_SHOWN = 3  # adapters listed in a token's tooltip
@@ -38,7 +41,7 @@ def adapter_weights(routing: Mapping[str, Routing], num_adapters: int) -> np.nda
     padding token, whose weights are 0) gets 0.
     """
     if not routing:
-        raise ValueError("the routing trace is empty (was the model fused with adapters?)")
+        raise MeteoRAError("the routing trace is empty (was the model fused with adapters?)")
     total_btl = None
     for r in routing.values():
         ids_btk, w_btk = np.asarray(r.ids), np.asarray(r.weights, np.float64)
@@ -61,9 +64,9 @@ class RoutingTrace:
     def __post_init__(self):
         t, n = len(self.tokens), len(self.adapter_names)
         if self.weights_tl.shape != (t, n):
-            raise ValueError(f"weights_tl has shape {self.weights_tl.shape}, expected ({t}, {n})")
+            raise MeteoRAError(f"weights_tl has shape {self.weights_tl.shape}, expected ({t}, {n})")
         if not 0 <= self.prompt_length <= t:
-            raise ValueError(f"prompt_length={self.prompt_length} is outside [0, {t}]")
+            raise MeteoRAError(f"prompt_length={self.prompt_length} is outside [0, {t}]")
 
     @property
     def dominant_t(self) -> np.ndarray:
@@ -81,7 +84,7 @@ def traces_from_generation(output, texts: Sequence[Sequence[str]], adapter_names
     for b in range(mask_bt.shape[0]):
         real_t = mask_bt[b]
         if len(texts[b]) != int(real_t.sum()):
-            raise ValueError(f"row {b} has {int(real_t.sum())} real tokens but {len(texts[b])} texts")
+            raise MeteoRAError(f"row {b} has {int(real_t.sum())} real tokens but {len(texts[b])} texts")
         traces.append(
             RoutingTrace(
                 tokens=tuple(texts[b]),
@@ -170,10 +173,10 @@ def _legend(traces: Sequence[RoutingTrace], colors) -> str:
 def routing_html(traces: Sequence[RoutingTrace], title: str = "MeteoRA routing", subtitle: str = "") -> str:
     """A self-contained HTML page of one or more traces (sharing one adapter list)."""
     if not traces:
-        raise ValueError("routing_html needs at least one trace")
+        raise MeteoRAError("routing_html needs at least one trace")
     names = traces[0].adapter_names
     if any(t.adapter_names != names for t in traces):
-        raise ValueError("all traces must share one adapter list")
+        raise MeteoRAError("all traces must share one adapter list")
     colors = adapter_colors(len(names))
     parts = [
         "<!DOCTYPE html>",
@@ -199,10 +202,9 @@ def routing_html(traces: Sequence[RoutingTrace], title: str = "MeteoRA routing",
 
 
 def write_routing_html(path: str | os.PathLike, traces: Sequence[RoutingTrace], **kw) -> str:
-    """Writes `routing_html(traces, **kw)` to `path` (UTF-8); returns the path."""
+    """Writes `routing_html(traces, **kw)` to `path` (UTF-8, atomically); returns the path."""
     path = os.fspath(path)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(routing_html(traces, **kw))
+    write_text_atomic(path, routing_html(traces, **kw))
     return path
 
 
@@ -217,7 +219,7 @@ def _tick_label(piece: str) -> str:
 
 
 def write_routing_heatmap(path: str | os.PathLike, trace: RoutingTrace, *, dpi: int = 120) -> str:
-    """Writes a PNG heatmap of adapter weight (rows) over token positions (columns)."""
+    """Writes a PNG heatmap of adapter weight (rows) over token positions (columns), atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
     from matplotlib.figure import Figure  # noqa: PLC0415
 
@@ -238,7 +240,9 @@ def write_routing_heatmap(path: str | os.PathLike, trace: RoutingTrace, *, dpi: 
     ax.set_title(f"{trace.title}: adapter weight per token (prompt | generated)", fontsize=10)
     fig.colorbar(image, ax=ax, label="mean weight", fraction=0.03, pad=0.01)
     path = os.fspath(path)
-    fig.savefig(path, dpi=dpi)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=dpi)
+    write_bytes_atomic(path, png.getvalue())
     return path
 
 
@@ -281,8 +285,7 @@ def routing_record(output, row: int, texts: Sequence[str], adapter_names: Sequen
 
 
 def write_routing_json(path: str | os.PathLike, records: Sequence[dict]) -> str:
-    """Writes routing records (`routing_record`) as one JSON document {"sequences": [...]}."""
+    """Writes routing records (`routing_record`) as one JSON document {"sequences": [...]}, atomically."""
     path = os.fspath(path)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump({"sequences": list(records)}, f)
+    write_text_atomic(path, json.dumps({"sequences": list(records)}))
     return path

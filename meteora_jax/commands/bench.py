@@ -9,7 +9,7 @@ import json
 from meteora_jax.bench.generate import GenerateBenchSettings, bench_generate, format_bench
 from meteora_jax.bench.layer import LLAMA3_8B_LAYER, BenchSettings, bench
 from meteora_jax.config import LlamaConfig
-from meteora_jax.io.files import write_text_atomic
+from meteora_jax.io.files import check_output_path, write_text_atomic
 
 # A small whole model for `bench model` (random weights: nothing is downloaded).
 SMALL_MODEL = dataclasses.replace(
@@ -53,6 +53,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.json is not None:  # refused now, not after minutes of timing
+        check_output_path(args.json, inputs=[("--base", args.base)], setting="--json")
     if args.what == "generate":
         return run_generate(args)
     if args.base:

@@ -40,9 +40,12 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    files.refuse_existing(args.out, force=args.force)
+    adapters = adapter_specs(args.adapter)
+    inputs = [("--base", args.base), *(("--adapter", d) for d in adapters.values()), ("--gates", args.gates)]
+    files.check_output_path(args.out, inputs=inputs)
+    files.refuse_existing(args.out, force=args.force, setting="--out")
     moe, params, infos = gates.fuse(
-        args.base, adapter_specs(args.adapter), args.gates, args.top_k, args.temperature, seed=args.seed
+        args.base, adapters, args.gates, args.top_k, args.temperature, seed=args.seed
     )
     if args.gates is None:
         print(

@@ -17,5 +17,8 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from meteora_jax.demo import base_model  # noqa: PLC0415
+    from meteora_jax.io.files import check_output_path  # noqa: PLC0415
 
+    if args.out is not None:
+        check_output_path(args.out)
     base_model.run(out_dir=args.out, seed=args.seed, force=args.force)

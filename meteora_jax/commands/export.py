@@ -7,7 +7,9 @@ import os
 
 from tqdm import tqdm
 
-from meteora_jax.errors import ConfigError
+from meteora_jax.commands import checkpoint_folder
+from meteora_jax.errors import MissingFileError
+from meteora_jax.inputs import validate_adapter_name
 from meteora_jax.io import checkpoint, files, meteora_torch
 from meteora_jax.io.peft_write import write_adapter
 from meteora_jax.io.stacking import unstack_adapters
@@ -35,34 +37,47 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    files.refuse_existing(args.out, force=args.force)
-    ckpt = checkpoint.restore(args.ckpt)
-    meta, where = ckpt.meta, f"{args.ckpt} (step {ckpt.step})"
+    files.check_output_path(args.out, inputs=[("--ckpt", args.ckpt), ("--base", args.base)])
+    files.refuse_existing(args.out, force=args.force, setting="--out")
+    step, meta = checkpoint.read_meta(checkpoint_folder(args.ckpt))
+    where = f"{args.ckpt} (step {step})"
+    # The base recorded in the checkpoint is an input too, even when this export does not read it.
+    files.check_output_path(args.out, inputs=[("the base recorded in --ckpt", meta.base_path)])
+    for name in meta.adapter_names:
+        validate_adapter_name(name, where=f"checkpoint {where}")
+    ckpt = checkpoint.restore(args.ckpt, step)
     if args.to == "peft":
-        if args.base is not None:
-            checkpoint.check_base(meta, args.base, where)
-        for name in meta.adapter_names:
-            if name in (".", "..") or name.startswith(".") or "/" in name or "\\" in name:
-                raise ConfigError(
-                    f"adapter name {name!r} in {where} cannot be used as a folder name under {args.out}"
-                )
-        adapters = unstack_adapters(ckpt.params, list(meta.adapters))
-        with files.staged_directory(args.out, force=args.force) as tmp:
-            for adapter in tqdm(adapters, desc="writing PEFT adapters", unit="adapter", disable=None):
-                write_adapter(
-                    adapter,
-                    os.path.join(tmp, adapter.name),
-                    base_model_name_or_path=meta.base_path,
-                    config=meta.base_config,
-                )
-        print(
-            f"wrote {len(adapters)} PEFT adapters under {os.path.abspath(args.out)}: "
-            f"{', '.join(meta.adapter_names)}"
-        )
-        return
+        _export_peft(args, ckpt, where)
+    else:
+        _export_reference(args, ckpt, where)
+
+
+def _export_peft(args: argparse.Namespace, ckpt: checkpoint.Checkpoint, where: str) -> None:
+    """One PEFT LoRA folder per adapter, `--out/<name>`."""
+    meta = ckpt.meta
+    if args.base is not None:
+        checkpoint.check_base(meta, args.base, where)
+    adapters = unstack_adapters(ckpt.params, list(meta.adapters))
+    with files.staged_directory(args.out, force=args.force) as tmp:
+        for adapter in tqdm(adapters, desc="writing PEFT adapters", unit="adapter", disable=None):
+            write_adapter(
+                adapter,
+                os.path.join(tmp, adapter.name),
+                base_model_name_or_path=meta.base_path,
+                config=meta.base_config,
+            )
+    print(
+        f"wrote {len(adapters)} PEFT adapters under {os.path.abspath(args.out)}: "
+        f"{', '.join(meta.adapter_names)}"
+    )
+
+
+def _export_reference(args: argparse.Namespace, ckpt: checkpoint.Checkpoint, where: str) -> None:
+    """The MeteoRA reference `model.safetensors` (base tensors copied) and `adapter_order.json`."""
+    meta = ckpt.meta
     base = args.base if args.base is not None else meta.base_path
     if base is None or not os.path.isdir(base):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"the base model {base} recorded in {where} is not there: pass the base folder with --base"
         )
     checkpoint.check_base(meta, base, where)

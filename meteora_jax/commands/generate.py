@@ -14,8 +14,10 @@ import os
 import sys
 import time
 
-from meteora_jax.commands import adapter_specs
-from meteora_jax.errors import ConfigError, MeteoRAError
+from meteora_jax.commands import adapter_specs, checkpoint_folder, run_reporting
+from meteora_jax.errors import ConfigError, MissingFileError
+
+OUTPUTS = ("--out", "--routing-html", "--routing-png", "--routing-json")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -87,27 +89,44 @@ def _checkpoint_base(ckpt: str) -> str:
 
     step, meta = checkpoint.read_meta(ckpt)
     if meta.base_path is None or not os.path.isdir(meta.base_path):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"the base model {meta.base_path} recorded in {ckpt} (step {step}) is not there: "
             "pass it with --base"
         )
     return meta.base_path
 
 
-def _load(args):
-    """(model, base folder) from --ckpt or --base [--adapter ...] [--gates]."""
-    from meteora_jax.api import load_model  # noqa: PLC0415
-
+def _sources(args) -> tuple[str, dict[str, str] | None, str | None]:
+    """(base folder, adapters {name: folder} or None, gates) from --ckpt or --base [--adapter] [--gates]."""
     adapters = adapter_specs(args.adapter) if args.adapter else None
     if args.ckpt is not None:
         if args.gates is not None:
             raise ConfigError("--ckpt and --gates both name trained gates: pass one of them")
-        base, gates = (args.base or _checkpoint_base(args.ckpt)), args.ckpt
-    elif args.base is None:
+        checkpoint_folder(args.ckpt)
+        return (args.base or _checkpoint_base(args.ckpt)), adapters, args.ckpt
+    if args.base is None:
         raise ConfigError("no model: pass --ckpt CKPT, or --base DIR (with --adapter / --gates for MeteoRA)")
-    else:
-        base, gates = args.base, args.gates
-    return load_model(base, adapters=adapters, gates=gates, dtype=args.dtype), base
+    return args.base, adapters, args.gates
+
+
+def _check_paths(args, base: str, adapters: dict[str, str] | None) -> None:
+    """Refuses, before the model loads, a missing --prompts file and outputs that would overwrite an input."""
+    from meteora_jax.io import files  # noqa: PLC0415
+
+    if args.prompts is not None and not os.path.isfile(args.prompts):
+        raise MissingFileError(f"--prompts {args.prompts} does not exist or is not a file")
+    inputs = [
+        ("--ckpt", args.ckpt),
+        ("--base" if args.base else "the base recorded in --ckpt", base),
+        *(("--adapter", folder) for folder in (adapters or {}).values()),
+        ("--gates", args.gates),
+        ("--tokenizer", args.tokenizer),
+        ("--prompts", args.prompts),
+    ]
+    for flag in OUTPUTS:
+        path = getattr(args, flag[2:].replace("-", "_"))
+        if path is not None:
+            files.check_output_path(path, inputs=inputs, setting=flag)
 
 
 def _generation_kwargs(args, model, tokenizer, batch: int) -> dict:
@@ -203,11 +222,15 @@ def run(args: argparse.Namespace) -> None:
     """The `generate` handler."""
     from tqdm import tqdm  # noqa: PLC0415
 
+    from meteora_jax.api import load_model  # noqa: PLC0415
     from meteora_jax.data.prompts import format_prompt, load_tokenizer, read_prompts  # noqa: PLC0415
+    from meteora_jax.io.files import write_text_atomic  # noqa: PLC0415
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    model, base = _load(args)
+    base, adapters, gates = _sources(args)
+    _check_paths(args, base, adapters)
+    model = load_model(base, adapters=adapters, gates=gates, dtype=args.dtype)
     if (args.routing_html or args.routing_png or args.routing_json) and model.moe is None:
         raise ConfigError(
             "--routing-html / --routing-png / --routing-json need adapters (--adapter or --ckpt)"
@@ -241,8 +264,7 @@ def run(args: argparse.Namespace) -> None:
                 traces += more_traces
                 records += more_records
         if args.out:
-            with open(args.out, "w", encoding="utf-8") as f:
-                f.write("".join(line + "\n" for line in lines))
+            write_text_atomic(args.out, "".join(line + "\n" for line in lines))
         else:
             print("\n".join(lines))
     if traces:
@@ -253,13 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m meteora_jax.commands.generate ...`: the subcommand on its own."""
     parser = argparse.ArgumentParser(prog="meteora-jax")
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["generate", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        args.func(args)
-    except (MeteoRAError, FileNotFoundError) as e:
-        print(f"meteora-jax generate: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_reporting(parser.parse_args(["generate", *(sys.argv[1:] if argv is None else argv)]))
 
 
 if __name__ == "__main__":

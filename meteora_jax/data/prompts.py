@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from meteora_jax.errors import ConfigError
+from meteora_jax.errors import ConfigError, MissingFileError
 
 PROMPT_TEMPLATE = "[INST] {input} [/INST]\n"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -33,7 +33,7 @@ def load_tokenizer(base_dir: str | os.PathLike):
 
     base_dir = os.fspath(base_dir)
     if not os.path.isdir(base_dir):
-        raise FileNotFoundError(f"base model folder {base_dir} does not exist")
+        raise MissingFileError(f"base model folder {base_dir} does not exist")
     if not any(os.path.isfile(os.path.join(base_dir, f)) for f in TOKENIZER_FILES):
         raise ConfigError(
             f"{base_dir} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "

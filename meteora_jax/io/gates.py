@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from meteora_jax.config import LlamaConfig, MoELoRAConfig
-from meteora_jax.errors import CheckpointError, ConfigError
+from meteora_jax.errors import CheckpointError, ConfigError, MissingFileError
+from meteora_jax.inputs import validate_adapter_name
 from meteora_jax.io import checkpoint, meteora_torch
 from meteora_jax.io.files import raise_problems
 from meteora_jax.io.peft import LoRAAdapter, read_adapters
@@ -28,7 +29,7 @@ def _kind(path: str) -> str:
         return "checkpoint"
     if os.path.isfile(path):
         return "reference"
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"gates {path} does not exist "
         "(expected a MeteoRA model.safetensors or a meteora-jax checkpoint folder)"
     )
@@ -152,7 +153,8 @@ def fuse(
     """What `load_model` assembles before it touches the base weights: the mixture config, every
     MeteoRA parameter by path (gates, stacks, scales) and the adapter infos. Without gates, the
     gates are seeded normal (`init_gates`, untrained). Used by `convert`, so a checkpoint is made
-    without loading the base model.
+    without loading the base model. Adapter names are checked here (`validate_adapter_name`):
+    every way adapters enter (`load_model`, `convert`, training) comes through this function.
     """
     base_dir = os.fspath(base_dir)
     config = LlamaConfig.from_hf(base_dir)
@@ -161,6 +163,8 @@ def fuse(
             raise ConfigError("give adapters, a checkpoint, or both")
         return load_checkpoint_adapters(gates, config, base_dir, top_k, temperature)
     adapter_list = read_adapters(adapters, config)
+    for adapter in adapter_list:
+        validate_adapter_name(adapter.name, where=f"adapters= ({adapter.source})")
     stored_k, stored_t = routing_defaults(gates, adapter_list)
     moe = moe_config_for(
         adapter_list,

@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from meteora_jax.config import BLOCK_OF, PROJECTIONS, LlamaConfig, MoELoRAConfig, projection_shape
-from meteora_jax.errors import CheckpointError, ConfigError
+from meteora_jax.errors import CheckpointError, ConfigError, MissingFileError
 from meteora_jax.io.checkpoint import base_fingerprint, expected_shapes, model_params
 from meteora_jax.io.files import raise_problems, staged_directory, write_text_atomic
 from meteora_jax.io.hf import HF_KEY_TABLE, IGNORED_KEYS, weight_files
@@ -163,7 +163,7 @@ def read_reference(
     if tuple(names) != moe.adapter_names:
         raise ConfigError(f"adapters {names} do not match the mixture's {list(moe.adapter_names)}")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"MeteoRA reference checkpoint {path} does not exist")
+        raise MissingFileError(f"MeteoRA reference checkpoint {path} does not exist")
     file = SafetensorsFile(path)
     index = _index(file, config.num_hidden_layers)
     if not index.moe:

@@ -15,8 +15,14 @@ from typing import Any
 import numpy as np
 
 from meteora_jax.config import BLOCK_OF, PROJECTIONS, LlamaConfig, projection_shape
-from meteora_jax.errors import CheckpointError
-from meteora_jax.io.files import raise_problems, staged_directory, write_text_atomic
+from meteora_jax.errors import CheckpointError, OutputExistsError
+from meteora_jax.io.files import (
+    API_SETTING,
+    check_output_path,
+    raise_problems,
+    staged_directory,
+    write_text_atomic,
+)
 from meteora_jax.io.peft import (  # adapter_targets: the rules every written config is checked against
     CONFIG_FILE,
     SAFETENSORS_FILE,
@@ -110,9 +116,10 @@ def write_adapter(
     place, so a failure leaves nothing behind; an existing `out_dir` is refused unless
     `overwrite`.
     """
+    check_output_path(out_dir, setting=API_SETTING)
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.lexists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists (refusing to overwrite it: pass overwrite=True)")
+        raise OutputExistsError(f"{out_dir} already exists (refusing to overwrite it: pass overwrite=True)")
     problems = []
     for (layer, projection), m in adapter.modules.items():
         for part, w in (("A", m.a), ("B", m.b)):
