@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from meteora_jax.commands import bench, convert, demo, export, generate
-from meteora_jax.errors import MeteoRAError
+from meteora_jax.commands import bench, convert, demo, export, generate, run_reporting, train_gate
 
-COMMANDS = (demo, convert, export, generate, bench)
+COMMANDS = (demo, convert, export, generate, train_gate, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,13 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except (MeteoRAError, FileNotFoundError, FileExistsError) as e:
-        print(f"meteora-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """Runs one subcommand; 0 on success, 2 (with one line on stderr) for a user error."""
+    return run_reporting(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from meteora_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axes it is split over (in order), or None for replicated.
@@ -41,14 +43,14 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence 
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
-        raise ValueError("at most one of data, fsdp, tensor may be -1")
+        raise ConfigError("mesh: at most one of data, fsdp, tensor may be -1")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices do not split into data*fsdp*tensor={sizes}")
+            raise ConfigError(f"mesh: {len(devices)} devices do not split into data*fsdp*tensor={sizes}")
         sizes[sizes.index(-1)] = len(devices) // known
     if int(np.prod(sizes)) != len(devices):
-        raise ValueError(
+        raise ConfigError(
             f"mesh sizes {dict(zip(MESH_AXES, sizes, strict=True))} need "
             f"{int(np.prod(sizes))} devices, found {len(devices)}"
         )
@@ -103,3 +105,23 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
+
+
+def parse_mesh(spec: str, setting: str = "--mesh") -> dict[str, int]:
+    """`"data=2,fsdp=-1,tensor=2"` -> {"data": 2, "fsdp": -1, "tensor": 2}; absent axes are 1
+    (fsdp -1 when no size is -1), so `"data=8"` is pure data parallelism."""
+    sizes: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep or name not in MESH_AXES or name in sizes:
+            raise ConfigError(f"{setting} {spec!r}: expected NAME=SIZE items with names from {MESH_AXES}")
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise ConfigError(
+                f"{setting} {spec!r}: size of {name} must be an integer, got {value!r}"
+            ) from None
+        if sizes[name] < 1 and sizes[name] != -1:
+            raise ConfigError(f"{setting} {spec!r}: size of {name} must be >= 1 or -1, got {sizes[name]}")
+    defaults = {"data": 1, "fsdp": 1 if -1 in sizes.values() or "fsdp" in sizes else -1, "tensor": 1}
+    return {axis: sizes.get(axis, defaults[axis]) for axis in MESH_AXES}

@@ -1,0 +1,119 @@
+"""Synthetic tasks and a tiny base + adapters on disk: what gate training needs, built offline.
+
+Three string tasks (`reverse`, `upper`, `double`) whose prompts share the chat template and
+differ in a keyword and the answer, e.g. `[INST] reverse: abc [/INST]` -> `cba`. A tiny LLaMA
+with a BPE tokenizer trained on those texts, and one random PEFT adapter per task, complete a
+setup that `train-gate` can learn routing on in minutes on a CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+from flax import nnx
+
+from meteora_jax.config import PROJECTIONS, LlamaConfig, projection_shape
+from meteora_jax.data.prompts import train_tiny_tokenizer
+from meteora_jax.io.files import write_text_atomic
+from meteora_jax.io.hf import save_llama
+from meteora_jax.io.peft import LoRAAdapter, LoRAModule
+from meteora_jax.io.peft_write import write_adapter
+from meteora_jax.modeling.llama import LlamaForCausalLM
+
+TASKS = {
+    "reverse": lambda word: word[::-1],
+    "upper": lambda word: word.upper(),
+    "double": lambda word: word + word,
+}
+LETTERS = "abcdefghij"
+
+
+def task_samples(task: str, count: int, rng: np.random.Generator) -> list[dict]:
+    """`count` {"prompt", "response"} samples of one task on random 3-6 letter words."""
+    out = []
+    for _ in range(count):
+        word = "".join(rng.choice(list(LETTERS), int(rng.integers(3, 7))))
+        out.append({"prompt": f"{task}: {word}", "response": TASKS[task](word)})
+    return out
+
+
+def write_tasks(data_dir: str, *, train: int = 64, test: int = 16, seed: int = 0, tasks=tuple(TASKS)) -> dict:
+    """Writes DATA/<task>/{train,test}.jsonl; returns {task: [train samples]} (for tokenizers)."""
+    rng = np.random.default_rng(seed)
+    written = {}
+    for task in tasks:
+        folder = os.path.join(data_dir, task)
+        os.makedirs(folder, exist_ok=True)
+        for split, count in (("train", train), ("test", test)):
+            samples = task_samples(task, count, rng)
+            text = "".join(json.dumps(s) + "\n" for s in samples)
+            write_text_atomic(os.path.join(folder, f"{split}.jsonl"), text)
+            if split == "train":
+                written[task] = samples
+    return written
+
+
+@dataclasses.dataclass(frozen=True)
+class TinySetup:
+    """Folders of a tiny training setup."""
+
+    base: str
+    adapters: dict[str, str]  # task name -> PEFT folder
+    data: str
+
+
+def tiny_config(vocab_size: int, *, layers: int = 2, hidden: int = 64) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden + 16,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        max_position_embeddings=256,
+    )
+
+
+def random_adapter(name: str, config: LlamaConfig, rank: int, seed: int, targets=PROJECTIONS) -> LoRAAdapter:
+    """A PEFT-style adapter with random A and B on every layer of `targets`."""
+    rng = np.random.default_rng(seed)
+    modules = {}
+    for layer in range(config.num_hidden_layers):
+        for projection in targets:
+            d_in, d_out = projection_shape(config, projection)
+            a = rng.normal(0, 0.2, (rank, d_in)).astype(np.float32)
+            b = rng.normal(0, 0.2, (d_out, rank)).astype(np.float32)
+            modules[(layer, projection)] = LoRAModule.from_alpha(a, b, alpha=2.0 * rank)
+    return LoRAAdapter(name, modules)
+
+
+def write_tiny_setup(
+    root: str,
+    *,
+    seed: int = 0,
+    layers: int = 2,
+    hidden: int = 64,
+    rank: int = 4,
+    train: int = 64,
+    test: int = 16,
+    targets=PROJECTIONS,
+) -> TinySetup:
+    """A tiny base (with tokenizer), one random adapter per task and the task folders under `root`."""
+    data = os.path.join(root, "data")
+    samples = write_tasks(data, train=train, test=test, seed=seed)
+    texts = [f"[INST] {s['prompt']} [/INST] {s['response']}" for task in samples.values() for s in task]
+    base = os.path.join(root, "base")
+    config_probe = train_tiny_tokenizer(texts, os.path.join(root, "tokenizer"), vocab_size=160)
+    config = tiny_config(len(config_probe), layers=layers, hidden=hidden)
+    save_llama(LlamaForCausalLM(config, rngs=nnx.Rngs(seed)), base)
+    config_probe.save_pretrained(base)
+    adapters = {}
+    for i, task in enumerate(samples):
+        folder = os.path.join(root, "adapters", task)
+        write_adapter(random_adapter(task, config, rank, seed + 1 + i, targets), folder, config=config)
+        adapters[task] = folder
+    return TinySetup(base=base, adapters=adapters, data=data)

@@ -1,0 +1,108 @@
+"""The settings of one gate-training (or adapter-training) run, validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from meteora_jax.errors import ConfigError
+from meteora_jax.modeling.llama import REMAT_POLICIES
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+# Settings that shape the saved optimizer state: a run cannot resume under other values. (The
+# data layout is checked by the data iterator's own state; other settings may change on resume,
+# and the log names each one that did.)
+SHAPE_SETTINGS = ("train_adapters",)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What one training run does, beyond its data (`DataConfig`) and its model.
+
+    Attributes:
+        steps: optimizer steps of the run (a rerun with more steps extends a finished run).
+        lr: peak learning rate of AdamW, reached after `warmup_steps` of linear warmup.
+        warmup_steps: linear warmup from 0 to `lr`.
+        decay_steps: horizon of the cosine decay to 0 (None: `steps`); fixing it lets a run be
+            extended without changing the schedule of the steps already taken.
+        weight_decay: AdamW decoupled weight decay.
+        clip_norm: global gradient-norm clip (0: off).
+        grad_accum: micro-batches per step, summed inside the one jitted step.
+        gate_loss_weight: lambda of loss = LM CE + lambda * gate CE (the reference: 50).
+        train_adapters: train the LoRA stacks as well as the gates.
+        remat: what each decoder layer keeps for the backward pass ("none" | "dots" | "full").
+        dtype: compute dtype; trainable parameters and the loss stay float32.
+        top_k: adapters chosen per token during training.
+        seed: the dropout stream (the data order has its own seed in `DataConfig`).
+        save_every / keep: checkpoint period and how many recent steps to keep.
+        eval_every: held-out routing evaluation period (0: only at the end).
+        log_every: metrics period (every step is still checked for a finite loss).
+    """
+
+    steps: int
+    lr: float = 5e-4
+    warmup_steps: int = 0
+    decay_steps: int | None = None
+    weight_decay: float = 0.0
+    clip_norm: float = 0.3
+    grad_accum: int = 1
+    gate_loss_weight: float = 50.0
+    train_adapters: bool = False
+    remat: str = "none"
+    dtype: str = "float32"
+    top_k: int = 2
+    seed: int = 0
+    save_every: int = 100
+    keep: int = 3
+    eval_every: int = 0
+    log_every: int = 1
+
+    def __post_init__(self):
+        problems = []
+        for name, low in (
+            ("steps", 1),
+            ("grad_accum", 1),
+            ("save_every", 1),
+            ("keep", 1),
+            ("log_every", 1),
+            ("warmup_steps", 0),
+            ("eval_every", 0),
+            ("top_k", 1),
+            ("seed", 0),
+        ):
+            value = getattr(self, name)
+            if not _is_int(value) or value < low:
+                problems.append(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.decay_steps is not None and (not _is_int(self.decay_steps) or self.decay_steps < 1):
+            problems.append(f"decay_steps must be an integer >= 1 (or None), got {self.decay_steps!r}")
+        for name in ("lr", "weight_decay", "clip_norm", "gate_loss_weight"):
+            value = getattr(self, name)
+            if not _is_number(value) or value < 0:
+                problems.append(f"{name} must be a finite number >= 0, got {value!r}")
+        if _is_number(self.lr) and self.lr == 0:
+            problems.append("lr must be > 0")
+        if not isinstance(self.train_adapters, bool):
+            problems.append(f"train_adapters must be True or False, got {self.train_adapters!r}")
+        if self.remat not in REMAT_POLICIES:
+            problems.append(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
+        if self.dtype not in COMPUTE_DTYPES:
+            problems.append(f"dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
+        if problems:
+            raise ConfigError("training settings: " + "; ".join(problems))
+
+    @property
+    def horizon(self) -> int:
+        """The step at which the cosine schedule reaches 0."""
+        return self.steps if self.decay_steps is None else self.decay_steps
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)

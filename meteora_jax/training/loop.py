@@ -1,0 +1,499 @@
+"""The gate-training run: load, resume, step, log, evaluate, checkpoint, until `steps`.
+
+`train(spec)` is what `meteora-jax train-gate` and `train/train_gate.py` call. Running it again
+on the same `out` resumes from the last good checkpoint; after a SIGKILL the result equals an
+uninterrupted run (same batches, same dropout keys, same optimizer state). Only process 0
+writes logs and plots; every process takes part in checkpoint saves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from meteora_jax.api import DTYPES, MeteoRAModel
+from meteora_jax.data.pipeline import BATCH_KEYS, DataConfig, train_batches
+from meteora_jax.data.prompts import load_tokenizer, pad_token_of
+from meteora_jax.data.samples import load_heldout
+from meteora_jax.data.tasks import load_tasks
+from meteora_jax.errors import CheckpointError, ConfigError, MeteoRAError
+from meteora_jax.io import checkpoint, files
+from meteora_jax.io import gates as gates_io
+from meteora_jax.io.hf import load_llama
+from meteora_jax.sharding import MESH_AXES, make_mesh
+from meteora_jax.training.checkpointing import (
+    RunCheckpoints,
+    flat_state,
+    host_arrays,
+    set_aside,
+)
+from meteora_jax.training.config import SHAPE_SETTINGS, TrainConfig
+from meteora_jax.training.curves import write_curves
+from meteora_jax.training.routing_eval import routing_accuracy
+from meteora_jax.training.state import TrainState, cast_frozen, split_for_training, trainable_kinds
+from meteora_jax.training.step import batch_sharding, make_train_step
+
+METRICS_FILE, CURVES_FILE = "metrics.jsonl", "curves.png"
+
+
+class TrainingError(MeteoRAError):
+    """A run that cannot go on: a non-finite loss, a folder it may not use."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """Everything one run needs: the model, the data, where to write, and the settings."""
+
+    base: str
+    adapters: Mapping[str, str]  # name -> PEFT folder, in gate order
+    data_dir: str
+    out: str
+    train: TrainConfig
+    data: DataConfig
+    mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
+    tasks: Sequence[str] | None = None
+    backend: str = "xla"
+    force: bool = False
+    progress: bool = True
+    eval_batch_size: int = 16
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a finished run reports: its folder, last step, last metrics and last evaluation."""
+
+    out: str
+    step: int
+    metrics: dict
+    evaluation: dict
+
+
+def _is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def _log(message: str) -> None:
+    if _is_main():
+        print(f"meteora-jax train-gate: {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- the output folder
+
+
+def _is_our_run(out: str) -> bool:
+    """Whether `out` holds step folders of a meteora-jax training run (or only its logs)."""
+    return bool(checkpoint.checkpoint_steps(out)) or os.path.isfile(os.path.join(out, METRICS_FILE))
+
+
+def prepare_out(spec: RunSpec) -> None:
+    """Refuses an `out` that would destroy an input or holds something other than a run of ours
+    (unless `force`, which replaces it)."""
+    inputs = [("--base", spec.base), ("--data", spec.data_dir)]
+    inputs += [(f"--adapter {name}", folder) for name, folder in spec.adapters.items()]
+    files.check_output_path(spec.out, inputs=inputs)
+    out = os.path.abspath(spec.out)
+    if not os.path.lexists(out) or (os.path.isdir(out) and not os.listdir(out)):
+        return
+    if os.path.isdir(out) and _is_our_run(out) and not spec.force:
+        return  # resume (or extend) it
+    if not spec.force:
+        raise TrainingError(
+            f"--out {out} holds something other than a meteora-jax training run: choose another folder, "
+            "or pass --force to replace it"
+        )
+    if _is_main():
+        _log(f"--force: replacing {out}")
+        shutil.rmtree(out) if os.path.isdir(out) and not os.path.islink(out) else os.remove(out)
+    _barrier("prepare-out")
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def build_mesh(spec: RunSpec, batch_size: int, grad_accum: int):
+    """The device mesh of `--mesh`, refusing sizes that do not match the devices or the batch."""
+    try:
+        mesh = make_mesh(**{axis: spec.mesh[axis] for axis in MESH_AXES})
+    except ConfigError as e:
+        raise ConfigError(f"--mesh: {e}") from None
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % (grad_accum * rows):
+        raise ConfigError(
+            f"--batch-size {batch_size} does not split into --grad-accum {grad_accum} micro-batches of "
+            f"rows shared by data x fsdp = {rows} devices (--mesh {dict(mesh.shape)}): choose a batch size "
+            f"divisible by {grad_accum * rows}"
+        )
+    return mesh
+
+
+def _global_batch(local: dict, sharding_of, global_shape: tuple[int, int]) -> dict:
+    """This host's rows -> global arrays (`jax.make_array_from_process_local_data`)."""
+    return {
+        k: jax.make_array_from_process_local_data(sharding_of[k], local[k], global_shape) for k in BATCH_KEYS
+    }
+
+
+def _replicated(mesh, array: np.ndarray) -> jax.Array:
+    sharding = NamedSharding(mesh, PartitionSpec())
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+@dataclasses.dataclass
+class Resumed:
+    step: int
+    run: dict
+
+
+def _check_same_model(meta, moe, infos, spec: RunSpec, where: str) -> None:
+    problems = []
+    if list(meta.adapter_names) != list(moe.adapter_names):
+        problems.append(f"adapters {list(meta.adapter_names)} saved, {list(moe.adapter_names)} given")
+    elif [a.to_json() for a in meta.adapters] != [a.to_json() for a in infos]:
+        problems.append("the adapters' ranks, alphas or modules differ from the saved ones")
+    if (tuple(meta.targets), meta.rank) != (tuple(moe.targets), moe.rank):
+        problems.append(
+            f"targets/rank {list(meta.targets)}/{meta.rank} saved, {list(moe.targets)}/{moe.rank} given"
+        )
+    files.raise_problems(ConfigError, f"cannot resume {where}", problems)
+    checkpoint.check_base(meta, spec.base, where)
+
+
+def _check_settings(run: dict, spec: RunSpec, where: str) -> list[str]:
+    """Refuses shape-changing settings that differ; returns notes on the others that changed."""
+    saved = run.get("train", {})
+    changed = [k for k in SHAPE_SETTINGS if saved.get(k) != getattr(spec.train, k)]
+    if changed:
+        name = changed[0]
+        raise ConfigError(
+            f"cannot resume {where}: it was trained with {name}={saved.get(name)!r}, now {name}="
+            f"{getattr(spec.train, name)!r} (--{name.replace('_', '-')}); use another --out"
+        )
+    now = spec.train.to_json()
+    return [f"{k} {saved[k]!r} -> {now[k]!r}" for k in sorted(now) if k in saved and saved[k] != now[k]]
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class _Run:
+    """The state of one `train` call (kept together so each phase is a short method)."""
+
+    def __init__(self, spec: RunSpec):
+        self.spec = spec
+        self.out = os.path.abspath(spec.out)
+        self.cfg = spec.train
+        self.mesh = build_mesh(spec, spec.data.batch_size, self.cfg.grad_accum)
+        self.moe, extra, self.infos = gates_io.fuse(
+            spec.base, dict(spec.adapters), None, self.cfg.top_k, seed=self.cfg.seed
+        )
+        compute = DTYPES[self.cfg.dtype]
+        with jax.set_mesh(self.mesh):
+            module = load_llama(
+                spec.base,
+                self.moe,
+                extra,
+                dtype=compute,
+                param_dtype=jnp.float32,
+                backend=spec.backend,
+                mesh=self.mesh,
+            )
+        self.num_layers = module.config.num_hidden_layers
+        self.parts, self.state, self.frozen = None, None, None
+        if compute != jnp.float32:
+            cast_frozen(module, trainable_kinds(self.cfg.train_adapters), compute)
+        self.parts, self.state, self.frozen = split_for_training(module, self.cfg)
+        self.meta = checkpoint.make_meta(self.moe, self.infos, spec.base)
+        self.tokenizer = load_tokenizer(spec.base)
+        names = list(self.moe.adapter_names)
+        tasks = load_tasks(spec.data_dir, names, tasks=spec.tasks, split="train")
+        self.batches = train_batches(
+            tasks,
+            self.tokenizer,
+            spec.data,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            prefetch=2,
+        )
+        self.heldout = self._load_heldout(names)
+        self.records: list[dict] = []
+
+    def _load_heldout(self, names):
+        if not any(os.path.isfile(os.path.join(self.spec.data_dir, t, "test.jsonl")) for t in names):
+            return None
+        return load_heldout(self.spec.data_dir, names, self.tokenizer, tasks=self.spec.tasks, split="test")
+
+    # -- resume
+
+    def resume(self, checkpoints: RunCheckpoints) -> int:
+        """Restores the last good step (setting corrupt ones aside); 0 for a new run."""
+        for step in reversed(checkpoint.checkpoint_steps(self.out)):
+            where = f"{self.out} (step {step})"
+            try:
+                _, meta = checkpoint.read_meta(self.out, step)
+                run = checkpoints.read_run(step)
+            except CheckpointError as e:
+                self._set_aside(step, str(e), checkpoints)
+                continue
+            _check_same_model(meta, self.moe, self.infos, self.spec, where)
+            changes = _check_settings(run, self.spec, where)
+            template = flat_state(self.state.opt)
+            try:
+                ckpt, opt = checkpoints.restore(step, host_arrays(template), self.batches)
+            except CheckpointError as e:
+                self._set_aside(step, str(e), checkpoints)
+                continue
+            self._place(ckpt.params, opt)
+            self.records = self._read_records(step)
+            horizon = run.get("train", {}).get("decay_steps") or run.get("train", {}).get("steps")
+            if horizon != self.cfg.horizon:
+                _log(
+                    f"the schedule's horizon changes from {horizon} to {self.cfg.horizon} steps: "
+                    f"learning rates from step {step} on follow the new cosine "
+                    "(set --decay-steps to keep it fixed)"
+                )
+            if changes:
+                _log(f"resuming step {step} with changed settings: {'; '.join(changes)}")
+            _log(f"resumed {self.out} at step {step}")
+            return step
+        return 0
+
+    def _set_aside(self, step: int, reason: str, checkpoints: RunCheckpoints) -> None:
+        if _is_main():
+            set_aside(self.out, step, reason)
+        _barrier(f"set-aside-{step}")
+        checkpoints.reload()
+
+    def _place(self, params: Mapping, opt: Mapping) -> None:
+        """Puts restored host arrays into the train state, sharded as the state is."""
+        shardings = self.state_shardings
+
+        def put(template_state, sharding_state, values: Mapping, key_of):
+            pairs = []
+            flat_sharding = dict(nnx.to_flat_state(sharding_state))
+            for path, var in nnx.to_flat_state(template_state):
+                value = np.asarray(values[key_of(path)]).astype(var.get_value().dtype)
+                sharding = flat_sharding[path].get_value()
+                pairs.append(
+                    (
+                        path,
+                        var.replace(
+                            jax.make_array_from_callback(value.shape, sharding, lambda i, v=value: v[i])
+                        ),
+                    )
+                )
+            return nnx.from_flat_state(pairs)
+
+        new_params = put(self.state.params, shardings.params, params, lambda p: tuple(str(x) for x in p))
+        new_opt = put(self.state.opt, shardings.opt, opt, lambda p: "/".join(str(x) for x in p))
+        self.state = TrainState(new_params, new_opt)
+
+    def _read_records(self, step: int) -> list[dict]:
+        path = os.path.join(self.out, METRICS_FILE)
+        if not os.path.isfile(path):
+            return []
+        records = []
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a line cut by a kill
+                if record.get("step", math.inf) <= step:
+                    records.append(record)
+        return records
+
+    # -- the loop
+
+    def run(self) -> RunResult:
+        spec, cfg = self.spec, self.cfg
+        checkpoints = self.checkpoints = RunCheckpoints(self.out, cfg.keep)
+        try:
+            with jax.set_mesh(self.mesh):
+                self.step_fn = make_train_step(
+                    self.parts,
+                    cfg,
+                    self.state,
+                    self.frozen,
+                    self.mesh,
+                    batch_shape=(spec.data.batch_size, spec.data.seq_len),
+                    temperature=self.moe.temperature,
+                )
+                self.state_shardings = self.step_fn.state_shardings
+                self.state = jax.device_put(self.state, self.step_fn.state_shardings)
+                self.frozen = jax.device_put(self.frozen, self.step_fn.frozen_shardings)
+                start = self.resume(checkpoints)
+                if start >= cfg.steps:
+                    _log(f"{self.out} already holds step {start} (>= --steps {cfg.steps}): nothing to do")
+                    return RunResult(self.out, start, self.records[-1] if self.records else {}, {})
+                self._write_records()  # a resumed run's log keeps its steps up to `start` only
+                last, evaluation = self._loop(start, checkpoints)
+            checkpoints.wait()
+        finally:
+            checkpoints.close()
+            self.batches.close()
+        if _is_main():
+            write_curves(self.records, os.path.join(self.out, CURVES_FILE))
+        return RunResult(self.out, cfg.steps, last, evaluation)
+
+    def _loop(self, start: int, checkpoints: RunCheckpoints) -> tuple[dict, dict]:
+        cfg, spec = self.cfg, self.spec
+        shape = (spec.data.batch_size, spec.data.seq_len)
+        shardings = {k: batch_sharding(self.mesh, shape) for k in BATCH_KEYS}
+        key = jax.random.key(cfg.seed)
+        bar = _progress(start, cfg.steps, spec.progress and _is_main())
+        pending, last, evaluation = None, {}, {}
+        clock = time.perf_counter()
+        for step in range(start, cfg.steps):
+            local = next(self.batches)
+            truncated = self.batches.last_stats.num_truncated
+            batch = _global_batch(local, shardings, shape)
+            self.state, metrics = self.step_fn(self.frozen, self.state, batch, key)
+            if pending is not None:
+                last = self._finish(pending, bar, clock)  # the previous step, now that this one runs
+                clock = time.perf_counter()
+            pending = (step + 1, metrics, truncated)
+            done = step + 1
+            if (
+                done % cfg.save_every == 0
+                or done == cfg.steps
+                or (cfg.eval_every and done % cfg.eval_every == 0)
+            ):
+                last = self._finish(pending, bar, clock)
+                pending, clock = None, time.perf_counter()
+            if cfg.eval_every and done % cfg.eval_every == 0 or done == cfg.steps:
+                evaluation = self.evaluate(done)
+            if done % cfg.save_every == 0 or done == cfg.steps:
+                self.save(checkpoints, done)
+        if bar is not None:
+            bar.close()
+        return last, evaluation
+
+    def _finish(self, pending, bar, clock) -> dict:
+        """Checks and logs a finished step's metrics; a non-finite loss stops the run."""
+        step, metrics, truncated = pending
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not all(math.isfinite(values[k]) for k in ("loss", "grad_norm")):
+            self.checkpoints.wait()  # the saves under way are of good steps: let them finish
+            kept = checkpoint.checkpoint_steps(self.out)
+            raise TrainingError(
+                f"step {step}: the loss is not finite (loss {values['loss']}, lm_loss {values['lm_loss']}, "
+                f"gate_loss {values['gate_loss']}, grad_norm {values['grad_norm']}): training stopped; "
+                + (
+                    f"the last good checkpoint is step {kept[-1]} in {self.out}"
+                    if kept
+                    else "nothing was saved"
+                )
+            )
+        seconds = max(time.perf_counter() - clock, 1e-9)
+        record = {
+            "step": step,
+            **values,
+            "tokens_per_s": values["lm_tokens"] / seconds,
+            "truncated": truncated,
+        }
+        if truncated:
+            _log(
+                f"step {step}: {truncated} samples longer than --seq-len {self.spec.data.seq_len} "
+                "were truncated"
+            )
+        if step % self.cfg.log_every == 0 or step == self.cfg.steps:
+            self.records.append(record)
+            self._append_record(record)
+        if bar is not None:
+            bar.set_postfix(
+                loss=f"{values['loss']:.4g}",
+                gate_acc=f"{values['gate_accuracy']:.3f}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
+            )
+            bar.update(1)
+        return record
+
+    def evaluate(self, step: int) -> dict:
+        """Held-out routing accuracy (see `routing_eval`), logged; {} without test splits."""
+        if not self.heldout:
+            return {}
+        model = MeteoRAModel(self.parts.module(self.state.params, self.frozen), self.infos)
+        mesh = self.mesh
+
+        def top1_of(ids, mask):
+            out = model(_replicated(mesh, ids), _replicated(mesh, mask), return_routing=True)
+            return {name: host_arrays(r.ids[..., 0]) for name, r in out.routing.items()}
+
+        result = routing_accuracy(
+            top1_of,
+            self.heldout,
+            self.num_layers,
+            num_adapters=self.moe.num_adapters,
+            pad_id=pad_token_of(self.tokenizer),
+            batch_size=self.spec.eval_batch_size,
+        )
+        record = {"step": step, "eval": result}
+        self.records.append(record)
+        self._append_record(record)
+        _log(
+            f"step {step}: held-out routing: dominant adapter right for {result['dominant_accuracy']:.1%} of "
+            f"{result['prompts']} prompts, last layer {result['last_layer_accuracy']:.1%} of tokens"
+        )
+        return result
+
+    def save(self, checkpoints: RunCheckpoints, step: int) -> None:
+        module = self.parts.module(self.state.params, self.frozen)
+        run = {
+            "step": step,
+            "train": self.cfg.to_json(),
+            "data": dataclasses.asdict(self.spec.data),
+            "seed": self.cfg.seed,
+            "processes": jax.process_count(),
+        }
+        checkpoints.save(
+            step, checkpoint.model_params(module), self.meta, flat_state(self.state.opt), self.batches, run
+        )
+
+    # -- logs (process 0 only)
+
+    def _write_records(self) -> None:
+        if _is_main():
+            text = "".join(json.dumps(r) + "\n" for r in self.records)
+            os.makedirs(self.out, exist_ok=True)
+            files.write_text_atomic(os.path.join(self.out, METRICS_FILE), text)
+
+    def _append_record(self, record: dict) -> None:
+        if _is_main():
+            with open(os.path.join(self.out, METRICS_FILE), "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _progress(start: int, total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train-gate", unit="step", dynamic_ncols=True)
+
+
+def train(spec: RunSpec) -> RunResult:
+    """Trains (or resumes, or extends) the run `spec` describes; see the module docstring."""
+    prepare_out(spec)
+    return _Run(spec).run()

@@ -1,0 +1,80 @@
+"""The MeteoRA training objective: LM cross-entropy + lambda * gate cross-entropy, in float32.
+
+Dimensions: B rows, S slots, V vocab, Y decoder layers, P targeted projections.
+
+The gate term pools the raw gate logits of every targeted projection of every layer at every
+labelled token into one mean (the reference's objective). The model computes it inside the
+layer scan (`CausalLMOutput.gate_stats`: per projection, (Y,) sums), so no (Y x P x tokens x L)
+tensor of gate logits exists. Every term is a sum here, divided by the step's GLOBAL count
+(`Denominators`), so micro-batches of one step add up to exactly the full-batch loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from meteora_jax.modeling.llama import CausalLMOutput
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LossSums:
+    """Sums over the tokens of a batch (or micro-batch), float32 scalars."""
+
+    lm_ce: jax.Array  # LM cross-entropy, weighted by lm_weights
+    lm_count: jax.Array  # sum of lm_weights
+    gate_ce: jax.Array  # gate cross-entropy over every (layer, projection, labelled token)
+    gate_correct: jax.Array  # of those, top-1 hits
+    gate_count: jax.Array  # (layer, projection, labelled token) triples
+
+    def __add__(self, other: LossSums) -> LossSums:
+        return jax.tree.map(jnp.add, self, other)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Denominators:
+    """The step's global counts (all micro-batches, all hosts), >= 1 so an empty term is 0."""
+
+    lm: jax.Array
+    gate: jax.Array
+
+
+def denominators(batch: dict, num_layers: int, num_projections: int) -> Denominators:
+    """Denominators of a whole step's batch (B, S): LM weights, and labelled tokens x Y x P."""
+    lm = jnp.sum(batch["lm_weights"].astype(jnp.float32))
+    labelled = jnp.sum(batch["gate_labels"] >= 0, dtype=jnp.float32)
+    return Denominators(
+        lm=jnp.maximum(lm, 1.0), gate=jnp.maximum(labelled * num_layers * num_projections, 1.0)
+    )
+
+
+def lm_sums(
+    logits_bsv: jax.Array, targets_bs: jax.Array, weights_bs: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(weighted CE sum, weight sum) of next-token predictions, in float32."""
+    ce_bs = optax.softmax_cross_entropy_with_integer_labels(logits_bsv.astype(jnp.float32), targets_bs)
+    weights_bs = weights_bs.astype(jnp.float32)
+    return jnp.sum(ce_bs * weights_bs), jnp.sum(weights_bs)
+
+
+def loss_sums(output: CausalLMOutput, batch: dict) -> LossSums:
+    """The sums of one forward pass run with `gate_labels` (so `output.gate_stats` is set)."""
+    lm_ce, lm_count = lm_sums(output.logits, batch["lm_targets"], batch["lm_weights"])
+    stats = list(output.gate_stats.values())
+    return LossSums(
+        lm_ce=lm_ce,
+        lm_count=lm_count,
+        gate_ce=sum(jnp.sum(s.ce_sum) for s in stats),
+        gate_correct=sum(jnp.sum(s.correct) for s in stats),
+        gate_count=sum(jnp.sum(s.count) for s in stats),
+    )
+
+
+def objective(sums: LossSums, den: Denominators, gate_loss_weight: float) -> jax.Array:
+    """This (micro-)batch's share of the step loss: lm_ce / N_lm + lambda * gate_ce / N_gate."""
+    return sums.lm_ce / den.lm + gate_loss_weight * sums.gate_ce / den.gate

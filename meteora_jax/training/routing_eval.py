@@ -1,0 +1,96 @@
+"""Held-out routing accuracy: do the gates pick each prompt's own task?
+
+For every held-out prompt, the tokens after the prefix that every prompt shares (the chat
+template's `[INST]`, a BOS) are scored, since before them nothing tells the tasks apart:
+- dominant: the adapter with the most top-1 votes over all those tokens, layers and
+  projections is the prompt's task (the prompt-level figure);
+- last layer: the share of (token, projection) top-1 choices of the last layer that are the task;
+- per projection: that share for every "layers.{i}.{projection}".
+Layer 0's q/k/v gates see one token's embedding only, so they cannot know the task from context:
+expect them near chance on tokens that every task uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from meteora_jax.data.samples import HeldOutSample
+
+
+def shared_prefix_length(samples: Sequence[HeldOutSample]) -> int:
+    """Length of the longest token prefix common to all samples' `input_ids`."""
+    rows = [s.input_ids for s in samples]
+    n = min(len(r) for r in rows)
+    for i in range(n):
+        if any(r[i] != rows[0][i] for r in rows[1:]):
+            return i
+    return n
+
+
+def left_padded(rows: Sequence[np.ndarray], pad_id: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) (B, width) int32 of rows left-padded to `width`."""
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def routing_accuracy(
+    top1_of: Callable[[np.ndarray, np.ndarray], Mapping[str, np.ndarray]],
+    heldout: Mapping[str, Sequence[HeldOutSample]],
+    num_layers: int,
+    *,
+    num_adapters: int,
+    pad_id: int,
+    batch_size: int = 16,
+) -> dict:
+    """The routing figures above over all held-out samples.
+
+    top1_of(ids (B, W), mask (B, W)) -> {"layers.{i}.{projection}": top-1 adapter ids (B, W)}.
+    Every batch is padded to the longest sample, so the forward pass compiles once.
+    """
+    samples = [s for task in heldout.values() for s in task]
+    if not samples:
+        return {}
+    skip = shared_prefix_length(samples)
+    width = max(len(s.input_ids) for s in samples)
+    hits: dict[str, list[int]] = {}
+    dominant_hits, last_hits, last_total = 0, 0, 0
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        rows = [s.input_ids for s in chunk]
+        rows += [rows[0]] * (batch_size - len(rows))  # a full batch: one compiled shape
+        ids, mask = left_padded(rows, pad_id, width)
+        top1 = {name: np.asarray(v) for name, v in top1_of(ids, mask).items()}
+        for b, sample in enumerate(chunk):
+            n = len(sample.input_ids)
+            scored = slice(width - n + min(skip, n - 1), width)  # at least the last token
+            labels = sample.gate_labels[min(skip, n - 1) :]
+            votes = np.zeros(num_adapters, np.int64)
+            for name, ids_bw in top1.items():
+                chosen = ids_bw[b, scored]
+                counts = hits.setdefault(name, [0, 0])
+                counts[0] += int(np.sum(chosen == labels))
+                counts[1] += len(labels)
+                votes += np.bincount(chosen, minlength=num_adapters)
+                if name.startswith(f"layers.{num_layers - 1}."):
+                    last_hits += int(np.sum(chosen == labels))
+                    last_total += len(labels)
+            task_label = int(np.bincount(labels, minlength=num_adapters).argmax())
+            dominant_hits += int(votes.argmax() == task_label)
+    return {
+        "prompts": len(samples),
+        "shared_prefix_tokens": skip,
+        "dominant_accuracy": dominant_hits / len(samples),
+        "last_layer_accuracy": last_hits / max(last_total, 1),
+        "per_projection": {name: h / max(t, 1) for name, (h, t) in sorted(hits.items(), key=_layer_order)},
+    }
+
+
+def _layer_order(item) -> tuple[int, str]:
+    _, layer, projection = item[0].split(".")
+    return int(layer), projection

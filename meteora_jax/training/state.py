@@ -1,0 +1,106 @@
+"""What trains and how: the variable kinds the optimizer updates, AdamW with warmup + cosine.
+
+A training run splits the NNX model once (`nnx.split`) into a graph definition, the trainable
+state (`GateParam`, plus `nnx.LoRAParam` with `train_adapters`) and the frozen rest; the
+`nnx.Optimizer` holds AdamW moments for the trainable kinds only. The jitted step then works on
+these pure pytrees, so the hot loop pays no Python graph walk and the frozen weights get no
+gradient and no optimizer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from meteora_jax.modeling.llama import LlamaForCausalLM
+from meteora_jax.modeling.moe_lora import GateParam
+from meteora_jax.sharding import variable_sharding
+from meteora_jax.training.config import TrainConfig
+
+
+def trainable_kinds(train_adapters: bool):
+    """The NNX filter of the variables a run updates."""
+    return nnx.Any(GateParam, nnx.LoRAParam) if train_adapters else GateParam
+
+
+def learning_rate(config: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0 to `lr` over `warmup_steps`, then cosine to 0 at `config.horizon`
+    (held at 0 after it)."""
+    warmup = min(config.warmup_steps, config.horizon)
+    return optax.schedules.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.lr, warmup_steps=warmup, decay_steps=config.horizon, end_value=0.0
+    )
+
+
+def optimizer_transform(config: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping (unless `clip_norm` is 0), then AdamW on the schedule."""
+    adamw = optax.adamw(learning_rate(config), b1=0.9, b2=0.999, eps=1e-8, weight_decay=config.weight_decay)
+    if config.clip_norm == 0:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(config.clip_norm), adamw)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """The part of a run that changes every step (donated to the step): trainable variables and
+    the optimizer's state (its step count and AdamW moments)."""
+
+    params: nnx.State
+    opt: nnx.State
+
+    @property
+    def step(self) -> jax.Array:
+        """Optimizer steps taken (uint32 scalar)."""
+        return self.opt["step"][...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainParts:
+    """The static halves of the split: graph definitions and the trainable filter."""
+
+    module_def: nnx.GraphDef
+    optimizer_def: nnx.GraphDef
+    trainable: object  # the NNX filter of trainable variables
+
+    def module(self, params: nnx.State, frozen: nnx.State) -> LlamaForCausalLM:
+        return nnx.merge(self.module_def, params, frozen)
+
+    def optimizer(self, opt: nnx.State) -> nnx.Optimizer:
+        return nnx.merge(self.optimizer_def, opt)
+
+
+def cast_frozen(module: LlamaForCausalLM, trainable, dtype) -> None:
+    """Stores the frozen floating-point weights in `dtype` (bfloat16 compute: half the memory and
+    no per-step cast); the trainable variables keep their (float32) storage."""
+    frozen = nnx.state(module, nnx.All(nnx.Param, nnx.Not(trainable)))
+    cast = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, frozen)
+    nnx.update(module, cast)
+
+
+def split_for_training(
+    module: LlamaForCausalLM, config: TrainConfig
+) -> tuple[TrainParts, TrainState, nnx.State]:
+    """(static parts, trainable state with fresh optimizer moments, frozen state) of `module`."""
+    kinds = trainable_kinds(config.train_adapters)
+    optimizer = nnx.Optimizer(module, optimizer_transform(config), wrt=kinds)
+    module_def, params, frozen = nnx.split(module, kinds, ...)
+    optimizer_def, opt = nnx.split(optimizer)
+    return TrainParts(module_def, optimizer_def, kinds), TrainState(params, opt), frozen
+
+
+def shardings_of(tree, mesh: Mesh):
+    """The NamedSharding of every variable of an NNX state by its `logical_axes` (replicated
+    without), with the same tree structure, for `jax.jit` in/out shardings."""
+
+    def one(leaf):
+        if isinstance(leaf, nnx.Variable):
+            return leaf.replace(variable_sharding(leaf, mesh))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))

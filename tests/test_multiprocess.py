@@ -1,0 +1,96 @@
+"""Several hosts for real: two CPU processes on 127.0.0.1 joined by `jax.distributed.initialize`
+(4 simulated devices each) train like one process with 8 devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from meteora_jax.demo.tasks import write_tiny_setup
+
+STEPS = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _args(setup, out) -> list[str]:
+    args = ["-m", "meteora_jax.cli", "train-gate", "--base", setup.base, "--data", setup.data, "--out", out]
+    for name, folder in setup.adapters.items():
+        args += ["--adapter", f"{name}={folder}"]
+    args += [
+        "--steps",
+        str(STEPS),
+        "--save-every",
+        "2",
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-2",
+    ]
+    return [*args, "--mesh", "data=2,fsdp=2,tensor=2", "--no-progress"]
+
+
+def _env(devices: int) -> dict:
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def _losses(out) -> list[tuple[int, float, float]]:
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    return [(r["step"], r["lm_loss"], r["gate_loss"]) for r in records if "loss" in r]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_with_all_the_devices(tmp_path):
+    setup = write_tiny_setup(os.fspath(tmp_path / "tiny"))
+    single = os.fspath(tmp_path / "single")
+    subprocess.run(
+        [sys.executable, *_args(setup, single)], env=_env(8), check=True, timeout=300, capture_output=True
+    )
+    multi = os.fspath(tmp_path / "multi")
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                *_args(setup, multi),
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            env=_env(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)
+    for p, output in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, output[-3000:]
+    got, want = _losses(multi), _losses(single)
+    assert [s for s, *_ in got] == list(range(1, STEPS + 1))
+    for (_, lm_a, gate_a), (_, lm_b, gate_b) in zip(got, want, strict=True):
+        assert abs(lm_a - lm_b) <= 1e-5 * abs(lm_b) and abs(gate_a - gate_b) <= 1e-5 * abs(gate_b)
+    saved = set(os.listdir(os.path.join(multi, "2", "data")))
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= saved  # each host saved its data position

@@ -1,0 +1,319 @@
+"""Gate training: the step on every mesh, micro-batches, and whole runs (resume, faults, refusals).
+
+Runs use `meteora_jax.demo.tasks.write_tiny_setup`: a tiny base with its own tokenizer, three
+random adapters and three string tasks; every run is a few seconds on 8 simulated CPU devices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import max_abs
+from flax import nnx
+
+import meteora_jax as mj
+from meteora_jax.cli import main
+from meteora_jax.config import PROJECTIONS, MoELoRAConfig
+from meteora_jax.data.pipeline import DataConfig
+from meteora_jax.demo.tasks import write_tiny_setup
+from meteora_jax.errors import ConfigError, MeteoRAError
+from meteora_jax.io import checkpoint
+from meteora_jax.modeling.llama import LlamaForCausalLM
+from meteora_jax.sharding import make_mesh
+from meteora_jax.training.config import TrainConfig
+from meteora_jax.training.loop import RunSpec, TrainingError, train
+from meteora_jax.training.state import shardings_of, split_for_training
+from meteora_jax.training.step import batch_sharding, make_gradients
+
+CONFIG = mj.LlamaConfig(
+    vocab_size=101,
+    hidden_size=40,
+    intermediate_size=56,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=10,
+)
+MOE = MoELoRAConfig(("a", "b", "c", "d"), PROJECTIONS, 4, top_k=2)
+B, S = 8, 12
+
+
+def _module() -> LlamaForCausalLM:
+    """Random model whose adapters really change the output (so the LM loss depends on the gates)."""
+    module = LlamaForCausalLM(CONFIG, MOE, rngs=nnx.Rngs(0))
+    lora = nnx.state(module, nnx.LoRAParam)
+    keys = iter(jax.random.split(jax.random.key(7), len(jax.tree.leaves(lora))))
+    nnx.update(module, jax.tree.map(lambda a: 0.3 * jax.random.normal(next(keys), a.shape), lora))
+    return module
+
+
+def _batch(seed: int = 0) -> dict:
+    """Two packed samples per row, some padding, labels per segment."""
+    rng = np.random.default_rng(seed)
+    seg = np.zeros((B, S), np.int32)
+    seg[:, :5], seg[:, 5:10] = 1, 2
+    seg[::2, 9:] = 0
+    starts = np.where(seg == 2, 5, 0)
+    positions = np.where(seg > 0, np.arange(S) - starts, 0).astype(np.int32)
+    labels = np.where(seg > 0, rng.integers(0, 4, (B, 1)) + (seg == 2), -1).astype(np.int32) % 4
+    labels = np.where(seg > 0, labels, -1).astype(np.int32)
+    weights = ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)).astype(np.float32)
+    return {
+        "input_ids": rng.integers(0, CONFIG.vocab_size, (B, S)).astype(np.int32),
+        "segment_ids": seg,
+        "positions": positions,
+        "lm_targets": rng.integers(0, CONFIG.vocab_size, (B, S)).astype(np.int32),
+        "lm_weights": np.concatenate([weights, np.zeros((B, 1), np.float32)], axis=1),
+        "gate_labels": labels,
+    }
+
+
+def _gradients(mesh_shape, grad_accum=1, train_adapters=False):
+    mesh = make_mesh(*mesh_shape, devices=jax.devices()[: int(np.prod(mesh_shape))])
+    cfg = TrainConfig(steps=1, grad_accum=grad_accum, train_adapters=train_adapters)
+    with jax.set_mesh(mesh):
+        parts, state, frozen = split_for_training(_module(), cfg)
+        params = jax.device_put(state.params, shardings_of(state.params, mesh))
+        frozen = jax.device_put(frozen, shardings_of(frozen, mesh))
+        batch = {k: jax.device_put(v, batch_sharding(mesh, (B, S))) for k, v in _batch().items()}
+        grads, sums, den = jax.jit(make_gradients(parts, cfg))(params, frozen, batch, jax.random.key(1))
+        loss = float(sums.lm_ce / den.lm + cfg.gate_loss_weight * sums.gate_ce / den.gate)
+    flat = {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
+    return loss, flat
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    return _gradients((1, 1, 1))
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
+def test_step_gives_the_same_loss_and_gate_gradients_on_every_mesh(one_device, mesh_shape, record_error):
+    """Sharded over data, fsdp and tensor axes, the loss and every gate gradient equal one device's
+    (float32, max abs error <= 1e-5 relative to the largest gradient)."""
+    loss, grads = _gradients(mesh_shape)
+    want_loss, want = one_device
+    assert abs(loss - want_loss) <= 1e-5 * abs(want_loss)
+    assert grads.keys() == want.keys() and all(k.endswith("gate") for k in grads)
+    scale = max(float(np.max(np.abs(g))) for g in want.values())
+    err = max(max_abs(grads[k], want[k]) for k in want)
+    record_error(f"gate grads {mesh_shape}", err / scale)
+    assert err <= 1e-5 * scale
+
+
+def test_micro_batches_sum_to_the_full_batch(one_device):
+    """grad_accum=4 (four micro-batches in one step) gives the one-batch loss and gradients."""
+    loss, grads = _gradients((2, 2, 2), grad_accum=4)
+    want_loss, want = one_device
+    assert abs(loss - want_loss) <= 1e-5 * abs(want_loss)
+    scale = max(float(np.max(np.abs(g))) for g in want.values())
+    assert max(max_abs(grads[k], want[k]) for k in want) <= 1e-5 * scale
+
+
+def test_train_adapters_adds_the_lora_stacks_only():
+    _, grads = _gradients((1, 1, 1), train_adapters=True)
+    kinds = {k.rsplit("/", 1)[-1] for k in grads}
+    assert kinds == {"gate", "lora_a", "lora_b"}
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return write_tiny_setup(os.fspath(tmp_path_factory.mktemp("tiny")))
+
+
+def _spec(setup, out, *, steps=8, save_every=4, mesh=None, **train_kw) -> RunSpec:
+    train_cfg = TrainConfig(steps=steps, lr=1e-2, save_every=save_every, **train_kw)
+    return RunSpec(
+        base=setup.base,
+        adapters=setup.adapters,
+        data_dir=setup.data,
+        out=os.fspath(out),
+        train=train_cfg,
+        data=DataConfig(seq_len=64, batch_size=8),
+        mesh=mesh or {"data": 2, "fsdp": 2, "tensor": 2},
+        progress=False,
+    )
+
+
+def _records(out) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _gates(out) -> dict:
+    params = checkpoint.restore(out).params
+    return {p: v for p, v in params.items() if p[-1] == "gate"}
+
+
+def _losses(out) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in _records(out) if "loss" in r]
+
+
+def _cli_args(setup, out, steps, save_every) -> list[str]:
+    args = ["train-gate", "--base", setup.base, "--data", setup.data, "--out", os.fspath(out)]
+    for name, folder in setup.adapters.items():
+        args += ["--adapter", f"{name}={folder}"]
+    args += ["--steps", str(steps), "--save-every", str(save_every), "--seq-len", "64", "--batch-size", "8"]
+    return [*args, "--lr", "1e-2", "--mesh", "data=2,fsdp=2,tensor=2", "--no-progress"]
+
+
+STEPS, SAVE_EVERY = 40, 8
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup, tmp_path_factory):
+    """A 40-step run, saving every 8 steps, through the CLI."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert main(_cli_args(setup, out, STEPS, SAVE_EVERY)) == 0
+    return out
+
+
+def test_sigkill_between_saves_then_rerun_equals_an_uninterrupted_run(setup, uninterrupted, tmp_path):
+    """A run killed (SIGKILL) after its first save, then rerun with the same command, ends with the
+    gates (bit-equal) and loss curve of a run never interrupted; the killed steps are redone."""
+    out = tmp_path / "run"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    command = [sys.executable, "-m", "meteora_jax.cli", *_cli_args(setup, out, STEPS, SAVE_EVERY)]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while SAVE_EVERY not in checkpoint.checkpoint_steps(out) and time.monotonic() < deadline:
+            assert proc.poll() is None, "the training process ended before its first save"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    killed_at = checkpoint.checkpoint_steps(out)
+    assert killed_at and killed_at[-1] < STEPS, f"the run was not killed between saves: {killed_at}"
+    assert main(_cli_args(setup, out, STEPS, SAVE_EVERY)) == 0
+    got, want = _gates(out), _gates(uninterrupted)
+    assert max(max_abs(got[p], want[p]) for p in want) == 0.0
+    assert _losses(out) == _losses(uninterrupted)
+    assert checkpoint.checkpoint_steps(out)[-1] == STEPS
+
+
+def test_run_folder_is_an_ordinary_checkpoint(setup, uninterrupted, tmp_path):
+    """load_model(base, gates=OUT) and (base, adapters, gates=OUT) give the trained gates; the run
+    folder has metrics.jsonl (one record per step) and curves.png."""
+    trained = _gates(uninterrupted)
+    from_ckpt = mj.load_model(setup.base, gates=uninterrupted)
+    with_adapters = mj.load_model(setup.base, adapters=setup.adapters, gates=uninterrupted)
+    ids = np.asarray([[1, 5, 9, 14, 3]], np.int32)
+    np.testing.assert_array_equal(from_ckpt(ids).logits, with_adapters(ids).logits)
+    state = checkpoint.model_params(from_ckpt.module)
+    for path, value in trained.items():
+        np.testing.assert_array_equal(np.asarray(state[path]), value)
+    assert [r["step"] for r in _records(uninterrupted) if "loss" in r] == list(range(1, STEPS + 1))
+    assert os.path.getsize(os.path.join(uninterrupted, "curves.png")) > 1000
+    generate = ["generate", "--ckpt", os.fspath(uninterrupted), "--prompt", "reverse: abc"]
+    assert main([*generate, "--max-new-tokens", "3"]) == 0
+
+
+def test_corrupt_latest_step_is_set_aside_and_the_previous_one_used(setup, tmp_path):
+    out = tmp_path / "run"
+    train(_spec(setup, out, steps=8, save_every=4))
+    meta_dir = out / "8" / "meta"
+    for f in meta_dir.iterdir():
+        f.write_text("{not json")
+    with pytest.warns(UserWarning, match=r"step 8 is unreadable or corrupt"):
+        result = train(_spec(setup, out, steps=12, save_every=4))
+    assert result.step == 12 and checkpoint.checkpoint_steps(out) == [4, 8, 12]
+    assert any(name.startswith(".bad-step-8-") for name in os.listdir(out))
+
+
+def test_a_larger_steps_extends_a_finished_run_and_the_log_says_the_schedule_changed(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(_spec(setup, out, steps=4, save_every=4))
+    capsys.readouterr()
+    train(_spec(setup, out, steps=8, save_every=4))
+    err = capsys.readouterr().err
+    assert "horizon changes from 4 to 8" in err and "resumed" in err
+    assert [r["step"] for r in _records(out) if "loss" in r] == list(range(1, 9))
+    again = train(_spec(setup, out, steps=8, save_every=4))
+    assert again.step == 8 and "nothing to do" in capsys.readouterr().err
+
+
+def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(setup, tmp_path):
+    """lr 1e38 sends the gate logits past float32 after the first update: the run stops at the first step
+    whose loss is not finite, and the checkpoint saved before it stays."""
+    out = tmp_path / "run"
+    spec = _spec(setup, out, steps=8, save_every=1)
+    spec = RunSpec(**{**spec.__dict__, "train": TrainConfig(steps=8, lr=1e38, save_every=1, clip_norm=0.0)})
+    with pytest.raises(
+        TrainingError, match=r"step \d+: the loss is not finite .* last good checkpoint is step"
+    ):
+        train(spec)
+    steps = checkpoint.checkpoint_steps(out)
+    assert steps and steps[-1] < 8
+    assert checkpoint.restore(out, steps[-1]).params  # the kept step reads back
+
+
+def test_out_holding_something_else_is_refused_unless_force(setup, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(
+        TrainingError, match=r"--out .*busy holds something other than a meteora-jax training run"
+    ):
+        train(_spec(setup, out, steps=1))
+    assert (out / "notes.txt").read_text() == "mine"
+    spec = _spec(setup, out, steps=1)
+    train(RunSpec(**{**spec.__dict__, "force": True}))
+    assert not (out / "notes.txt").exists() and checkpoint.checkpoint_steps(out) == [1]
+
+
+def test_out_inside_an_input_is_refused(setup):
+    with pytest.raises(MeteoRAError, match=r"--out .* --data"):
+        train(_spec(setup, os.path.join(setup.data, "run"), steps=1))
+
+
+def test_resume_with_other_adapters_or_train_adapters_is_refused(setup, tmp_path):
+    out = tmp_path / "run"
+    train(_spec(setup, out, steps=2, save_every=2))
+    names = list(setup.adapters)
+    swapped = {
+        names[1]: setup.adapters[names[0]],
+        names[0]: setup.adapters[names[1]],
+        names[2]: setup.adapters[names[2]],
+    }
+    spec = _spec(setup, out, steps=4)
+    with pytest.raises(ConfigError, match=r"cannot resume .*adapters"):
+        train(RunSpec(**{**spec.__dict__, "adapters": swapped}))
+    with pytest.raises(
+        ConfigError, match=r"train_adapters=False, now train_adapters=True \(--train-adapters\)"
+    ):
+        train(_spec(setup, out, steps=4, train_adapters=True))
+    assert checkpoint.checkpoint_steps(out) == [2]
+
+
+@pytest.mark.parametrize(
+    ("mesh", "message"),
+    [
+        ({"data": 3, "fsdp": 1, "tensor": 1}, r"--mesh: .*need 3 devices, found 8"),
+        ({"data": 8, "fsdp": 1, "tensor": 1}, r"--batch-size 8 does not split into --grad-accum 2"),
+    ],
+)
+def test_bad_mesh_is_refused_naming_the_setting(setup, tmp_path, mesh, message):
+    with pytest.raises(ConfigError, match=message):
+        train(_spec(setup, tmp_path / "run", steps=1, mesh=mesh, grad_accum=2))
+    assert not (tmp_path / "run").exists()
+
+
+def test_gates_learn_to_route_held_out_prompts(setup, tmp_path):
+    """The acceptance figure on the (2, 2, 2) mesh: after 200 steps the dominant adapter of a
+    held-out prompt (top-1 votes over every layer and projection, after the shared prefix) is its
+    task for >= 90% of prompts, and the last layer's gates choose it for >= 85% of tokens."""
+    result = train(_spec(setup, tmp_path / "run", steps=200, save_every=200, warmup_steps=10))
+    assert result.evaluation["dominant_accuracy"] >= 0.90
+    assert result.evaluation["last_layer_accuracy"] >= 0.85
