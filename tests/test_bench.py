@@ -96,3 +96,25 @@ def test_device_check_fails_loudly_when_a_backend_breaks(monkeypatch, capsys):
     row = device_check.check_case(device_check.SMALL_CASES[0], failures, interpret=None, repeats=1)
     assert row["xla grouped"] == "ERROR" and failures.labels == ["small decode / xla grouped"]
     assert row["ok"] == "yes" and all(isinstance(row[c], float) for c in ("xla dense", "base x@W"))
+
+
+def test_bench_train_compares_gate_training_with_a_plain_lora_step(tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    import meteora_jax.commands.bench as command
+
+    tiny = dataclasses.replace(
+        command.LLAMA3_8B_LAYER, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16,
+    )  # fmt: skip
+    monkeypatch.setattr(command, "LLAMA3_8B_LAYER", tiny)
+    out = tmp_path / "train.json"
+    argv = ["bench", "train", "--mixtures", "4x2", "3x4", "--tokens", "16", "--repeats", "1", "--json", str(out)]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["adapters"], r["rank"]) for r in rows] == [(4, 2), (3, 4)]
+    for row in rows:
+        assert row["ratio"]["lora"] == 1.0 and set(row["ratio"]) == {"lora", "gates", "gates+adapters"}
+        assert all(r > 0 for r in row["ratio"].values()) and all(b > 0 for b in row["peak_bytes"].values())
+    assert "plain LoRA r8" in capsys.readouterr().out
+    assert main(["bench", "train", "--mixtures", "4by2"]) == 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -317,3 +318,28 @@ def test_gates_learn_to_route_held_out_prompts(setup, tmp_path):
     result = train(_spec(setup, tmp_path / "run", steps=200, save_every=200, warmup_steps=10))
     assert result.evaluation["dominant_accuracy"] >= 0.90
     assert result.evaluation["last_layer_accuracy"] >= 0.85
+
+
+def test_bad_data_fails_at_once_naming_file_and_line(setup, tmp_path, capsys):
+    """A malformed JSONL line ends the command (exit 2) with one line naming the file and line,
+    before the model is loaded; nothing is written to --out."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(setup.data, data)
+    with open(data / "upper" / "train.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"prompt": "upper: abc"\n')
+    args = _cli_args(setup, tmp_path / "run", 2, 2)
+    args[args.index("--data") + 1] = os.fspath(data)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "upper/train.jsonl line 65" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_truncated_samples_are_counted_in_the_log(setup, tmp_path, capsys):
+    spec = _spec(setup, tmp_path / "run", steps=1, save_every=1)
+    spec = RunSpec(**{**spec.__dict__, "data": DataConfig(seq_len=8, batch_size=8, packing=False)})
+    train(spec)
+    assert re.search(r"step 1: \d+ samples longer than --seq-len 8 were truncated", capsys.readouterr().err)
+    assert _records(tmp_path / "run")[0]["truncated"] > 0

@@ -9,6 +9,7 @@ import json
 from meteora_jax.bench.generate import GenerateBenchSettings, bench_generate, format_bench
 from meteora_jax.bench.layer import LLAMA3_8B_LAYER, BenchSettings, bench
 from meteora_jax.config import LlamaConfig
+from meteora_jax.errors import ConfigError
 from meteora_jax.io.files import check_output_path, write_text_atomic
 
 # A small whole model for `bench model` (random weights: nothing is downloaded).
@@ -32,8 +33,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "what",
-        choices=("layer", "model", "generate"),
-        help="one LLaMA-3-8B decoder layer, a whole model, or jitted generation (decode tokens/s)",
+        choices=("layer", "model", "generate", "train"),
+        help="one LLaMA-3-8B decoder layer, a whole model, jitted generation (decode tokens/s), or one "
+        "gate-training step vs a plain-LoRA step",
     )
     parser.add_argument("--adapters", type=int, default=28)
     parser.add_argument("--rank", type=int, default=8)
@@ -48,6 +50,9 @@ def register(subparsers) -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="generate: batch sizes")
     parser.add_argument("--new-tokens", type=int, default=32, help="generate: tokens decoded per run")
     parser.add_argument("--prompt-length", type=int, default=64, help="generate: prompt tokens")
+    parser.add_argument(
+        "--mixtures", nargs="+", default=["28x8", "64x64"], metavar="LxR", help="train: adapters x rank"
+    )
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.set_defaults(func=run)
 
@@ -57,6 +62,8 @@ def run(args: argparse.Namespace) -> None:
         check_output_path(args.json, inputs=[("--base", args.base)], setting="--json")
     if args.what == "generate":
         return run_generate(args)
+    if args.what == "train":
+        return run_train(args)
     if args.base:
         config = LlamaConfig.from_hf(args.base)
     else:
@@ -111,3 +118,29 @@ def run_generate(args: argparse.Namespace) -> None:
     print(format_bench(report))
     if args.json:
         write_json({"what": "generate", "results": report}, args.json)
+
+
+def _mixture(text: str) -> tuple[int, int]:
+    adapters, sep, rank = text.partition("x")
+    if not sep or not adapters.isdigit() or not rank.isdigit():
+        raise ConfigError(f"--mixtures {text!r}: expected ADAPTERSxRANK, e.g. 28x8")
+    return int(adapters), int(rank)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    """One gate-training step (gates only, and with adapters) vs one plain-LoRA step, per mixture."""
+    from meteora_jax.bench.train import TrainBenchSettings, bench_train  # noqa: PLC0415
+
+    config = LlamaConfig.from_hf(args.base) if args.base else LLAMA3_8B_LAYER
+    config = dataclasses.replace(config, num_hidden_layers=1, vocab_size=256)
+    settings = TrainBenchSettings(
+        mixtures=tuple(_mixture(m) for m in args.mixtures),
+        lora_rank=args.rank,
+        top_k=args.top_k,
+        tokens=args.tokens[0],
+        repeats=args.repeats,
+    )
+    rows = bench_train(config, settings)
+    if args.json:
+        write_json({"what": "train", "config": config.to_hf_dict(), "settings": dataclasses.asdict(settings),
+                    "results": rows}, args.json)  # fmt: skip

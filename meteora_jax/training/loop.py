@@ -205,29 +205,25 @@ class _Run:
         self.out = os.path.abspath(spec.out)
         self.cfg = spec.train
         self.mesh = build_mesh(spec, spec.data.batch_size, self.cfg.grad_accum)
+        # The data first: a bad line should fail in a second, not after the model has loaded.
+        names = list(spec.adapters)
+        self.tokenizer = load_tokenizer(spec.base)
+        tasks = load_tasks(spec.data_dir, names, tasks=spec.tasks, split="train")
+        self.heldout = self._load_heldout(names)
         self.moe, extra, self.infos = gates_io.fuse(
             spec.base, dict(spec.adapters), None, self.cfg.top_k, seed=self.cfg.seed
         )
         compute = DTYPES[self.cfg.dtype]
         with jax.set_mesh(self.mesh):
             module = load_llama(
-                spec.base,
-                self.moe,
-                extra,
-                dtype=compute,
-                param_dtype=jnp.float32,
-                backend=spec.backend,
+                spec.base, self.moe, extra, dtype=compute, param_dtype=jnp.float32, backend=spec.backend,
                 mesh=self.mesh,
-            )
+            )  # fmt: skip
         self.num_layers = module.config.num_hidden_layers
-        self.parts, self.state, self.frozen = None, None, None
         if compute != jnp.float32:
             cast_frozen(module, trainable_kinds(self.cfg.train_adapters), compute)
         self.parts, self.state, self.frozen = split_for_training(module, self.cfg)
         self.meta = checkpoint.make_meta(self.moe, self.infos, spec.base)
-        self.tokenizer = load_tokenizer(spec.base)
-        names = list(self.moe.adapter_names)
-        tasks = load_tasks(spec.data_dir, names, tasks=spec.tasks, split="train")
         self.batches = train_batches(
             tasks,
             self.tokenizer,
@@ -236,7 +232,6 @@ class _Run:
             process_count=jax.process_count(),
             prefetch=2,
         )
-        self.heldout = self._load_heldout(names)
         self.records: list[dict] = []
 
     def _load_heldout(self, names):
