@@ -354,3 +354,18 @@ def test_bfloat16_compute_with_remat_keeps_float32_gates(setup, tmp_path):
     (loss32,), (loss16,) = ([r["loss"] for r in _records(o) if "loss" in r] for o in (out32, out16))
     assert abs(loss16 - loss32) <= 2e-2 * abs(loss32)
     assert all(v.dtype == np.float32 for v in _gates(out16).values())
+
+
+def test_bad_training_settings_are_named(capsys):
+    with pytest.raises(ConfigError, match=r"steps must be an integer >= 1, got 0; lr must be a finite"):
+        TrainConfig(steps=0, lr=float("nan"))
+    with pytest.raises(ConfigError, match=r"remat must be one of"):
+        TrainConfig(steps=1, remat="some")
+    with pytest.raises(ConfigError, match=r"--mesh 'data=2,gpu=4'"):
+        from meteora_jax.sharding import parse_mesh
+
+        parse_mesh("data=2,gpu=4")
+    code = main(
+        ["train-gate", "--base", "b", "--adapter", "a", "--data", "d", "--out", "o", "--coordinator", "x:1"]
+    )
+    assert code == 2 and "give all three or none" in capsys.readouterr().err

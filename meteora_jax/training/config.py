@@ -6,6 +6,7 @@ import dataclasses
 import math
 
 from meteora_jax.errors import ConfigError
+from meteora_jax.inputs import is_int, is_real
 from meteora_jax.modeling.llama import REMAT_POLICIES
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -14,14 +15,6 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 # data layout is checked by the data iterator's own state; other settings may change on resume,
 # and the log names each one that did.)
 SHAPE_SETTINGS = ("train_adapters",)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,15 +73,15 @@ class TrainConfig:
             ("seed", 0),
         ):
             value = getattr(self, name)
-            if not _is_int(value) or value < low:
+            if not is_int(value) or value < low:
                 problems.append(f"{name} must be an integer >= {low}, got {value!r}")
-        if self.decay_steps is not None and (not _is_int(self.decay_steps) or self.decay_steps < 1):
+        if self.decay_steps is not None and (not is_int(self.decay_steps) or self.decay_steps < 1):
             problems.append(f"decay_steps must be an integer >= 1 (or None), got {self.decay_steps!r}")
         for name in ("lr", "weight_decay", "clip_norm", "gate_loss_weight"):
             value = getattr(self, name)
-            if not _is_number(value) or value < 0:
+            if not (is_real(value) and math.isfinite(value)) or value < 0:
                 problems.append(f"{name} must be a finite number >= 0, got {value!r}")
-        if _is_number(self.lr) and self.lr == 0:
+        if is_real(self.lr) and self.lr == 0:
             problems.append("lr must be > 0")
         if not isinstance(self.train_adapters, bool):
             problems.append(f"train_adapters must be True or False, got {self.train_adapters!r}")
