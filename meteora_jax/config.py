@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
-from meteora_jax.errors import ConfigError
+from meteora_jax.errors import ConfigError, MissingFileError
 from meteora_jax.inputs import validate_routing
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -33,8 +34,8 @@ class RopeScaling:
             raise ConfigError(
                 f"rope scaling type {self.rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})"
             )
-        if self.factor <= 0:
-            raise ConfigError(f"rope scaling factor must be > 0, got {self.factor}")
+        if not _positive_real(self.factor):
+            raise ConfigError(f"rope scaling factor must be a finite number > 0, got {self.factor!r}")
         if self.rope_type == "llama3":
             missing = [
                 name
@@ -43,6 +44,8 @@ class RopeScaling:
             ]
             if missing:
                 raise ConfigError(f"llama3 rope scaling needs {', '.join(missing)}")
+            if not (_positive_real(self.low_freq_factor) and _positive_real(self.high_freq_factor)):
+                raise ConfigError("llama3 rope scaling needs finite low_freq_factor and high_freq_factor > 0")
             if self.high_freq_factor <= self.low_freq_factor:
                 raise ConfigError("llama3 rope scaling needs high_freq_factor > low_freq_factor")
 
@@ -88,8 +91,9 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
-            raise ConfigError("rope_theta and rms_norm_eps must be > 0")
+        for name in ("rope_theta", "rms_norm_eps"):
+            if not _positive_real(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
 
     @property
     def num_groups(self) -> int:
@@ -109,11 +113,11 @@ class LlamaConfig:
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no config.json found at {path}")
+            raise MissingFileError(f"no config.json found at {path}")
         try:
             with open(path, encoding="utf-8") as f:
                 raw = json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object")
@@ -152,6 +156,48 @@ class LlamaConfig:
         return out
 
 
+_REQUIRED = object()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_real(value: Any) -> bool:
+    return (
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
+
+
+def _field(raw: dict, key: str, where: str, default: Any, valid, kind: str) -> Any:
+    """raw[key] (or `default` when absent), refused with the key and file unless `valid`."""
+    value = raw.get(key, default)
+    if value is _REQUIRED:
+        raise ConfigError(f"{where}: missing field {key}")
+    if not valid(value):
+        raise ConfigError(f"{where}: {key} must be {kind}, got {value!r}")
+    return value
+
+
+def _positive_int_field(raw: dict, key: str, where: str, default: Any = _REQUIRED) -> int:
+    return _field(raw, key, where, default, lambda v: _is_int(v) and v > 0, "a positive integer")
+
+
+def _real_field(raw: dict, key: str, where: str, default: Any) -> float:
+    return float(_field(raw, key, where, default, _positive_real, "a finite number > 0"))
+
+
+def _token_ids(raw: dict, key: str, where: str, default: Any) -> tuple[int, ...]:
+    """A token id field: an integer >= 0, a list of them, or null (no ids)."""
+    value = raw.get(key, default)
+    ids = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(_is_int(i) and i >= 0 for i in ids):
+        raise ConfigError(
+            f"{where}: {key} must be a token id (an integer >= 0), a list of them or null, got {value!r}"
+        )
+    return tuple(ids)
+
+
 def _from_dict(raw: dict[str, Any], where: str) -> LlamaConfig:
     model_type = raw.get("model_type")
     if model_type != "llama":
@@ -171,37 +217,44 @@ def _from_dict(raw: dict[str, Any], where: str) -> LlamaConfig:
     missing = [name for name in required if name not in raw]
     if missing:
         raise ConfigError(f"{where}: missing field(s) {', '.join(missing)}")
-
-    heads = raw["num_attention_heads"]
-    head_dim = raw.get("head_dim")
+    sizes = {name: _positive_int_field(raw, name, where) for name in required}
+    heads = sizes["num_attention_heads"]
+    head_dim = _positive_int_field(raw, "head_dim", where, None) if raw.get("head_dim") is not None else None
     if head_dim is None:
-        if raw["hidden_size"] % heads:
+        if sizes["hidden_size"] % heads:
             raise ConfigError(
-                f"{where}: hidden_size ({raw['hidden_size']}) is not a multiple of "
+                f"{where}: hidden_size ({sizes['hidden_size']}) is not a multiple of "
                 f"num_attention_heads ({heads}) and no head_dim is given"
             )
-        head_dim = raw["hidden_size"] // heads
+        head_dim = sizes["hidden_size"] // heads
+    kv_heads = raw.get("num_key_value_heads")
+    kv_heads = heads if kv_heads is None else _positive_int_field(raw, "num_key_value_heads", where)
 
     rope_theta, rope_scaling = _rope_from_dict(raw, where)
-    eos = raw.get("eos_token_id", 2)
-    eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list | tuple) else (eos,)
+    bos, pad = raw.get("bos_token_id", 1), raw.get("pad_token_id")
+    if bos is not None and not (_is_int(bos) and bos >= 0):
+        raise ConfigError(f"{where}: bos_token_id must be a token id (an integer >= 0) or null, got {bos!r}")
+    if pad is not None and not _is_int(pad):  # some early LLaMA conversions say -1
+        raise ConfigError(f"{where}: pad_token_id must be an integer or null, got {pad!r}")
+    tie = raw.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool):
+        raise ConfigError(f"{where}: tie_word_embeddings must be true or false, got {tie!r}")
+    fields = dict(
+        rms_norm_eps=_real_field(raw, "rms_norm_eps", where, 1e-6),
+        max_position_embeddings=_positive_int_field(raw, "max_position_embeddings", where, 2048),
+        eos_token_id=_token_ids(raw, "eos_token_id", where, 2),
+    )
     try:
         return LlamaConfig(
-            vocab_size=raw["vocab_size"],
-            hidden_size=raw["hidden_size"],
-            intermediate_size=raw["intermediate_size"],
-            num_hidden_layers=raw["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=raw.get("num_key_value_heads") or heads,
+            **sizes,
+            **fields,
+            num_key_value_heads=kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position_embeddings=raw.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            bos_token_id=raw.get("bos_token_id", 1),
-            eos_token_id=eos_ids,
-            pad_token_id=raw.get("pad_token_id"),
+            tie_word_embeddings=tie,
+            bos_token_id=bos,
+            pad_token_id=pad,
         )
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
@@ -213,31 +266,35 @@ def _rope_from_dict(raw: dict[str, Any], where: str) -> tuple[float, RopeScaling
     if params is not None and not isinstance(params, dict):
         raise ConfigError(f"{where}: rope_parameters must be an object")
     if params:
-        theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
-        scaling = params
+        theta = _real_field(params, "rope_theta", f"{where}: rope_parameters", raw.get("rope_theta", 10000.0))
+        scaling, section = params, "rope_parameters"
     else:
-        theta = raw.get("rope_theta", 10000.0)
-        scaling = raw.get("rope_scaling") or {}
+        theta = _real_field(raw, "rope_theta", where, 10000.0)
+        scaling, section = raw.get("rope_scaling") or {}, "rope_scaling"
     if not isinstance(scaling, dict):
         raise ConfigError(f"{where}: rope_scaling must be an object or null")
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
+    if not isinstance(rope_type, str) or rope_type not in ROPE_TYPES:
         raise ConfigError(
             f"{where}: rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})"
         )
     if rope_type == "default":
-        return float(theta), None
+        return theta, None
+    inner = f"{where}: {section}"
     original = scaling.get("original_max_position_embeddings")
     if rope_type == "llama3" and original is None:
         original = raw.get("max_position_embeddings")  # transformers' fallback
-    try:
-        return float(theta), RopeScaling(
-            rope_type=rope_type,
-            factor=float(scaling.get("factor", 1.0)),
-            low_freq_factor=scaling.get("low_freq_factor"),
-            high_freq_factor=scaling.get("high_freq_factor"),
-            original_max_position_embeddings=original,
+    if original is not None and not (_is_int(original) and original > 0):
+        raise ConfigError(
+            f"{inner}: original_max_position_embeddings must be a positive integer, got {original!r}"
         )
+    freq = {
+        k: _real_field(scaling, k, inner, None) if scaling.get(k) is not None else None
+        for k in ("low_freq_factor", "high_freq_factor")
+    }
+    factor = _real_field(scaling, "factor", inner, 1.0)
+    try:
+        return theta, RopeScaling(rope_type, factor, **freq, original_max_position_embeddings=original)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 

@@ -9,6 +9,7 @@ reading only the slices each device needs from memory-mapped files.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -19,7 +20,8 @@ import numpy as np
 from flax import nnx
 
 from meteora_jax.config import LlamaConfig, MoELoRAConfig
-from meteora_jax.errors import CheckpointError
+from meteora_jax.errors import CheckpointError, MissingFileError, OutputExistsError
+from meteora_jax.io import checksums
 from meteora_jax.io.files import raise_problems, staged_directory, write_text_atomic
 from meteora_jax.io.safetensors_io import FLOAT_DTYPES, SafetensorsFile, save_file
 from meteora_jax.modeling.llama import LlamaForCausalLM
@@ -79,15 +81,11 @@ IGNORED_KEYS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"
 def weight_files(base_dir: str) -> dict[str, SafetensorsFile]:
     """Maps every tensor name to its open file, from `model.safetensors` or the shard index."""
     if not os.path.isdir(base_dir):
-        raise FileNotFoundError(f"model folder {base_dir} does not exist")
+        raise MissingFileError(f"model folder {base_dir} does not exist")
     index_path = os.path.join(base_dir, INDEX_FILE)
     single_path = os.path.join(base_dir, WEIGHTS_FILE)
     if os.path.isfile(index_path):
-        try:
-            with open(index_path, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index_path}: not a valid safetensors index (no weight_map)") from None
+        weight_map = _read_weight_map(index_path)
         files: dict[str, SafetensorsFile] = {}
         for name in sorted(set(weight_map.values())):
             path = os.path.join(base_dir, name)
@@ -113,7 +111,30 @@ def weight_files(base_dir: str) -> dict[str, SafetensorsFile]:
         if others
         else ""
     )
-    raise FileNotFoundError(f"no {WEIGHTS_FILE} or {INDEX_FILE} in {base_dir}{hint}")
+    raise MissingFileError(f"no {WEIGHTS_FILE} or {INDEX_FILE} in {base_dir}{hint}")
+
+
+def _read_weight_map(index_path: str) -> dict[str, str]:
+    """The `weight_map` of a shard index: tensor name -> shard file name, both strings."""
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{index_path}: not valid JSON ({e})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        got = "nothing" if weight_map is None else f"a {type(weight_map).__name__}"
+        raise CheckpointError(
+            f"{index_path}: not a valid safetensors index (weight_map must map tensor names to shard files, "
+            f"got {got})"
+        )
+    bad = [k for k, v in weight_map.items() if not isinstance(v, str) or not v]
+    if bad:
+        raise CheckpointError(
+            f"{index_path}: weight_map gives tensor {bad[0]} the shard {weight_map[bad[0]]!r} "
+            "(expected a file name)"
+        )
+    return weight_map
 
 
 def _plan(
@@ -200,7 +221,7 @@ def load_llama(
     """
     base_dir = os.fspath(base_dir)
     if not os.path.isdir(base_dir):
-        raise FileNotFoundError(f"model folder {base_dir} does not exist")
+        raise MissingFileError(f"model folder {base_dir} does not exist")
     config = LlamaConfig.from_hf(base_dir)
     files = weight_files(base_dir)
     param_dtype = dtype if param_dtype is None else param_dtype
@@ -243,8 +264,42 @@ def load_llama(
 
         return var.replace(jax.make_array_from_callback(shape, sharding, shard))
 
-    state = nnx.from_flat_state([(p, materialise(p, v)) for p, v in nnx.to_flat_state(abstract)])
-    return nnx.merge(graphdef, state)
+    flat = [(p, materialise(p, v)) for p, v in nnx.to_flat_state(abstract)]
+    _refuse_non_finite(flat, plan, where=base_dir)
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+@functools.partial(jax.jit, static_argnames="stacked")
+def _all_finite(values: tuple, stacked: tuple[bool, ...]) -> tuple:
+    """Per value: (Y,) bools for a value stacked over layers, else one bool: all elements finite."""
+    return tuple(
+        jnp.isfinite(v).reshape(v.shape[0], -1).all(axis=1) if s else jnp.isfinite(v).all()
+        for v, s in zip(values, stacked, strict=True)
+    )
+
+
+def _refuse_non_finite(flat: list, plan: dict, where: str) -> None:
+    """CheckpointError naming every tensor (and layer) holding NaN or Inf once placed in its dtype.
+
+    Checked on device after placement, in one jitted reduction over all parameters, so a value
+    that overflows when cast to the parameter dtype (float16) is caught too. Cost on 2 CPU
+    cores: about the time of reading the tensor from the page cache (1 GB of bfloat16 in ~0.4 s);
+    on an accelerator it runs at memory bandwidth. flat: (path, variable) pairs; plan: `_plan`'s.
+    """
+    paths = [tuple(str(p) for p in path) for path, _ in flat]
+    values = tuple(var.get_value() for _, var in flat)
+    stacked = tuple(path not in plan or plan[path][0].stacked for path in paths)
+    problems = []
+    for path, value, finite in zip(paths, values, _all_finite(values, stacked), strict=True):
+        for y in np.flatnonzero(~np.atleast_1d(checksums.host_array(finite))):
+            if path in plan:
+                rule, keys = plan[path]
+                problems.append(f"tensor {keys[y] if rule.stacked else keys[0]} (as {value.dtype})")
+            else:
+                problems.append(
+                    f"{'/'.join(path)} of layer {y} (as {value.dtype}, from the adapters or gates)"
+                )
+    raise_problems(CheckpointError, f"{where}: NaN or Inf weights", problems, max_shown=6)
 
 
 def save_llama(
@@ -258,7 +313,7 @@ def save_llama(
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.lexists(out_dir) and not overwrite:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{out_dir} already exists (refusing to overwrite it: "
             "pass overwrite=True, or --force on the command line)"
         )

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from meteora_jax.config import BLOCK_OF, PROJECTIONS, LlamaConfig, projection_shape
-from meteora_jax.errors import CheckpointError, ConfigError, MeteoRAError
+from meteora_jax.errors import CheckpointError, ConfigError, MeteoRAError, MissingFileError
 from meteora_jax.inputs import is_int
 from meteora_jax.io.files import raise_problems
 from meteora_jax.io.safetensors_io import SafetensorsFile
@@ -42,6 +42,8 @@ BIN_FILE = "adapter_model.bin"
 # PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["llama"], used when target_modules is null.
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 _LOW_FLOATS = ("bfloat16", "float8_e4m3fn", "float8_e5m2")  # ml_dtypes floats, numpy kind "V"
+# Scales live in float32 (`AdapterScale`): a larger one would be Inf there, and so would the logits.
+MAX_SCALE = float(np.finfo(np.float32).max)
 
 
 def module_name(layer: int, projection: str) -> str:
@@ -74,8 +76,11 @@ class LoRAModule:
             raise ConfigError(
                 f"LoRA weights need a (r, in) and b (out, r) with one r > 0, got a {a.shape}, b {b.shape}"
             )
-        if not (math.isfinite(self.alpha) and math.isfinite(self.scale)):
-            raise ConfigError(f"LoRA alpha and scale must be finite, got {self.alpha} and {self.scale}")
+        if not (math.isfinite(self.alpha) and abs(self.scale) <= MAX_SCALE):
+            raise ConfigError(
+                f"LoRA alpha and scale must be finite (scale at most {MAX_SCALE:g} in magnitude, float32's "
+                f"range), got {self.alpha} and {self.scale}"
+            )
         object.__setattr__(self, "a", a)
         object.__setattr__(self, "b", b)
         object.__setattr__(self, "alpha", float(self.alpha))
@@ -322,7 +327,15 @@ def _llama_modules(num_layers: int):
 
 def _targets(s: _Settings, num_layers: int, where: str) -> dict[tuple[int, str], tuple[int, float]]:
     """(layer, projection) -> (rank, alpha) for every module the settings target."""
-    targets, problems = {}, []
+    targets, problems, too_large = {}, [], []
+    wanted = s.layers_to_transform
+    wanted = () if wanted is None else (wanted,) if isinstance(wanted, int) else wanted
+    outside = [i for i in wanted if not 0 <= i < num_layers]
+    if outside:
+        raise ConfigError(
+            f"{where}: layers_to_transform {list(outside)} lies outside the base model, which has "
+            f"{num_layers} layers (0 to {num_layers - 1})"
+        )
     for name, slot in _llama_modules(num_layers):
         if not _is_targeted(s, name):
             continue
@@ -334,9 +347,19 @@ def _targets(s: _Settings, num_layers: int, where: str) -> dict[tuple[int, str],
             )
             problems.append(f"target_modules matches {name} ({why})")
             continue
-        targets[slot] = (
+        rank, alpha = (
             _pattern_value(s.rank_pattern, name, s.r),
             float(_pattern_value(s.alpha_pattern, name, s.lora_alpha)),
+        )
+        if abs(lora_scaling(alpha, rank, s.use_rslora)) > MAX_SCALE:
+            too_large.append((name, rank, alpha))
+        else:
+            targets[slot] = (rank, alpha)
+    if too_large:
+        name, rank, alpha = too_large[0]
+        problems.append(
+            f"lora_alpha {alpha:g} with r {rank} gives {name} (and {len(too_large) - 1} more modules) the "
+            f"scale {lora_scaling(alpha, rank, s.use_rslora):g}, beyond float32's range (logits would be Inf)"
         )
     if not targets and not problems:
         problems.append(f"target_modules {s.target_modules!r} matches none of the LLaMA projections")
@@ -461,7 +484,7 @@ def _read_settings(folder: str) -> _Settings:
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     return _parse_settings(raw, where=path)
 
@@ -475,7 +498,7 @@ def read_adapter(path: str | os.PathLike, config: LlamaConfig, name: str | None 
     """
     folder = os.fspath(path)
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"adapter folder {folder} does not exist")
+        raise MissingFileError(f"adapter folder {folder} does not exist")
     name = name if name is not None else os.path.basename(os.path.normpath(os.path.abspath(folder)))
     settings = _read_settings(folder)
     targets = _targets(settings, config.num_hidden_layers, where=os.path.join(folder, CONFIG_FILE))
@@ -487,7 +510,7 @@ def read_adapter(path: str | os.PathLike, config: LlamaConfig, name: str | None 
         weights = os.path.join(folder, BIN_FILE)
         tensors = _load_bin(weights)
     else:
-        raise FileNotFoundError(f"no {SAFETENSORS_FILE} or {BIN_FILE} in adapter folder {folder}")
+        raise MissingFileError(f"no {SAFETENSORS_FILE} or {BIN_FILE} in adapter folder {folder}")
     if not tensors:
         raise CheckpointError(f"{weights}: holds no tensors (an empty adapter)")
 

@@ -9,16 +9,18 @@ slice of it is materialised for a device.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Mapping
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
 from meteora_jax.errors import CheckpointError
-from meteora_jax.io.files import atomic_file
+from meteora_jax.io.files import atomic_file, raise_problems
 
 DTYPES = {
     "F64": np.dtype(np.float64),
@@ -39,46 +41,26 @@ DTYPES = {
 }
 FLOAT_DTYPES = frozenset(DTYPES[name] for name in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"))
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024
+_MAX_HEADER = 100_000_000  # the safetensors crate's MAX_HEADER_SIZE
 
 
 class SafetensorsFile:
-    """A memory-mapped safetensors file: `names()`, `shape(name)`, `get(name)` -> read-only view."""
+    """A memory-mapped safetensors file: `names()`, `shape(name)`, `get(name)` -> read-only view.
+
+    The header is validated as the format requires (the safetensors crate's rules): a sane
+    length, a UTF-8 JSON object, a string-to-string `__metadata__`, known dtypes, shapes of
+    non-negative integers, dtype x shape = byte length, and offsets that, sorted, tile the data
+    exactly: from 0, contiguous, non-overlapping, ending at the end of the file. Any violation
+    is a one-line CheckpointError naming the file and the tensor.
+    """
 
     def __init__(self, path: str):
         self.path = path
         size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{path}: not a safetensors file (too short)")
-            (header_len,) = struct.unpack("<Q", raw)
-            if header_len > min(_MAX_HEADER, size - 8):
-                raise CheckpointError(f"{path}: not a safetensors file (bad header length {header_len})")
-            try:
-                header = json.loads(f.read(header_len))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)") from None
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{path}: not a safetensors file (header is not an object)")
-        self.metadata = header.pop("__metadata__", None) or {}
+        header, header_len = _read_header(path, size)
+        self.metadata = _check_metadata(header.pop("__metadata__", None), path)
         self._data_start = 8 + header_len
-        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
-        for name, info in header.items():
-            try:
-                dtype = DTYPES[info["dtype"]]
-                shape = tuple(int(d) for d in info["shape"])
-                begin, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(
-                    f"{path}: tensor {name!r} has an unsupported or malformed entry"
-                ) from None
-            expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            if end - begin != expected or begin < 0 or self._data_start + end > size:
-                raise CheckpointError(
-                    f"{path}: tensor {name!r} points outside the file or has the wrong size"
-                )
-            self._entries[name] = (dtype, shape, begin, end)
+        self._entries = _parse_entries(header, size - self._data_start, path)
         self._mmap = np.memmap(path, dtype=np.uint8, mode="r") if size > self._data_start else None
 
     def names(self) -> list[str]:
@@ -97,6 +79,117 @@ class SafetensorsFile:
             return np.zeros(shape, dtype)
         start = self._data_start + begin
         return self._mmap[start : self._data_start + end].view(dtype).reshape(shape)
+
+
+def _read_header(path: str, size: int) -> tuple[dict, int]:
+    """The parsed JSON header and its length in bytes."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (too short: {size} bytes)")
+        (header_len,) = struct.unpack("<Q", raw)
+        if not 2 <= header_len <= min(_MAX_HEADER, size - 8):
+            raise CheckpointError(
+                f"{path}: not a safetensors file (bad header length {header_len} for a {size}-byte file; "
+                f"at most {_MAX_HEADER})"
+            )
+        text = f.read(header_len)
+    try:
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, _DuplicateKeyError) as e:
+        raise CheckpointError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+    if not isinstance(header, dict) or not text.startswith(b"{"):
+        raise CheckpointError(
+            f"{path}: not a safetensors file (header is not a JSON object starting with '{{')"
+        )
+    return header, header_len
+
+
+class _DuplicateKeyError(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise _DuplicateKeyError(f"key {next(k for k in keys if keys.count(k) > 1)!r} appears twice")
+    return dict(pairs)
+
+
+def _check_metadata(metadata: Any, path: str) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings, got {_short(metadata)}")
+    return metadata
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _entry(name: str, info: Any) -> tuple[tuple[np.dtype, tuple[int, ...], int, int] | None, str | None]:
+    """(dtype, shape, begin, end) of one header entry, or the problem with it."""
+    if not isinstance(info, dict):
+        return None, f"tensor {name!r}: entry {_short(info)} is not an object"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        return None, f"tensor {name!r}: dtype {_short(dtype)} is not one of {', '.join(DTYPES)}"
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        return None, f"tensor {name!r}: shape {_short(shape)} is not a list of non-negative integers"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        return None, f"tensor {name!r}: data_offsets {_short(offsets)} are not two non-negative integers"
+    begin, end = offsets
+    nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+    if end - begin != nbytes:
+        return None, (
+            f"tensor {name!r}: dtype {dtype} x shape {shape} is {nbytes} bytes, but data_offsets "
+            f"[{begin}, {end}] hold {end - begin}"
+        )
+    return (DTYPES[dtype], tuple(shape), begin, end), None
+
+
+def _parse_entries(
+    header: dict, data_len: int, path: str
+) -> dict[str, tuple[np.dtype, tuple[int, ...], int, int]]:
+    """The tensor entries, checked one by one and then for tiling the `data_len` data bytes."""
+    entries, problems = {}, []
+    for name, info in header.items():
+        entry, problem = _entry(name, info)
+        if problem:
+            problems.append(problem)
+        else:
+            entries[name] = entry
+    raise_problems(CheckpointError, path, problems, max_shown=4)
+    covered, previous = 0, None
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2:]):
+        if begin < covered:
+            raise CheckpointError(
+                f"{path}: tensors {previous!r} and {name!r} overlap (bytes {begin} to {covered})"
+            )
+        if begin > covered:
+            after = f"after tensor {previous!r}" if previous else "at the start of the data"
+            raise CheckpointError(
+                f"{path}: tensor {name!r} starts at byte {begin}, leaving bytes {covered} to {begin} {after} "
+                "unused (tensors must be contiguous)"
+            )
+        covered, previous = end, name
+    if covered > data_len:
+        raise CheckpointError(
+            f"{path}: tensor {previous!r} points outside the file (it ends at byte {covered} of the data, "
+            f"but the file holds {data_len} data bytes: truncated?)"
+        )
+    if covered < data_len:
+        raise CheckpointError(
+            f"{path}: the tensors end at byte {covered} of the data, but the file holds {data_len} data "
+            "bytes (bytes no tensor covers)"
+        )
+    return entries
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def save_file(

@@ -8,6 +8,7 @@ largest rank R; an adapter that does not target a (layer, projection) is a zero 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -103,14 +104,33 @@ class AdapterInfo:
 
     @classmethod
     def from_json(cls, data: dict) -> AdapterInfo:
-        keys = [(int(m["layer"]), str(m["projection"])) for m in data["modules"]]
-        return cls(
-            name=data["name"],
-            ranks={k: int(m["rank"]) for k, m in zip(keys, data["modules"], strict=True)},
-            alphas={k: float(m["alpha"]) for k, m in zip(keys, data["modules"], strict=True)},
-            use_rslora=bool(data.get("use_rslora", False)),
-            source=data.get("source"),
-        )
+        """The inverse of `to_json`; TypeError / ValueError naming the first malformed field."""
+        if not isinstance(data, dict) or not isinstance(data.get("modules"), list):
+            raise TypeError(f"an adapter entry must be an object with a modules list, got {data!r:.80}")
+        name, rslora, source = data.get("name"), data.get("use_rslora", False), data.get("source")
+        if not isinstance(name, str) or not name or not isinstance(rslora, bool):
+            raise TypeError(f"adapter name {name!r:.80} / use_rslora {rslora!r:.20} are malformed")
+        if source is not None and not isinstance(source, str):
+            raise TypeError(f"adapter {name!r} has source {source!r:.80}, not a path")
+        ranks, alphas = {}, {}
+        for m in data["modules"]:
+            if not _is_module_entry(m):
+                raise ValueError(f"adapter {name!r} has a malformed module entry {m!r:.100}")
+            key = (m["layer"], m["projection"])
+            if key in ranks:
+                raise ValueError(f"adapter {name!r} lists module {key} twice")
+            ranks[key], alphas[key] = m["rank"], float(m["alpha"])
+        return cls(name=name, ranks=ranks, alphas=alphas, use_rslora=rslora, source=source)
+
+
+def _is_module_entry(m) -> bool:
+    """A `to_json` module entry: layer >= 0, a known projection, rank >= 1, a finite alpha."""
+    if not isinstance(m, dict):
+        return False
+    layer, proj, rank, alpha = (m.get(k) for k in ("layer", "projection", "rank", "alpha"))
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (layer, rank))
+    real = isinstance(alpha, int | float) and not isinstance(alpha, bool) and math.isfinite(alpha)
+    return ints and real and layer >= 0 and rank >= 1 and proj in PROJECTIONS
 
 
 def unstack_adapters(stacks: dict[Path, np.ndarray], infos: list[AdapterInfo]) -> list[LoRAAdapter]:

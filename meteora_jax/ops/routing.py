@@ -39,6 +39,17 @@ def gate_logits(x_md: jax.Array, gate_dl: jax.Array) -> jax.Array:
     return jnp.dot(x_md.astype(jnp.float32), gate_dl.astype(jnp.float32))
 
 
+def tempered_softmax(top_z: jax.Array, temperature: jax.Array) -> jax.Array:
+    """softmax(top_z / T) over the last axis, stable for any T > 0; top_z sorted descending (top_k).
+
+    The max is subtracted before dividing by T, and T is kept at least float32's smallest normal
+    number (a denormal T such as 1e-45 may be flushed to 0, and 0 / 0 is NaN), so a tiny T gives
+    one-hot weights (shared among exact ties) and a huge T uniform ones, never NaN.
+    """
+    shifted = top_z - top_z[..., :1]
+    return jax.nn.softmax(shifted / jnp.maximum(temperature, jnp.finfo(top_z.dtype).tiny), axis=-1)
+
+
 def route(
     x_md: jax.Array, gate_dl: jax.Array, settings: RoutingSettings, forced_m: jax.Array | None = None
 ) -> Routing:
@@ -52,7 +63,7 @@ def route(
         weights = (forced_m >= 0).astype(jnp.float32)[:, None]
         return Routing(ids=ids, weights=weights, logits=z_ml if settings.return_logits else None)
     top_z, ids = jax.lax.top_k(z_ml, settings.top_k)
-    weights = jax.nn.softmax(top_z / settings.temperature, axis=-1)
+    weights = tempered_softmax(top_z, settings.temperature)
     return Routing(
         ids=ids.astype(jnp.int32), weights=weights, logits=z_ml if settings.return_logits else None
     )
