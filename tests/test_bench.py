@@ -109,7 +109,19 @@ def test_bench_train_compares_gate_training_with_a_plain_lora_step(tmp_path, mon
     )  # fmt: skip
     monkeypatch.setattr(command, "LLAMA3_8B_LAYER", tiny)
     out = tmp_path / "train.json"
-    argv = ["bench", "train", "--mixtures", "4x2", "3x4", "--tokens", "16", "--repeats", "1", "--json", str(out)]
+    argv = [
+        "bench",
+        "train",
+        "--mixtures",
+        "4x2",
+        "3x4",
+        "--tokens",
+        "16",
+        "--repeats",
+        "1",
+        "--json",
+        str(out),
+    ]
     assert main(argv) == 0
     rows = json.loads(out.read_text())["results"]
     assert [(r["adapters"], r["rank"]) for r in rows] == [(4, 2), (3, 4)]

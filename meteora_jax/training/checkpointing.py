@@ -26,6 +26,7 @@ from flax import nnx
 
 from meteora_jax.errors import CheckpointError
 from meteora_jax.io import checkpoint
+from meteora_jax.io.checkpoint import CorruptCheckpointError
 from meteora_jax.io.stacking import Path
 
 OPT_ITEM, DATA_ITEM, RUN_ITEM = "opt", "data", "run"
@@ -98,7 +99,7 @@ class RunCheckpoints:
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(
+            raise CorruptCheckpointError(
                 f"{self.directory} step {step}: its data position cannot be read ({e})"
             ) from None
         return ckpt, ckpt.extra[OPT_ITEM]

@@ -28,7 +28,7 @@ from meteora_jax.data.pipeline import BATCH_KEYS, DataConfig, train_batches
 from meteora_jax.data.prompts import load_tokenizer, pad_token_of
 from meteora_jax.data.samples import load_heldout
 from meteora_jax.data.tasks import load_tasks
-from meteora_jax.errors import CheckpointError, ConfigError, MeteoRAError
+from meteora_jax.errors import ConfigError, MeteoRAError
 from meteora_jax.io import checkpoint, files
 from meteora_jax.io import gates as gates_io
 from meteora_jax.io.hf import load_llama
@@ -248,7 +248,7 @@ class _Run:
             try:
                 _, meta = checkpoint.read_meta(self.out, step)
                 run = checkpoints.read_run(step)
-            except CheckpointError as e:
+            except checkpoint.CorruptCheckpointError as e:
                 self._set_aside(step, str(e), checkpoints)
                 continue
             _check_same_model(meta, self.moe, self.infos, self.spec, where)
@@ -256,7 +256,7 @@ class _Run:
             template = flat_state(self.state.opt)
             try:
                 ckpt, opt = checkpoints.restore(step, host_arrays(template), self.batches)
-            except CheckpointError as e:
+            except checkpoint.CorruptCheckpointError as e:
                 self._set_aside(step, str(e), checkpoints)
                 continue
             self._place(ckpt.params, opt)
