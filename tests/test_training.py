@@ -369,3 +369,22 @@ def test_bad_training_settings_are_named(capsys):
         ["train-gate", "--base", "b", "--adapter", "a", "--data", "d", "--out", "o", "--coordinator", "x:1"]
     )
     assert code == 2 and "give all three or none" in capsys.readouterr().err
+
+
+def test_frozen_adapter_stacks_are_written_once_per_run(setup, uninterrupted, tmp_path):
+    """Steps hold the gates only; the frozen stacks and scales live once in the run folder's shared
+    file, which load_model uses, and whose loss is a one-line CorruptCheckpointError."""
+    import shutil
+
+    shared = uninterrupted / checkpoint.SHARED_FILE
+    assert shared.is_file()
+    for step in checkpoint.checkpoint_steps(uninterrupted):
+        stored = b"".join(
+            f.read_bytes() for f in (uninterrupted / str(step) / "params").rglob("*") if f.is_file()
+        )
+        assert b"gate" in stored and b"lora_a" not in stored and b"lora_b" not in stored
+    copy = tmp_path / "copy"
+    shutil.copytree(uninterrupted, copy)
+    os.remove(copy / checkpoint.SHARED_FILE)
+    with pytest.raises(checkpoint.CorruptCheckpointError, match=r"shared parameters .* are missing"):
+        mj.load_model(setup.base, gates=copy)

@@ -40,6 +40,7 @@ class TrainBenchSettings:
     tokens: int = 512
     repeats: int = 3
     seed: int = 0
+    backend: str = "xla"  # the MeteoRA variants' MoE-LoRA backend (the plain LoRA is always dense)
 
     def __post_init__(self):
         if self.repeats < 1 or self.tokens < 2 or self.lora_rank < 1:
@@ -48,9 +49,9 @@ class TrainBenchSettings:
             raise ConfigError(f"every mixture needs >= top_k={self.top_k} adapters and rank >= 1")
 
 
-def _model(config: LlamaConfig, n: int, rank: int, top_k: int, seed: int) -> LlamaForCausalLM:
+def _model(config: LlamaConfig, n: int, rank: int, top_k: int, seed: int, backend: str = "xla"):
     moe = MoELoRAConfig(tuple(f"adapter_{i}" for i in range(n)), PROJECTIONS, rank, top_k=top_k)
-    model = LlamaForCausalLM(config, moe, backend="xla", rngs=nnx.Rngs(seed))
+    model = LlamaForCausalLM(config, moe, backend=backend, rngs=nnx.Rngs(seed))
     lora = nnx.state(model, nnx.LoRAParam)  # B starts at zero: give every adapter real weights
     keys = iter(jax.random.split(jax.random.key(seed + 1), len(jax.tree.leaves(lora))))
     nnx.update(model, jax.tree.map(lambda a: jax.random.normal(next(keys), a.shape, a.dtype) * 0.02, lora))
@@ -108,11 +109,12 @@ def bench_train(config: LlamaConfig, settings: TrainBenchSettings, log=print) ->
             runs["lora"], peaks["lora"] = _compiled_step(lora, _lora_only, lora_cfg, batch, mesh)
             for name, train_adapters in (("gates", False), ("gates+adapters", True)):
                 cfg = TrainConfig(steps=1000, top_k=settings.top_k, train_adapters=train_adapters)
-                model = _model(config, n, rank, settings.top_k, settings.seed)
+                model = _model(config, n, rank, settings.top_k, settings.seed, settings.backend)
                 runs[name], peaks[name] = _compiled_step(model, split_for_training, cfg, batch, mesh)
             seconds = medians(interleaved(runs, settings.repeats))
             row = {"adapters": n, "rank": rank, "top_k": settings.top_k, "tokens": settings.tokens,
-                   "lora_rank": settings.lora_rank, "lora_ms": seconds["lora"] * 1e3,
+                   "lora_rank": settings.lora_rank, "backend": settings.backend,
+                   "lora_ms": seconds["lora"] * 1e3,
                    "ratio": {k: s / seconds["lora"] for k, s in seconds.items()},
                    "peak_bytes": peaks}  # fmt: skip
             rows.append(row)
@@ -124,6 +126,7 @@ def format_train_row(row: dict) -> str:
     ratios = ", ".join(f"{k} {r:.3f}x" for k, r in row["ratio"].items() if k != "lora")
     peaks = ", ".join(f"{k} {b / 2**20:.0f} MiB" for k, b in row["peak_bytes"].items() if b is not None)
     return (
-        f"train step, {row['tokens']} tokens, L={row['adapters']} x r{row['rank']} top-{row['top_k']}: "
+        f"train step, {row['tokens']} tokens, L={row['adapters']} x r{row['rank']} top-{row['top_k']} "
+        f"[{row['backend']}]: "
         f"plain LoRA r{row['lora_rank']} {row['lora_ms']:.0f} ms; {ratios}; peak temporaries: {peaks}"
     )

@@ -139,6 +139,7 @@ def run_train(args: argparse.Namespace) -> None:
         top_k=args.top_k,
         tokens=args.tokens[0],
         repeats=args.repeats,
+        backend=args.backend[0],
     )
     rows = bench_train(config, settings)
     if args.json:

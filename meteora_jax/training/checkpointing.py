@@ -56,9 +56,12 @@ class RunCheckpoints:
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
-    def save(self, step: int, params: Mapping[Path, jax.Array], meta, opt: dict, batches, run: dict) -> None:
-        """Starts saving `step` in the background (the loop goes on; `wait` blocks until done)."""
-        items = dict(checkpoint.save_args(params, meta, {OPT_ITEM: opt}).items())
+    def save(
+        self, step: int, params: Mapping[Path, jax.Array], shared: dict, meta, opt: dict, batches, run: dict
+    ) -> None:
+        """Starts saving `step` in the background (the loop goes on; `wait` blocks until done).
+        `params` leaves out the arrays of the folder's shared file, whose records are `shared`."""
+        items = dict(checkpoint.save_args(params, meta, {OPT_ITEM: opt}, shared=shared).items())
         items[DATA_ITEM] = grain.checkpoint.CheckpointSave(batches)
         items[RUN_ITEM] = ocp.args.JsonSave({"format": RUN_FORMAT, **run})
         self.manager.save(step, args=ocp.args.Composite(**items))

@@ -339,6 +339,7 @@ class _Run:
                 self.state = jax.device_put(self.state, self.step_fn.state_shardings)
                 self.frozen = jax.device_put(self.frozen, self.step_fn.frozen_shardings)
                 start = self.resume(checkpoints)
+                self.shared = self._shared_params()
                 if start >= cfg.steps:
                     _log(f"{self.out} already holds step {start} (>= --steps {cfg.steps}): nothing to do")
                     return RunResult(self.out, start, self.records[-1] if self.records else {}, {})
@@ -453,6 +454,28 @@ class _Run:
         )
         return result
 
+    def _shared_params(self) -> tuple[set, dict]:
+        """(paths, checksum records) of the MeteoRA arrays that never change in this run (the
+        frozen adapter stacks and the scales), written once to the run folder, not at every save."""
+        params = checkpoint.model_params(self.parts.module(self.state.params, self.frozen))
+        trained = {tuple(str(p) for p in path) for path, _ in nnx.to_flat_state(self.state.params)}
+        frozen = {path: value for path, value in params.items() if path not in trained}
+        on_disk = checkpoint.shared_records(self.out)
+        _barrier("shared-checked")  # every process decides on the same file before process 0 writes
+        if on_disk is None:
+            records = checkpoint.write_shared(self.out, frozen)
+            _barrier("shared-written")
+        else:
+            records = checkpoint.shared_records_of(frozen)
+            changed = sorted(k for k in records if on_disk.get(k, {}).get("sha256") != records[k]["sha256"])
+            changed += sorted(on_disk.keys() ^ records.keys())
+            if changed:
+                raise ConfigError(
+                    f"cannot resume {self.out}: the adapters' weights differ from the ones it was trained "
+                    f"with (e.g. {changed[0]}); use another --out"
+                )
+        return set(frozen), records
+
     def save(self, checkpoints: RunCheckpoints, step: int) -> None:
         module = self.parts.module(self.state.params, self.frozen)
         run = {
@@ -462,8 +485,10 @@ class _Run:
             "seed": self.cfg.seed,
             "processes": jax.process_count(),
         }
+        shared_paths, shared_records = self.shared
+        params = {p: v for p, v in checkpoint.model_params(module).items() if p not in shared_paths}
         checkpoints.save(
-            step, checkpoint.model_params(module), self.meta, flat_state(self.state.opt), self.batches, run
+            step, params, shared_records, self.meta, flat_state(self.state.opt), self.batches, run
         )
 
     # -- logs (process 0 only)
