@@ -13,7 +13,8 @@ from pallas_kernels.reference import delta_reference
 pytestmark = pytest.mark.slow
 
 
-def test_bench_layer_writes_ratios(tmp_path, monkeypatch, capsys):
+def _tiny_layer(monkeypatch) -> None:
+    """`bench layer` / `bench train` at a tiny layer instead of LLaMA-3-8B's."""
     import dataclasses
 
     import meteora_jax.commands.bench as command
@@ -23,6 +24,10 @@ def test_bench_layer_writes_ratios(tmp_path, monkeypatch, capsys):
         num_key_value_heads=2, head_dim=16,
     )  # fmt: skip
     monkeypatch.setattr(command, "LLAMA3_8B_LAYER", tiny)
+
+
+def test_bench_layer_writes_ratios(tmp_path, monkeypatch, capsys):
+    _tiny_layer(monkeypatch)
     out = tmp_path / "bench.json"
     argv = ["bench", "layer", "--adapters", "4", "--rank", "4", "--tokens", "24", "--decode-tokens", "2"]
     argv += ["--decode-context", "8", "--backend", "xla", "xla_grouped", "--repeats", "1", "--json", str(out)]
@@ -99,29 +104,10 @@ def test_device_check_fails_loudly_when_a_backend_breaks(monkeypatch, capsys):
 
 
 def test_bench_train_compares_gate_training_with_a_plain_lora_step(tmp_path, monkeypatch, capsys):
-    import dataclasses
-
-    import meteora_jax.commands.bench as command
-
-    tiny = dataclasses.replace(
-        command.LLAMA3_8B_LAYER, hidden_size=64, intermediate_size=96, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16,
-    )  # fmt: skip
-    monkeypatch.setattr(command, "LLAMA3_8B_LAYER", tiny)
+    _tiny_layer(monkeypatch)
     out = tmp_path / "train.json"
-    argv = [
-        "bench",
-        "train",
-        "--mixtures",
-        "4x2",
-        "3x4",
-        "--tokens",
-        "16",
-        "--repeats",
-        "1",
-        "--json",
-        str(out),
-    ]
+    argv = ["bench", "train", "--mixtures", "4x2", "3x4", "--tokens", "16", "--repeats", "1"]
+    argv += ["--json", str(out)]
     assert main(argv) == 0
     rows = json.loads(out.read_text())["results"]
     assert [(r["adapters"], r["rank"]) for r in rows] == [(4, 2), (3, 4)]
