@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import re
@@ -194,6 +195,18 @@ def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
         for name in os.listdir(directory)
         if name.isdigit() and os.path.isdir(os.path.join(directory, name, META_ITEM))
     )
+
+
+class _SkippedItemsFilter(logging.Filter):
+    """Drops Orbax's warning that a step holds items a read did not ask for: reading only the
+    parameters and metadata of a training step (which also holds optimizer and data state) is
+    the normal case here, not a problem to report."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "was found in the checkpoint, but could not be restored" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_SkippedItemsFilter())
 
 
 def _manager(
