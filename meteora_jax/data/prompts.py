@@ -131,13 +131,21 @@ def encode_prompts(tokenizer, texts: Sequence[str], *, add_special_tokens: bool 
     if empty:
         raise ConfigError(f"prompt {empty[0]} encodes to no tokens")
     pad = pad_token_of(tokenizer)
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad, np.int32)
+    ids, mask = left_pad(rows, pad)
+    return EncodedBatch(ids, mask, pad)
+
+
+def left_pad(
+    rows: Sequence[Sequence[int]], pad_id: int, width: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) (B, width) int32 of token rows left-padded to `width` (default: the longest)."""
+    width = max(len(r) for r in rows) if width is None else width
+    ids = np.full((len(rows), width), pad_id, np.int32)
     mask = np.zeros((len(rows), width), np.int32)
     for i, row in enumerate(rows):
         ids[i, width - len(row) :] = row
         mask[i, width - len(row) :] = 1
-    return EncodedBatch(ids, mask, pad)
+    return ids, mask
 
 
 class IncrementalDecoder:

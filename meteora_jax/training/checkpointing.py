@@ -20,7 +20,6 @@ from collections.abc import Mapping
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -120,15 +119,3 @@ def set_aside(directory: str, step: int, reason: str) -> str:
         stacklevel=2,
     )
     return dst
-
-
-def host_arrays(tree):
-    """A pytree of (possibly sharded, multi-host) arrays as numpy on every host."""
-    from jax.experimental import multihost_utils
-
-    def one(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return np.asarray(x)
-
-    return jax.tree.map(one, tree)

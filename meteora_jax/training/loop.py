@@ -29,14 +29,13 @@ from meteora_jax.data.prompts import load_tokenizer, pad_token_of
 from meteora_jax.data.samples import load_heldout
 from meteora_jax.data.tasks import load_tasks
 from meteora_jax.errors import ConfigError, MeteoRAError
-from meteora_jax.io import checkpoint, files
+from meteora_jax.io import checkpoint, checksums, files
 from meteora_jax.io import gates as gates_io
 from meteora_jax.io.hf import load_llama
 from meteora_jax.sharding import MESH_AXES, make_mesh
 from meteora_jax.training.checkpointing import (
     RunCheckpoints,
     flat_state,
-    host_arrays,
     set_aside,
 )
 from meteora_jax.training.config import SHAPE_SETTINGS, TrainConfig
@@ -255,7 +254,9 @@ class _Run:
             changes = _check_settings(run, self.spec, where)
             template = flat_state(self.state.opt)
             try:
-                ckpt, opt = checkpoints.restore(step, host_arrays(template), self.batches)
+                ckpt, opt = checkpoints.restore(
+                    step, jax.tree.map(checksums.host_array, template), self.batches
+                )
             except checkpoint.CorruptCheckpointError as e:
                 self._set_aside(step, str(e), checkpoints)
                 continue
@@ -435,7 +436,7 @@ class _Run:
 
         def top1_of(ids, mask):
             out = model(_replicated(mesh, ids), _replicated(mesh, mask), return_routing=True)
-            return {name: host_arrays(r.ids[..., 0]) for name, r in out.routing.items()}
+            return {name: checksums.host_array(r.ids[..., 0]) for name, r in out.routing.items()}
 
         result = routing_accuracy(
             top1_of,

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from meteora_jax.data.prompts import left_pad
 from meteora_jax.data.samples import HeldOutSample
 
 
@@ -27,16 +28,6 @@ def shared_prefix_length(samples: Sequence[HeldOutSample]) -> int:
         if any(r[i] != rows[0][i] for r in rows[1:]):
             return i
     return n
-
-
-def left_padded(rows: Sequence[np.ndarray], pad_id: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, mask) (B, width) int32 of rows left-padded to `width`."""
-    ids = np.full((len(rows), width), pad_id, np.int32)
-    mask = np.zeros((len(rows), width), np.int32)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = row
-        mask[i, width - len(row) :] = 1
-    return ids, mask
 
 
 def routing_accuracy(
@@ -64,7 +55,7 @@ def routing_accuracy(
         chunk = samples[start : start + batch_size]
         rows = [s.input_ids for s in chunk]
         rows += [rows[0]] * (batch_size - len(rows))  # a full batch: one compiled shape
-        ids, mask = left_padded(rows, pad_id, width)
+        ids, mask = left_pad(rows, pad_id, width)
         top1 = {name: np.asarray(v) for name, v in top1_of(ids, mask).items()}
         for b, sample in enumerate(chunk):
             n = len(sample.input_ids)
