@@ -99,6 +99,12 @@ def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
 
 
+def host_to_global(array: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A global `jax.Array` laid out by `sharding` from a host array every process holds whole
+    (each device takes its slice; works across processes, unlike `jax.device_put`)."""
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Constrains an activation's sharding by logical axes; a no-op without an active mesh."""
     mesh = jax.sharding.get_abstract_mesh()

@@ -30,9 +30,10 @@ from meteora_jax.io import checkpoint
 from meteora_jax.modeling.llama import LlamaForCausalLM
 from meteora_jax.sharding import make_mesh
 from meteora_jax.training.config import TrainConfig
-from meteora_jax.training.loop import RunSpec, TrainingError, train
+from meteora_jax.training.loop import TrainingError
 from meteora_jax.training.state import shardings_of, split_for_training
 from meteora_jax.training.step import batch_sharding, make_gradients
+from meteora_jax.training.train_gate import RunSpec, train
 
 CONFIG = mj.LlamaConfig(
     vocab_size=101,
@@ -265,7 +266,7 @@ def test_out_holding_something_else_is_refused_unless_force(setup, tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(
-        TrainingError, match=r"--out .*busy holds something other than a meteora-jax training run"
+        TrainingError, match=r"--out .*busy holds something other than a meteora-jax train-gate run"
     ):
         train(_spec(setup, out, steps=1))
     assert (out / "notes.txt").read_text() == "mine"

@@ -26,7 +26,7 @@ from meteora_jax.errors import ConfigError
 from meteora_jax.modeling.llama import LlamaForCausalLM
 from meteora_jax.sharding import make_mesh
 from meteora_jax.training.config import TrainConfig
-from meteora_jax.training.state import TrainParts, TrainState, optimizer_transform, split_for_training
+from meteora_jax.training.state import split_for_training
 from meteora_jax.training.step import make_train_step
 
 
@@ -58,14 +58,6 @@ def _model(config: LlamaConfig, n: int, rank: int, top_k: int, seed: int, backen
     return model
 
 
-def _lora_only(model: LlamaForCausalLM, cfg: TrainConfig) -> tuple[TrainParts, TrainState, nnx.State]:
-    """The plain-LoRA split: A and B trained, nothing else (no gate state, no gate moments)."""
-    optimizer = nnx.Optimizer(model, optimizer_transform(cfg), wrt=nnx.LoRAParam)
-    module_def, params, frozen = nnx.split(model, nnx.LoRAParam, ...)
-    optimizer_def, opt = nnx.split(optimizer)
-    return TrainParts(module_def, optimizer_def, nnx.LoRAParam), TrainState(params, opt), frozen
-
-
 def _batch(config: LlamaConfig, tokens: int, n: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     shape = (1, tokens)
@@ -79,9 +71,9 @@ def _batch(config: LlamaConfig, tokens: int, n: int, seed: int) -> dict:
     }
 
 
-def _compiled_step(model, split, cfg: TrainConfig, batch: dict, mesh):
+def _compiled_step(model, cfg: TrainConfig, batch: dict, mesh):
     """(run(), peak temporary bytes) of one jitted training step of `model`."""
-    parts, state, frozen = split(model, cfg)
+    parts, state, frozen = split_for_training(model, cfg)
     step = make_train_step(parts, cfg, state, frozen, mesh, batch_shape=batch["input_ids"].shape)
     key = jax.random.key(0)
     compiled = step.fn.lower(frozen, state, batch, key).compile()
@@ -104,13 +96,16 @@ def bench_train(config: LlamaConfig, settings: TrainBenchSettings, log=print) ->
         for n, rank in tqdm(settings.mixtures, desc="bench train", unit="mixture"):
             batch = _batch(config, settings.tokens, n, settings.seed)
             runs, peaks = {}, {}
-            lora_cfg = TrainConfig(steps=1000, gate_loss_weight=0.0, top_k=1)
+            # what `train-lora` runs: the one adapter trained, no gate state, no gate term
+            lora_cfg = TrainConfig(
+                steps=1000, gate_loss_weight=0.0, top_k=1, train_gates=False, train_adapters=True
+            )
             lora = _model(config, 1, settings.lora_rank, 1, settings.seed)
-            runs["lora"], peaks["lora"] = _compiled_step(lora, _lora_only, lora_cfg, batch, mesh)
+            runs["lora"], peaks["lora"] = _compiled_step(lora, lora_cfg, batch, mesh)
             for name, train_adapters in (("gates", False), ("gates+adapters", True)):
                 cfg = TrainConfig(steps=1000, top_k=settings.top_k, train_adapters=train_adapters)
                 model = _model(config, n, rank, settings.top_k, settings.seed, settings.backend)
-                runs[name], peaks[name] = _compiled_step(model, split_for_training, cfg, batch, mesh)
+                runs[name], peaks[name] = _compiled_step(model, cfg, batch, mesh)
             seconds = medians(interleaved(runs, settings.repeats))
             row = {"adapters": n, "rank": rank, "top_k": settings.top_k, "tokens": settings.tokens,
                    "lora_rank": settings.lora_rank, "backend": settings.backend,

@@ -14,7 +14,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 # Settings that shape the saved optimizer state: a run cannot resume under other values. (The
 # data layout is checked by the data iterator's own state; other settings may change on resume,
 # and the log names each one that did.)
-SHAPE_SETTINGS = ("train_adapters",)
+SHAPE_SETTINGS = ("train_gates", "train_adapters")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +30,10 @@ class TrainConfig:
         weight_decay: AdamW decoupled weight decay.
         clip_norm: global gradient-norm clip (0: off).
         grad_accum: micro-batches per step, summed inside the one jitted step.
-        gate_loss_weight: lambda of loss = LM CE + lambda * gate CE (the reference: 50).
-        train_adapters: train the LoRA stacks as well as the gates.
+        gate_loss_weight: lambda of loss = LM CE + lambda * gate CE (the reference: 50); at 0 the
+            gate term is not computed at all (and its metrics are not logged).
+        train_gates: train the gates (False: `train-lora`, where the one adapter alone trains).
+        train_adapters: train the LoRA stacks (with the gates, or alone).
         remat: what each decoder layer keeps for the backward pass ("none" | "dots" | "full").
         dtype: compute dtype; trainable parameters and the loss stay float32.
         top_k: adapters chosen per token during training.
@@ -49,6 +51,7 @@ class TrainConfig:
     clip_norm: float = 0.3
     grad_accum: int = 1
     gate_loss_weight: float = 50.0
+    train_gates: bool = True
     train_adapters: bool = False
     remat: str = "none"
     dtype: str = "float32"
@@ -83,8 +86,11 @@ class TrainConfig:
                 problems.append(f"{name} must be a finite number >= 0, got {value!r}")
         if is_real(self.lr) and self.lr == 0:
             problems.append("lr must be > 0")
-        if not isinstance(self.train_adapters, bool):
-            problems.append(f"train_adapters must be True or False, got {self.train_adapters!r}")
+        for name in ("train_gates", "train_adapters"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.train_gates is False and self.train_adapters is False:
+            problems.append("nothing to train: train_gates and train_adapters are both False")
         if self.remat not in REMAT_POLICIES:
             problems.append(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
         if self.dtype not in COMPUTE_DTYPES:

@@ -1,4 +1,4 @@
-"""metrics.jsonl -> curves.png: the losses and the gate accuracy against the step."""
+"""metrics.jsonl -> curves.png: losses and accuracies against the step, whichever a run logs."""
 
 from __future__ import annotations
 
@@ -8,10 +8,36 @@ from collections.abc import Sequence
 
 from meteora_jax.io.files import write_bytes_atomic
 
+# (key, label, from the held-out evaluation records?) per panel; a series a run does not log is left out
+LOSSES = (
+    ("lm_loss", "LM loss", False),
+    ("gate_loss", "gate loss", False),
+    ("response_nll", "held-out response NLL", True),
+)
+ACCURACIES = (
+    ("gate_accuracy", "gate top-1 (train tokens)", False),
+    ("dominant_accuracy", "held-out: dominant", True),
+    ("last_layer_accuracy", "held-out: last layer", True),
+    ("exact_match", "held-out: exact match", True),
+    ("token_accuracy", "held-out: token accuracy", True),
+)
+
+
+def _plot(ax, train: Sequence[dict], evals: Sequence[dict], series) -> None:
+    for key, label, held_out in series:
+        rows = [(r["step"], r["eval"][key]) for r in evals if key in r["eval"]] if held_out else [
+            (r["step"], r[key]) for r in train if key in r
+        ]  # fmt: skip
+        if rows:
+            steps, values = zip(*rows, strict=True)
+            ax.plot(steps, values, "o-" if held_out else "-", label=label)
+    ax.set_xlabel("step")
+    ax.legend()
+
 
 def write_curves(records: Sequence[dict], path: str | os.PathLike) -> str:
-    """Plots lm_loss, gate_loss and gate_accuracy (training) and the held-out routing accuracy
-    (where evaluated) against the step; written atomically."""
+    """Plots the training losses and accuracies (per step) and the held-out ones (where
+    evaluated) against the step; written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,24 +46,10 @@ def write_curves(records: Sequence[dict], path: str | os.PathLike) -> str:
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval" in r]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    steps = [r["step"] for r in train]
-    ax_loss.plot(steps, [r["lm_loss"] for r in train], label="LM loss")
-    ax_loss.plot(steps, [r["gate_loss"] for r in train], label="gate loss")
-    ax_loss.set_xlabel("step")
+    _plot(ax_loss, train, evals, LOSSES)
     ax_loss.set_yscale("log")
-    ax_loss.legend()
-    ax_acc.plot(steps, [r["gate_accuracy"] for r in train], label="gate top-1 (train tokens)")
-    if evals:
-        eval_steps = [r["step"] for r in evals]
-        ax_acc.plot(
-            eval_steps, [r["eval"]["dominant_accuracy"] for r in evals], "o-", label="held-out: dominant"
-        )
-        ax_acc.plot(
-            eval_steps, [r["eval"]["last_layer_accuracy"] for r in evals], "s-", label="held-out: last layer"
-        )
-    ax_acc.set_xlabel("step")
+    _plot(ax_acc, train, evals, ACCURACIES)
     ax_acc.set_ylim(0, 1.02)
-    ax_acc.legend()
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)

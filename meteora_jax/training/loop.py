@@ -1,9 +1,11 @@
-"""The gate-training run: load, resume, step, log, evaluate, checkpoint, until `steps`.
+"""The training engine `train-gate` and `train-lora` share: load, resume, step, log, evaluate,
+checkpoint, until `steps`.
 
-`train(spec)` is what `meteora-jax train-gate` and `train/train_gate.py` call. Running it again
-on the same `out` resumes from the last good checkpoint; after a SIGKILL the result equals an
-uninterrupted run (same batches, same dropout keys, same optimizer state). Only process 0
-writes logs and plots; every process takes part in checkpoint saves.
+`run(job)` trains, resumes or extends the run a `Job` describes (`training.train_gate` and
+`training.train_lora` build one). Running it again on the same run folder resumes from the last
+good checkpoint; after a SIGKILL the result equals an uninterrupted run (same batches, same
+dropout keys, same optimizer state). Only process 0 writes logs and plots; every process takes
+part in checkpoint saves.
 """
 
 from __future__ import annotations
@@ -15,24 +17,24 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from meteora_jax.api import DTYPES, MeteoRAModel
+from meteora_jax.config import MoELoRAConfig
 from meteora_jax.data.pipeline import BATCH_KEYS, DataConfig, train_batches
-from meteora_jax.data.prompts import load_tokenizer, pad_token_of
-from meteora_jax.data.samples import load_heldout
-from meteora_jax.data.tasks import load_tasks
+from meteora_jax.data.tasks import Sample
 from meteora_jax.errors import ConfigError, MeteoRAError
 from meteora_jax.io import checkpoint, checksums, files
-from meteora_jax.io import gates as gates_io
 from meteora_jax.io.hf import load_llama
-from meteora_jax.sharding import MESH_AXES, make_mesh
+from meteora_jax.io.stacking import AdapterInfo, Path
+from meteora_jax.sharding import MESH_AXES, host_to_global, make_mesh
 from meteora_jax.training.checkpointing import (
     RunCheckpoints,
     flat_state,
@@ -40,80 +42,112 @@ from meteora_jax.training.checkpointing import (
 )
 from meteora_jax.training.config import SHAPE_SETTINGS, TrainConfig
 from meteora_jax.training.curves import write_curves
-from meteora_jax.training.routing_eval import routing_accuracy
 from meteora_jax.training.state import TrainState, cast_frozen, split_for_training, trainable_kinds
 from meteora_jax.training.step import batch_sharding, make_train_step
 
 METRICS_FILE, CURVES_FILE = "metrics.jsonl", "curves.png"
+GATE_METRICS = ("gate_loss", "gate_accuracy", "gate_tokens")  # logged only with a gate term
 
 
 class TrainingError(MeteoRAError):
     """A run that cannot go on: a non-finite loss, a folder it may not use."""
 
 
-@dataclasses.dataclass(frozen=True)
-class RunSpec:
-    """Everything one run needs: the model, the data, where to write, and the settings."""
+Mixture = tuple[MoELoRAConfig, dict[Path, np.ndarray], list[AdapterInfo]]  # what `io.gates.fuse` gives
 
+
+class Evaluation(Protocol):
+    """A held-out evaluation: `evaluation(model, mesh) -> {figure: value}` ({} when there is
+    nothing to score) and a one-line `summary` of such a result for the log."""
+
+    def __call__(self, model: MeteoRAModel, mesh: Mesh) -> dict: ...
+
+    def summary(self, result: dict) -> str: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One run as the engine sees it (the commands build it from their own specs).
+
+    mixture: called once the data has loaded (a bad line fails in a second, not after the
+    model): the MeteoRA mixture to put on the base. on_save: called by every process with the
+    model after each checkpoint save, and when a rerun finds the run already finished (so a run
+    killed between the two is completed). evaluate_at_start: evaluate a new run before its first
+    step too (train-lora: the base model's figures, since a new adapter starts at zero).
+    """
+
+    command: str  # "train-gate" | "train-lora": the log prefix and the progress bar's label
     base: str
-    adapters: Mapping[str, str]  # name -> PEFT folder, in gate order
-    data_dir: str
-    out: str
+    run_dir: str
     train: TrainConfig
     data: DataConfig
+    tokenizer: Any
+    tasks: Mapping[str, Sequence[Sample]]  # training samples by task, labelled by adapter index
+    mixture: Callable[[], Mixture]
     mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
-    tasks: Sequence[str] | None = None
     backend: str = "xla"
-    force: bool = False
     progress: bool = True
-    eval_batch_size: int = 16
+    evaluation: Evaluation | None = None
+    evaluate_at_start: bool = False
+    on_save: Callable[[MeteoRAModel, int], None] | None = None
 
 
 @dataclasses.dataclass
 class RunResult:
-    """What a finished run reports: its folder, last step, last metrics and last evaluation."""
+    """What a finished run reports: its folder, last step, last metrics, last evaluation and (with
+    `evaluate_at_start`) the evaluation before the first step."""
 
     out: str
     step: int
     metrics: dict
     evaluation: dict
+    start_evaluation: dict = dataclasses.field(default_factory=dict)
 
 
 def _is_main() -> bool:
     return jax.process_index() == 0
 
 
-def _log(message: str) -> None:
+def log(command: str, message: str) -> None:
+    """One line on stderr from process 0, prefixed by the command."""
     if _is_main():
-        print(f"meteora-jax train-gate: {message}", file=sys.stderr, flush=True)
+        print(f"meteora-jax {command}: {message}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- the output folder
 
 
-def _is_our_run(out: str) -> bool:
-    """Whether `out` holds step folders of a meteora-jax training run (or only its logs)."""
-    return bool(checkpoint.checkpoint_steps(out)) or os.path.isfile(os.path.join(out, METRICS_FILE))
+def is_run_folder(directory: str) -> bool:
+    """Whether `directory` holds step folders of a meteora-jax training run (or only its logs)."""
+    logs = os.path.join(directory, METRICS_FILE)
+    return bool(checkpoint.checkpoint_steps(directory)) or os.path.isfile(logs)
 
 
-def prepare_out(spec: RunSpec) -> None:
-    """Refuses an `out` that would destroy an input or holds something other than a run of ours
-    (unless `force`, which replaces it)."""
-    inputs = [("--base", spec.base), ("--data", spec.data_dir)]
-    inputs += [(f"--adapter {name}", folder) for name, folder in spec.adapters.items()]
-    files.check_output_path(spec.out, inputs=inputs)
-    out = os.path.abspath(spec.out)
+def prepare_out(
+    out: str,
+    inputs: Sequence[tuple[str, str | None]],
+    *,
+    force: bool,
+    run_dir: str | None = None,
+    command: str = "train-gate",
+) -> None:
+    """Refuses an `out` that would destroy one of `inputs` ((flag, path) pairs) or holds something
+    other than a run of ours, whose run folder is `run_dir` (default `out` itself); `force`
+    replaces it."""
+    files.check_output_path(out, inputs=inputs)
+    out = os.path.abspath(out)
+    run_dir = out if run_dir is None else os.path.abspath(run_dir)
     if not os.path.lexists(out) or (os.path.isdir(out) and not os.listdir(out)):
         return
-    if os.path.isdir(out) and _is_our_run(out) and not spec.force:
+    if os.path.isdir(out) and is_run_folder(run_dir) and not force:
         return  # resume (or extend) it
-    if not spec.force:
+    if not force:
         raise TrainingError(
-            f"--out {out} holds something other than a meteora-jax training run: choose another folder, "
+            f"--out {out} holds something other than a meteora-jax {command} run: choose another folder, "
             "or pass --force to replace it"
         )
     if _is_main():
-        _log(f"--force: replacing {out}")
+        log(command, f"--force: replacing {out}")
         shutil.rmtree(out) if os.path.isdir(out) and not os.path.islink(out) else os.remove(out)
     _barrier("prepare-out")
 
@@ -128,10 +162,11 @@ def _barrier(name: str) -> None:
 # ----------------------------------------------------------------------------- setup
 
 
-def build_mesh(spec: RunSpec, batch_size: int, grad_accum: int):
-    """The device mesh of `--mesh`, refusing sizes that do not match the devices or the batch."""
+def build_mesh(sizes: Mapping[str, int], batch_size: int, grad_accum: int) -> Mesh:
+    """The device mesh of `--mesh` ({axis: size}), refusing sizes that do not match the devices
+    or the batch."""
     try:
-        mesh = make_mesh(**{axis: spec.mesh[axis] for axis in MESH_AXES})
+        mesh = make_mesh(**{axis: sizes[axis] for axis in MESH_AXES})
     except ConfigError as e:
         raise ConfigError(f"--mesh: {e}") from None
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -151,11 +186,6 @@ def _global_batch(local: dict, sharding_of, global_shape: tuple[int, int]) -> di
     }
 
 
-def _replicated(mesh, array: np.ndarray) -> jax.Array:
-    sharding = NamedSharding(mesh, PartitionSpec())
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
-
-
 # ----------------------------------------------------------------------------- resume
 
 
@@ -165,31 +195,37 @@ class Resumed:
     run: dict
 
 
-def _check_same_model(meta, moe, infos, spec: RunSpec, where: str) -> None:
+def _shape_of(info: AdapterInfo) -> dict:
+    """An adapter's ranks, alphas and modules (not where it was read from)."""
+    return {**info.to_json(), "source": None}
+
+
+def _check_same_model(meta, moe, infos, base: str, where: str) -> None:
     problems = []
     if list(meta.adapter_names) != list(moe.adapter_names):
         problems.append(f"adapters {list(meta.adapter_names)} saved, {list(moe.adapter_names)} given")
-    elif [a.to_json() for a in meta.adapters] != [a.to_json() for a in infos]:
+    elif [_shape_of(a) for a in meta.adapters] != [_shape_of(a) for a in infos]:
         problems.append("the adapters' ranks, alphas or modules differ from the saved ones")
     if (tuple(meta.targets), meta.rank) != (tuple(moe.targets), moe.rank):
         problems.append(
             f"targets/rank {list(meta.targets)}/{meta.rank} saved, {list(moe.targets)}/{moe.rank} given"
         )
     files.raise_problems(ConfigError, f"cannot resume {where}", problems)
-    checkpoint.check_base(meta, spec.base, where)
+    checkpoint.check_base(meta, base, where)
 
 
-def _check_settings(run: dict, spec: RunSpec, where: str) -> list[str]:
+def _check_settings(run: dict, train: TrainConfig, where: str) -> list[str]:
     """Refuses shape-changing settings that differ; returns notes on the others that changed."""
     saved = run.get("train", {})
-    changed = [k for k in SHAPE_SETTINGS if saved.get(k) != getattr(spec.train, k)]
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # what an older run omits
+    changed = [k for k in SHAPE_SETTINGS if saved.get(k, defaults[k]) != getattr(train, k)]
     if changed:
         name = changed[0]
         raise ConfigError(
             f"cannot resume {where}: it was trained with {name}={saved.get(name)!r}, now {name}="
-            f"{getattr(spec.train, name)!r} (--{name.replace('_', '-')}); use another --out"
+            f"{getattr(train, name)!r} (--{name.replace('_', '-')}); use another --out"
         )
-    now = spec.train.to_json()
+    now = train.to_json()
     return [f"{k} {saved[k]!r} -> {now[k]!r}" for k in sorted(now) if k in saved and saved[k] != now[k]]
 
 
@@ -197,46 +233,36 @@ def _check_settings(run: dict, spec: RunSpec, where: str) -> list[str]:
 
 
 class _Run:
-    """The state of one `train` call (kept together so each phase is a short method)."""
+    """The state of one `run` call (kept together so each phase is a short method)."""
 
-    def __init__(self, spec: RunSpec):
-        self.spec = spec
-        self.out = os.path.abspath(spec.out)
-        self.cfg = spec.train
-        self.mesh = build_mesh(spec, spec.data.batch_size, self.cfg.grad_accum)
-        # The data first: a bad line should fail in a second, not after the model has loaded.
-        names = list(spec.adapters)
-        self.tokenizer = load_tokenizer(spec.base)
-        tasks = load_tasks(spec.data_dir, names, tasks=spec.tasks, split="train")
-        self.heldout = self._load_heldout(names)
-        self.moe, extra, self.infos = gates_io.fuse(
-            spec.base, dict(spec.adapters), None, self.cfg.top_k, seed=self.cfg.seed
-        )
+    def __init__(self, job: Job):
+        self.job = job
+        self.out = os.path.abspath(job.run_dir)
+        self.cfg = job.train
+        self.mesh = build_mesh(job.mesh, job.data.batch_size, self.cfg.grad_accum)
+        self.moe, extra, self.infos = job.mixture()
         compute = DTYPES[self.cfg.dtype]
         with jax.set_mesh(self.mesh):
             module = load_llama(
-                spec.base, self.moe, extra, dtype=compute, param_dtype=jnp.float32, backend=spec.backend,
+                job.base, self.moe, extra, dtype=compute, param_dtype=jnp.float32, backend=job.backend,
                 mesh=self.mesh,
             )  # fmt: skip
-        self.num_layers = module.config.num_hidden_layers
         if compute != jnp.float32:
-            cast_frozen(module, trainable_kinds(self.cfg.train_adapters), compute)
+            cast_frozen(module, trainable_kinds(self.cfg), compute)
         self.parts, self.state, self.frozen = split_for_training(module, self.cfg)
-        self.meta = checkpoint.make_meta(self.moe, self.infos, spec.base)
+        self.meta = checkpoint.make_meta(self.moe, self.infos, job.base)
         self.batches = train_batches(
-            tasks,
-            self.tokenizer,
-            spec.data,
+            job.tasks,
+            job.tokenizer,
+            job.data,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
             prefetch=2,
         )
         self.records: list[dict] = []
 
-    def _load_heldout(self, names):
-        if not any(os.path.isfile(os.path.join(self.spec.data_dir, t, "test.jsonl")) for t in names):
-            return None
-        return load_heldout(self.spec.data_dir, names, self.tokenizer, tasks=self.spec.tasks, split="test")
+    def log(self, message: str) -> None:
+        log(self.job.command, message)
 
     # -- resume
 
@@ -250,8 +276,8 @@ class _Run:
             except checkpoint.CorruptCheckpointError as e:
                 self._set_aside(step, str(e), checkpoints)
                 continue
-            _check_same_model(meta, self.moe, self.infos, self.spec, where)
-            changes = _check_settings(run, self.spec, where)
+            _check_same_model(meta, self.moe, self.infos, self.job.base, where)
+            changes = _check_settings(run, self.cfg, where)
             template = flat_state(self.state.opt)
             try:
                 ckpt, opt = checkpoints.restore(
@@ -264,14 +290,14 @@ class _Run:
             self.records = self._read_records(step)
             horizon = run.get("train", {}).get("decay_steps") or run.get("train", {}).get("steps")
             if horizon != self.cfg.horizon:
-                _log(
+                self.log(
                     f"the schedule's horizon changes from {horizon} to {self.cfg.horizon} steps: "
                     f"learning rates from step {step} on follow the new cosine "
                     "(set --decay-steps to keep it fixed)"
                 )
             if changes:
-                _log(f"resuming step {step} with changed settings: {'; '.join(changes)}")
-            _log(f"resumed {self.out} at step {step}")
+                self.log(f"resuming step {step} with changed settings: {'; '.join(changes)}")
+            self.log(f"resumed {self.out} at step {step}")
             return step
         return 0
 
@@ -290,15 +316,7 @@ class _Run:
             flat_sharding = dict(nnx.to_flat_state(sharding_state))
             for path, var in nnx.to_flat_state(template_state):
                 value = np.asarray(values[key_of(path)]).astype(var.get_value().dtype)
-                sharding = flat_sharding[path].get_value()
-                pairs.append(
-                    (
-                        path,
-                        var.replace(
-                            jax.make_array_from_callback(value.shape, sharding, lambda i, v=value: v[i])
-                        ),
-                    )
-                )
+                pairs.append((path, var.replace(host_to_global(value, flat_sharding[path].get_value()))))
             return nnx.from_flat_state(pairs)
 
         new_params = put(self.state.params, shardings.params, params, lambda p: tuple(str(x) for x in p))
@@ -323,7 +341,7 @@ class _Run:
     # -- the loop
 
     def run(self) -> RunResult:
-        spec, cfg = self.spec, self.cfg
+        job, cfg = self.job, self.cfg
         checkpoints = self.checkpoints = RunCheckpoints(self.out, cfg.keep)
         try:
             with jax.set_mesh(self.mesh):
@@ -333,7 +351,7 @@ class _Run:
                     self.state,
                     self.frozen,
                     self.mesh,
-                    batch_shape=(spec.data.batch_size, spec.data.seq_len),
+                    batch_shape=(job.data.batch_size, job.data.seq_len),
                     temperature=self.moe.temperature,
                 )
                 self.state_shardings = self.step_fn.state_shardings
@@ -342,9 +360,12 @@ class _Run:
                 start = self.resume(checkpoints)
                 self.shared = self._shared_params()
                 if start >= cfg.steps:
-                    _log(f"{self.out} already holds step {start} (>= --steps {cfg.steps}): nothing to do")
+                    self.log(f"{self.out} already holds step {start} (>= --steps {cfg.steps}): nothing to do")
+                    if job.on_save is not None:
+                        job.on_save(self._model(), start)
                     return RunResult(self.out, start, self.records[-1] if self.records else {}, {})
                 self._write_records()  # a resumed run's log keeps its steps up to `start` only
+                first = self.evaluate(0) if start == 0 and job.evaluate_at_start else {}
                 last, evaluation = self._loop(start, checkpoints)
             checkpoints.wait()
         finally:
@@ -352,14 +373,14 @@ class _Run:
             self.batches.close()
         if _is_main():
             write_curves(self.records, os.path.join(self.out, CURVES_FILE))
-        return RunResult(self.out, cfg.steps, last, evaluation)
+        return RunResult(self.out, cfg.steps, last, evaluation, first)
 
     def _loop(self, start: int, checkpoints: RunCheckpoints) -> tuple[dict, dict]:
-        cfg, spec = self.cfg, self.spec
-        shape = (spec.data.batch_size, spec.data.seq_len)
+        cfg, job = self.cfg, self.job
+        shape = (job.data.batch_size, job.data.seq_len)
         shardings = {k: batch_sharding(self.mesh, shape) for k in BATCH_KEYS}
         key = jax.random.key(cfg.seed)
-        bar = _progress(start, cfg.steps, spec.progress and _is_main())
+        bar = _progress(job.command, start, cfg.steps, job.progress and _is_main())
         pending, last, evaluation = None, {}, {}
         clock = time.perf_counter()
         for step in range(start, cfg.steps):
@@ -391,12 +412,16 @@ class _Run:
         """Checks and logs a finished step's metrics; a non-finite loss stops the run."""
         step, metrics, truncated = pending
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        gate_term = self.cfg.gate_loss_weight > 0
+        if not gate_term:
+            values = {k: v for k, v in values.items() if k not in GATE_METRICS}
         if not all(math.isfinite(values[k]) for k in ("loss", "grad_norm")):
             self.checkpoints.wait()  # the saves under way are of good steps: let them finish
             kept = checkpoint.checkpoint_steps(self.out)
+            shown = ("loss", "lm_loss", "gate_loss", "grad_norm") if gate_term else ("loss", "grad_norm")
             raise TrainingError(
-                f"step {step}: the loss is not finite (loss {values['loss']}, lm_loss {values['lm_loss']}, "
-                f"gate_loss {values['gate_loss']}, grad_norm {values['grad_norm']}): training stopped; "
+                f"step {step}: the loss is not finite ({', '.join(f'{k} {values[k]}' for k in shown)}): "
+                "training stopped; "
                 + (
                     f"the last good checkpoint is step {kept[-1]} in {self.out}"
                     if kept
@@ -411,48 +436,33 @@ class _Run:
             "truncated": truncated,
         }
         if truncated:
-            _log(
-                f"step {step}: {truncated} samples longer than --seq-len {self.spec.data.seq_len} "
+            self.log(
+                f"step {step}: {truncated} samples longer than --seq-len {self.job.data.seq_len} "
                 "were truncated"
             )
         if step % self.cfg.log_every == 0 or step == self.cfg.steps:
             self.records.append(record)
             self._append_record(record)
         if bar is not None:
-            bar.set_postfix(
-                loss=f"{values['loss']:.4g}",
-                gate_acc=f"{values['gate_accuracy']:.3f}",
-                tok_s=f"{record['tokens_per_s']:.0f}",
-            )
+            shown = {"loss": f"{values['loss']:.4g}"}
+            if gate_term:
+                shown["gate_acc"] = f"{values['gate_accuracy']:.3f}"
+            bar.set_postfix(**shown, tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
         return record
 
+    def _model(self) -> MeteoRAModel:
+        return MeteoRAModel(self.parts.module(self.state.params, self.frozen), self.infos)
+
     def evaluate(self, step: int) -> dict:
-        """Held-out routing accuracy (see `routing_eval`), logged; {} without test splits."""
-        if not self.heldout:
-            return {}
-        model = MeteoRAModel(self.parts.module(self.state.params, self.frozen), self.infos)
-        mesh = self.mesh
-
-        def top1_of(ids, mask):
-            out = model(_replicated(mesh, ids), _replicated(mesh, mask), return_routing=True)
-            return {name: checksums.host_array(r.ids[..., 0]) for name, r in out.routing.items()}
-
-        result = routing_accuracy(
-            top1_of,
-            self.heldout,
-            self.num_layers,
-            num_adapters=self.moe.num_adapters,
-            pad_id=pad_token_of(self.tokenizer),
-            batch_size=self.spec.eval_batch_size,
-        )
-        record = {"step": step, "eval": result}
-        self.records.append(record)
-        self._append_record(record)
-        _log(
-            f"step {step}: held-out routing: dominant adapter right for {result['dominant_accuracy']:.1%} of "
-            f"{result['prompts']} prompts, last layer {result['last_layer_accuracy']:.1%} of tokens"
-        )
+        """The job's held-out evaluation of the model at `step`, logged; {} without one."""
+        evaluation = self.job.evaluation
+        result = {} if evaluation is None else evaluation(self._model(), self.mesh)
+        if result:
+            record = {"step": step, "eval": result}
+            self.records.append(record)
+            self._append_record(record)
+            self.log(f"step {step}: {evaluation.summary(result)}")
         return result
 
     def _shared_params(self) -> tuple[set, dict]:
@@ -482,7 +492,7 @@ class _Run:
         run = {
             "step": step,
             "train": self.cfg.to_json(),
-            "data": dataclasses.asdict(self.spec.data),
+            "data": dataclasses.asdict(self.job.data),
             "seed": self.cfg.seed,
             "processes": jax.process_count(),
         }
@@ -491,6 +501,8 @@ class _Run:
         checkpoints.save(
             step, params, shared_records, self.meta, flat_state(self.state.opt), self.batches, run
         )
+        if self.job.on_save is not None:
+            self.job.on_save(MeteoRAModel(module, self.infos), step)
 
     # -- logs (process 0 only)
 
@@ -506,15 +518,15 @@ class _Run:
                 f.write(json.dumps(record) + "\n")
 
 
-def _progress(start: int, total: int, enabled: bool):
+def _progress(command: str, start: int, total: int, enabled: bool):
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=start, desc="train-gate", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=start, desc=command, unit="step", dynamic_ncols=True)
 
 
-def train(spec: RunSpec) -> RunResult:
-    """Trains (or resumes, or extends) the run `spec` describes; see the module docstring."""
-    prepare_out(spec)
-    return _Run(spec).run()
+def run(job: Job) -> RunResult:
+    """Trains (or resumes, or extends) the run `job` describes; see the module docstring. The
+    caller has checked its output folder (`prepare_out`)."""
+    return _Run(job).run()

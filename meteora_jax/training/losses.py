@@ -63,15 +63,17 @@ def lm_sums(
 
 
 def loss_sums(output: CausalLMOutput, batch: dict) -> LossSums:
-    """The sums of one forward pass run with `gate_labels` (so `output.gate_stats` is set)."""
+    """The sums of one forward pass; the gate terms are 0 when it ran without `gate_labels`
+    (`output.gate_stats` None: no gate loss)."""
     lm_ce, lm_count = lm_sums(output.logits, batch["lm_targets"], batch["lm_weights"])
-    stats = list(output.gate_stats.values())
+    stats = list((output.gate_stats or {}).values())
+    zero = jnp.zeros((), jnp.float32)
     return LossSums(
         lm_ce=lm_ce,
         lm_count=lm_count,
-        gate_ce=sum(jnp.sum(s.ce_sum) for s in stats),
-        gate_correct=sum(jnp.sum(s.correct) for s in stats),
-        gate_count=sum(jnp.sum(s.count) for s in stats),
+        gate_ce=sum((jnp.sum(s.ce_sum) for s in stats), zero),
+        gate_correct=sum((jnp.sum(s.correct) for s in stats), zero),
+        gate_count=sum((jnp.sum(s.count) for s in stats), zero),
     )
 
 

@@ -12,12 +12,16 @@ expect them near chance on tokens that every task uses.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meteora_jax.data.prompts import left_pad
 from meteora_jax.data.samples import HeldOutSample
+from meteora_jax.io.checksums import host_array
+from meteora_jax.sharding import host_to_global
 
 
 def shared_prefix_length(samples: Sequence[HeldOutSample]) -> int:
@@ -85,3 +89,35 @@ def routing_accuracy(
 def _layer_order(item) -> tuple[int, str]:
     _, layer, projection = item[0].split(".")
     return int(layer), projection
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingEvaluation:
+    """`routing_accuracy` of a model on held-out samples: train-gate's evaluation."""
+
+    heldout: Mapping[str, Sequence[HeldOutSample]]
+    pad_id: int
+    batch_size: int = 16
+
+    def __call__(self, model, mesh: Mesh) -> dict:
+        replicated = NamedSharding(mesh, PartitionSpec())
+
+        def top1_of(ids, mask):
+            ids, mask = host_to_global(ids, replicated), host_to_global(mask, replicated)
+            out = model(ids, mask, return_routing=True)
+            return {name: host_array(r.ids[..., 0]) for name, r in out.routing.items()}
+
+        return routing_accuracy(
+            top1_of,
+            self.heldout,
+            model.config.num_hidden_layers,
+            num_adapters=model.moe.num_adapters,
+            pad_id=self.pad_id,
+            batch_size=self.batch_size,
+        )
+
+    def summary(self, result: dict) -> str:
+        return (
+            f"held-out routing: dominant adapter right for {result['dominant_accuracy']:.1%} of "
+            f"{result['prompts']} prompts, last layer {result['last_layer_accuracy']:.1%} of tokens"
+        )

@@ -1,7 +1,7 @@
 """What trains and how: the variable kinds the optimizer updates, AdamW with warmup + cosine.
 
 A training run splits the NNX model once (`nnx.split`) into a graph definition, the trainable
-state (`GateParam`, plus `nnx.LoRAParam` with `train_adapters`) and the frozen rest; the
+state (`GateParam` and / or `nnx.LoRAParam`, as `TrainConfig` says) and the frozen rest; the
 `nnx.Optimizer` holds AdamW moments for the trainable kinds only. The jitted step then works on
 these pure pytrees, so the hot loop pays no Python graph walk and the frozen weights get no
 gradient and no optimizer state.
@@ -23,9 +23,11 @@ from meteora_jax.sharding import variable_sharding
 from meteora_jax.training.config import TrainConfig
 
 
-def trainable_kinds(train_adapters: bool):
-    """The NNX filter of the variables a run updates."""
-    return nnx.Any(GateParam, nnx.LoRAParam) if train_adapters else GateParam
+def trainable_kinds(config: TrainConfig):
+    """The NNX filter of the variables a run updates: gates, adapters, or both."""
+    chosen = ((GateParam, config.train_gates), (nnx.LoRAParam, config.train_adapters))
+    kinds = [kind for kind, on in chosen if on]
+    return kinds[0] if len(kinds) == 1 else nnx.Any(*kinds)
 
 
 def learning_rate(config: TrainConfig) -> optax.Schedule:
@@ -87,7 +89,7 @@ def split_for_training(
     module: LlamaForCausalLM, config: TrainConfig
 ) -> tuple[TrainParts, TrainState, nnx.State]:
     """(static parts, trainable state with fresh optimizer moments, frozen state) of `module`."""
-    kinds = trainable_kinds(config.train_adapters)
+    kinds = trainable_kinds(config)
     optimizer = nnx.Optimizer(module, optimizer_transform(config), wrt=kinds)
     module_def, params, frozen = nnx.split(module, kinds, ...)
     optimizer_def, opt = nnx.split(optimizer)

@@ -71,6 +71,7 @@ def make_gradients(parts: TrainParts, config: TrainConfig, *, temperature: float
     global batch, over `config.grad_accum` micro-batches (traceable; `make_train_step` jits it)."""
     num_micro = config.grad_accum
     routing = RoutingSettings(jnp.float32(temperature), top_k=config.top_k)
+    with_gate_term = config.gate_loss_weight > 0  # at 0 the layers skip the gate statistics
 
     def micro_loss(params, frozen, micro: dict, den: Denominators, key: jax.Array):
         module = parts.module(params, frozen)
@@ -78,7 +79,7 @@ def make_gradients(parts: TrainParts, config: TrainConfig, *, temperature: float
             micro["input_ids"],
             positions=micro["positions"],
             segment_ids=micro["segment_ids"],
-            gate_labels=micro["gate_labels"],
+            gate_labels=micro["gate_labels"] if with_gate_term else None,
             routing=routing,
             dropout_rng=key,
             remat=config.remat,

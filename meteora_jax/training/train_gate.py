@@ -1,0 +1,66 @@
+"""`train-gate` as a training job: the mixture of existing adapters, the gate objective, and
+held-out routing accuracy as its evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+
+from meteora_jax.data.pipeline import DataConfig
+from meteora_jax.data.prompts import load_tokenizer, pad_token_of
+from meteora_jax.data.samples import load_heldout
+from meteora_jax.data.tasks import load_tasks
+from meteora_jax.io import gates as gates_io
+from meteora_jax.training.config import TrainConfig
+from meteora_jax.training.loop import Job, RunResult, prepare_out, run
+from meteora_jax.training.routing_eval import RoutingEvaluation
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """Everything one gate-training run needs: the model, the data, where to write, the settings."""
+
+    base: str
+    adapters: Mapping[str, str]  # name -> PEFT folder, in gate order
+    data_dir: str
+    out: str
+    train: TrainConfig
+    data: DataConfig
+    mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
+    tasks: Sequence[str] | None = None
+    backend: str = "xla"
+    force: bool = False
+    progress: bool = True
+    eval_batch_size: int = 16
+
+
+def train(spec: RunSpec) -> RunResult:
+    """Trains (or resumes, or extends) the gate-training run `spec` describes in `spec.out`."""
+    inputs = [("--base", spec.base), ("--data", spec.data_dir)]
+    inputs += [(f"--adapter {name}", folder) for name, folder in spec.adapters.items()]
+    prepare_out(spec.out, inputs, force=spec.force)
+    names = list(spec.adapters)
+    tokenizer = load_tokenizer(spec.base)
+    tasks = load_tasks(spec.data_dir, names, tasks=spec.tasks, split="train")
+    evaluation = None
+    if any(os.path.isfile(os.path.join(spec.data_dir, t, "test.jsonl")) for t in names):
+        heldout = load_heldout(spec.data_dir, names, tokenizer, tasks=spec.tasks, split="test")
+        evaluation = RoutingEvaluation(heldout, pad_token_of(tokenizer), spec.eval_batch_size)
+    job = Job(
+        command="train-gate",
+        base=spec.base,
+        run_dir=spec.out,
+        train=spec.train,
+        data=spec.data,
+        tokenizer=tokenizer,
+        tasks=tasks,
+        mixture=lambda: gates_io.fuse(
+            spec.base, dict(spec.adapters), None, spec.train.top_k, seed=spec.train.seed
+        ),
+        mesh=spec.mesh,
+        backend=spec.backend,
+        progress=spec.progress,
+        evaluation=evaluation,
+    )
+    return run(job)
