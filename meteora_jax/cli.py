@@ -5,9 +5,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from meteora_jax.commands import bench, convert, demo, export, generate, run_reporting, train_gate
+from meteora_jax.commands import (
+    bench,
+    convert,
+    demo,
+    export,
+    generate,
+    run_reporting,
+    train_gate,
+    train_lora,
+)
 
-COMMANDS = (demo, convert, export, generate, train_gate, bench)
+COMMANDS = (demo, convert, export, generate, train_gate, train_lora, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

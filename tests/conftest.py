@@ -7,6 +7,10 @@ Parity tests report their measured errors with `record_error`; they travel in ea
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -188,3 +192,25 @@ def torch_meteora_model(base_dir: str, adapter_dirs: list[str], gates: dict, top
         gate_t = torch.tensor(np.asarray(gate), dtype=torch.float32)
         setattr(block, proj, TorchMeteoRA(getattr(block, proj), gate_t, per_adapter, top_k, temperature))
     return model
+
+
+def kill_after_first_save(cli_args: list[str], run_dir, first_save: int, total_steps: int) -> list[int]:
+    """Runs `meteora-jax CLI_ARGS` in a subprocess (8 simulated devices), SIGKILLs it as soon as
+    step `first_save` is on disk in `run_dir`, and returns the steps left there (checked to
+    lie before `total_steps`: killed between saves)."""
+    from meteora_jax.io import checkpoint
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    command = [sys.executable, "-m", "meteora_jax.cli", *cli_args]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while first_save not in checkpoint.checkpoint_steps(run_dir) and time.monotonic() < deadline:
+            assert proc.poll() is None, "the training process ended before its first save"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    killed_at = checkpoint.checkpoint_steps(run_dir)
+    assert killed_at and killed_at[-1] < total_steps, f"the run was not killed between saves: {killed_at}"
+    return killed_at

@@ -9,15 +9,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import max_abs
+from conftest import kill_after_first_save, max_abs
 from flax import nnx
 
 import meteora_jax as mj
@@ -185,19 +181,7 @@ def test_sigkill_between_saves_then_rerun_equals_an_uninterrupted_run(setup, uni
     """A run killed (SIGKILL) after its first save, then rerun with the same command, ends with the
     gates (bit-equal) and loss curve of a run never interrupted; the killed steps are redone."""
     out = tmp_path / "run"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    command = [sys.executable, "-m", "meteora_jax.cli", *_cli_args(setup, out, STEPS, SAVE_EVERY)]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while SAVE_EVERY not in checkpoint.checkpoint_steps(out) and time.monotonic() < deadline:
-            assert proc.poll() is None, "the training process ended before its first save"
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    killed_at = checkpoint.checkpoint_steps(out)
-    assert killed_at and killed_at[-1] < STEPS, f"the run was not killed between saves: {killed_at}"
+    kill_after_first_save(_cli_args(setup, out, STEPS, SAVE_EVERY), out, SAVE_EVERY, STEPS)
     assert main(_cli_args(setup, out, STEPS, SAVE_EVERY)) == 0
     got, want = _gates(out), _gates(uninterrupted)
     assert max(max_abs(got[p], want[p]) for p in want) == 0.0

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -21,7 +22,7 @@ from meteora_jax.io.files import write_text_atomic
 from meteora_jax.io.hf import save_llama
 from meteora_jax.io.peft import LoRAAdapter, LoRAModule
 from meteora_jax.io.peft_write import write_adapter
-from meteora_jax.modeling.llama import LlamaForCausalLM
+from meteora_jax.modeling.llama import INIT_STD, LlamaForCausalLM
 
 TASKS = {
     "reverse": lambda word: word[::-1],
@@ -101,15 +102,23 @@ def write_tiny_setup(
     train: int = 64,
     test: int = 16,
     targets=PROJECTIONS,
+    init_std: float = INIT_STD,
 ) -> TinySetup:
-    """A tiny base (with tokenizer), one random adapter per task and the task folders under `root`."""
+    """A tiny base (with tokenizer), one random adapter per task and the task folders under `root`.
+
+    init_std: the std of the base's random weight matrices. At transformers' 0.02 a 64-wide
+    model cannot make any next-token distribution peaked (its logits stay near 0); ~0.1 can.
+    """
     data = os.path.join(root, "data")
     samples = write_tasks(data, train=train, test=test, seed=seed)
     texts = [f"[INST] {s['prompt']} [/INST] {s['response']}" for task in samples.values() for s in task]
     base = os.path.join(root, "base")
     config_probe = train_tiny_tokenizer(texts, os.path.join(root, "tokenizer"), vocab_size=160)
     config = tiny_config(len(config_probe), layers=layers, hidden=hidden)
-    save_llama(LlamaForCausalLM(config, rngs=nnx.Rngs(seed)), base)
+    model = LlamaForCausalLM(config, rngs=nnx.Rngs(seed))
+    weights = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda w: w * (init_std / INIT_STD) if w.ndim > 1 else w, weights))
+    save_llama(model, base)
     config_probe.save_pretrained(base)
     adapters = {}
     for i, task in enumerate(samples):

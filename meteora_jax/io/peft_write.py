@@ -101,25 +101,17 @@ def adapter_config(adapter: LoRAAdapter, num_layers: int | None = None, base_mod
     }
 
 
-def write_adapter(
+def adapter_files(
     adapter: LoRAAdapter,
-    out_dir: str | os.PathLike,
     *,
     base_model_name_or_path: str | None = None,
     config: LlamaConfig | None = None,
-    overwrite: bool = False,
-) -> None:
-    """Writes a PEFT LoRA folder (`adapter_config.json` + float32 `adapter_model.safetensors`).
-
-    `config` (the base model's, optional) checks the shapes and lets an adapter on every layer
-    omit layers_to_transform. The folder is built under a temporary name and renamed into
-    place, so a failure leaves nothing behind; an existing `out_dir` is refused unless
-    `overwrite`.
-    """
-    check_output_path(out_dir, setting=API_SETTING)
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.lexists(out_dir) and not overwrite:
-        raise OutputExistsError(f"{out_dir} already exists (refusing to overwrite it: pass overwrite=True)")
+    lora_dropout: float = 0.0,
+    where: str = "",
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """(the `adapter_config.json` dict, the tensors by PEFT key) of `adapter`, checked: finite
+    weights and, with the base `config`, shapes that fit it. `where` names the destination in
+    errors. lora_dropout is recorded in the config (PEFT applies it when training further)."""
     problems = []
     for (layer, projection), m in adapter.modules.items():
         for part, w in (("A", m.a), ("B", m.b)):
@@ -132,18 +124,75 @@ def write_adapter(
                     f"module {module_name(layer, projection)} (a {m.a.shape}, b {m.b.shape}) does not fit "
                     f"the base model ({config.num_hidden_layers} layers, (in, out) = {(fan_in, fan_out)})"
                 )
-    raise_problems(CheckpointError, f"adapter {adapter.name!r} (writing {out_dir})", problems)
+    raise_problems(CheckpointError, f"adapter {adapter.name!r} ({where})", problems)
     num_layers = config.num_hidden_layers if config is not None else None
     peft_config = adapter_config(adapter, num_layers, base_model_name_or_path)
+    peft_config["lora_dropout"] = float(lora_dropout)
     _verify_config(peft_config, adapter, num_layers or max(layer for layer, _ in adapter.modules) + 1)
     tensors = {}
     for (layer, projection), m in adapter.modules.items():
         tensors[peft_key(layer, projection, "A")] = m.a
         tensors[peft_key(layer, projection, "B")] = m.b
+    return peft_config, tensors
 
+
+def _write_files(folder: str, peft_config: dict, tensors: dict[str, np.ndarray]) -> None:
+    """The weights, then the config (a reader that finds the config finds its weights)."""
+    save_file(tensors, os.path.join(folder, SAFETENSORS_FILE), metadata={"format": "pt"})
+    write_text_atomic(os.path.join(folder, CONFIG_FILE), json.dumps(peft_config, indent=2))
+
+
+def write_adapter(
+    adapter: LoRAAdapter,
+    out_dir: str | os.PathLike,
+    *,
+    base_model_name_or_path: str | None = None,
+    config: LlamaConfig | None = None,
+    overwrite: bool = False,
+    lora_dropout: float = 0.0,
+) -> None:
+    """Writes a PEFT LoRA folder (`adapter_config.json` + float32 `adapter_model.safetensors`).
+
+    `config` (the base model's, optional) checks the shapes and lets an adapter on every layer
+    omit layers_to_transform. The folder is built under a temporary name and renamed into
+    place, so a failure leaves nothing behind; an existing `out_dir` is refused unless
+    `overwrite`.
+    """
+    check_output_path(out_dir, setting=API_SETTING)
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.lexists(out_dir) and not overwrite:
+        raise OutputExistsError(f"{out_dir} already exists (refusing to overwrite it: pass overwrite=True)")
+    peft_config, tensors = adapter_files(
+        adapter,
+        base_model_name_or_path=base_model_name_or_path,
+        config=config,
+        lora_dropout=lora_dropout,
+        where=f"writing {out_dir}",
+    )
     with staged_directory(out_dir, force=overwrite) as tmp:
-        write_text_atomic(os.path.join(tmp, CONFIG_FILE), json.dumps(peft_config, indent=2))
-        save_file(tensors, os.path.join(tmp, SAFETENSORS_FILE), metadata={"format": "pt"})
+        _write_files(tmp, peft_config, tensors)
+
+
+def update_adapter_files(
+    adapter: LoRAAdapter,
+    folder: str | os.PathLike,
+    *,
+    base_model_name_or_path: str | None = None,
+    config: LlamaConfig | None = None,
+    lora_dropout: float = 0.0,
+) -> None:
+    """Writes (or replaces) the two PEFT files in an existing `folder` that holds other things
+    too (train-lora's run state), each file atomically, so a kill leaves the old pair or the new
+    weights with a config that describes them (the config does not change within a run)."""
+    folder = os.path.abspath(os.fspath(folder))
+    peft_config, tensors = adapter_files(
+        adapter,
+        base_model_name_or_path=base_model_name_or_path,
+        config=config,
+        lora_dropout=lora_dropout,
+        where=f"writing {folder}",
+    )
+    _write_files(folder, peft_config, tensors)
 
 
 def _verify_config(peft_config: dict, adapter: LoRAAdapter, num_layers: int) -> None:

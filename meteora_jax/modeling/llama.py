@@ -47,7 +47,10 @@ def segment_positions(segment_ids_bt: jax.Array) -> jax.Array:
     return jnp.where(segment_ids_bt > 0, idx_bt - first_bt, 0)
 
 
-def _param(rngs: nnx.Rngs, shape: Sequence[int], axes: tuple[str | None, ...], dtype, std: float = 0.02):
+INIT_STD = 0.02  # normal init of every weight matrix (transformers' default initializer_range)
+
+
+def _param(rngs: nnx.Rngs, shape: Sequence[int], axes: tuple[str | None, ...], dtype, std: float = INIT_STD):
     init = nnx.initializers.normal(std)
     return nnx.Param(init(rngs.params(), tuple(shape), dtype), logical_axes=axes)
 
@@ -243,7 +246,8 @@ class LlamaForCausalLM(nnx.Module):
         self.scan_layers = scan_layers
         d, v = config.hidden_size, config.vocab_size
         self.embed_tokens = nnx.Param(
-            nnx.initializers.normal(0.02)(rngs.params(), (v, d), param_dtype), logical_axes=("vocab", "embed")
+            nnx.initializers.normal(INIT_STD)(rngs.params(), (v, d), param_dtype),
+            logical_axes=("vocab", "embed"),
         )
 
         @nnx.split_rngs(splits=config.num_hidden_layers)
