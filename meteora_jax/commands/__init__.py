@@ -59,3 +59,61 @@ def checkpoint_folder(path: str, option: str = "--ckpt") -> str:
     if not os.path.isdir(path):
         raise MissingFileError(f"{option} {path} does not exist")
     return path
+
+
+def add_model_flags(p: argparse.ArgumentParser):
+    """The flags naming a model to run (a checkpoint, or a base with adapters and gates), in a
+    "model" group (returned, for a command's own model flags)."""
+    model = p.add_argument_group("model")
+    model.add_argument("--ckpt", help="a meteora-jax checkpoint folder (its base folder is read from it)")
+    model.add_argument("--base", metavar="DIR", help="the HF LLaMA base folder (overrides the checkpoint's)")
+    model.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="a PEFT adapter folder; repeat in gate order",
+    )
+    model.add_argument(
+        "--gates", metavar="FILE|CKPT", help="trained gates: MeteoRA model.safetensors or a checkpoint"
+    )
+    return model
+
+
+def checkpoint_base(ckpt: str) -> str:
+    """The base folder recorded in a checkpoint's metadata (MissingFileError if it is gone)."""
+    from meteora_jax.io import checkpoint  # noqa: PLC0415
+
+    step, meta = checkpoint.read_meta(ckpt)
+    if meta.base_path is None or not os.path.isdir(meta.base_path):
+        raise MissingFileError(
+            f"the base model {meta.base_path} recorded in {ckpt} (step {step}) is not there: "
+            "pass it with --base"
+        )
+    return meta.base_path
+
+
+def model_sources(args: argparse.Namespace) -> tuple[str, dict[str, str] | None, str | None]:
+    """(base folder, adapters {name: folder} or None, gates) of `add_model_flags`' flags: --ckpt,
+    or --base [--adapter ...] [--gates]."""
+    adapters = adapter_specs(args.adapter) if args.adapter else None
+    if args.ckpt is not None:
+        if args.gates is not None:
+            raise ConfigError("--ckpt and --gates both name trained gates: pass one of them")
+        checkpoint_folder(args.ckpt)
+        return (args.base or checkpoint_base(args.ckpt)), adapters, args.ckpt
+    if args.base is None:
+        raise ConfigError("no model: pass --ckpt CKPT, or --base DIR (with --adapter / --gates for MeteoRA)")
+    return args.base, adapters, args.gates
+
+
+def model_inputs(
+    args: argparse.Namespace, base: str, adapters: dict[str, str] | None
+) -> list[tuple[str, str]]:
+    """The (flag, path) inputs of a model given by `add_model_flags`, for `check_output_path`."""
+    return [
+        ("--ckpt", args.ckpt),
+        ("--base" if args.base else "the base recorded in --ckpt", base),
+        *(("--adapter", folder) for folder in (adapters or {}).values()),
+        ("--gates", args.gates),
+    ]

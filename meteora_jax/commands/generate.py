@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from meteora_jax.commands import adapter_specs, checkpoint_folder, run_reporting
+from meteora_jax.commands import add_model_flags, model_inputs, model_sources, run_reporting
 from meteora_jax.errors import ConfigError, MissingFileError
 
 OUTPUTS = ("--out", "--routing-html", "--routing-png", "--routing-json")
@@ -27,19 +27,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         help="generate text with a fused MeteoRA model (or its base), optionally saving the routing view",
         description="Generate text; streams a single --prompt, batches a --prompts JSONL file.",
     )
-    model = p.add_argument_group("model")
-    model.add_argument("--ckpt", help="a meteora-jax checkpoint folder (its base folder is read from it)")
-    model.add_argument("--base", metavar="DIR", help="the HF LLaMA base folder (overrides the checkpoint's)")
-    model.add_argument(
-        "--adapter",
-        action="append",
-        default=[],
-        metavar="[NAME=]DIR",
-        help="a PEFT adapter folder; repeat in gate order",
-    )
-    model.add_argument(
-        "--gates", metavar="FILE|CKPT", help="trained gates: MeteoRA model.safetensors or a checkpoint"
-    )
+    model = add_model_flags(p)
     model.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: the base folder)")
     model.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     text = p.add_argument_group("prompts")
@@ -83,32 +71,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _checkpoint_base(ckpt: str) -> str:
-    """The base folder recorded in a checkpoint's metadata."""
-    from meteora_jax.io import checkpoint  # noqa: PLC0415
-
-    step, meta = checkpoint.read_meta(ckpt)
-    if meta.base_path is None or not os.path.isdir(meta.base_path):
-        raise MissingFileError(
-            f"the base model {meta.base_path} recorded in {ckpt} (step {step}) is not there: "
-            "pass it with --base"
-        )
-    return meta.base_path
-
-
-def _sources(args) -> tuple[str, dict[str, str] | None, str | None]:
-    """(base folder, adapters {name: folder} or None, gates) from --ckpt or --base [--adapter] [--gates]."""
-    adapters = adapter_specs(args.adapter) if args.adapter else None
-    if args.ckpt is not None:
-        if args.gates is not None:
-            raise ConfigError("--ckpt and --gates both name trained gates: pass one of them")
-        checkpoint_folder(args.ckpt)
-        return (args.base or _checkpoint_base(args.ckpt)), adapters, args.ckpt
-    if args.base is None:
-        raise ConfigError("no model: pass --ckpt CKPT, or --base DIR (with --adapter / --gates for MeteoRA)")
-    return args.base, adapters, args.gates
-
-
 def _check_paths(args, base: str, adapters: dict[str, str] | None) -> None:
     """Refuses, before the model loads, a missing --prompts file and outputs that would overwrite an input."""
     from meteora_jax.io import files  # noqa: PLC0415
@@ -116,10 +78,7 @@ def _check_paths(args, base: str, adapters: dict[str, str] | None) -> None:
     if args.prompts is not None and not os.path.isfile(args.prompts):
         raise MissingFileError(f"--prompts {args.prompts} does not exist or is not a file")
     inputs = [
-        ("--ckpt", args.ckpt),
-        ("--base" if args.base else "the base recorded in --ckpt", base),
-        *(("--adapter", folder) for folder in (adapters or {}).values()),
-        ("--gates", args.gates),
+        *model_inputs(args, base, adapters),
         ("--tokenizer", args.tokenizer),
         ("--prompts", args.prompts),
     ]
@@ -131,10 +90,8 @@ def _check_paths(args, base: str, adapters: dict[str, str] | None) -> None:
 
 def _generation_kwargs(args, model, tokenizer, batch: int) -> dict:
     from meteora_jax.data.prompts import pad_token_of  # noqa: PLC0415
+    from meteora_jax.text import stop_ids  # noqa: PLC0415
 
-    eos = {int(e) for e in model.config.eos_token_id}
-    if tokenizer.eos_token_id is not None:
-        eos.add(int(tokenizer.eos_token_id))
     kwargs = dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -142,7 +99,7 @@ def _generation_kwargs(args, model, tokenizer, batch: int) -> dict:
         top_k=args.top_k,
         seed=args.seed,
         no_repeat_ngram_size=args.no_repeat_ngram_size,
-        eos_token_id=sorted(eos),
+        eos_token_id=stop_ids(model, tokenizer),
         pad_token_id=pad_token_of(tokenizer),
         routing_top_k=args.top_k_adapters,
         routing_temperature=args.routing_temperature,
@@ -156,48 +113,6 @@ def _generation_kwargs(args, model, tokenizer, batch: int) -> dict:
             )
         kwargs["adapter_ids"] = [names.index(args.force_adapter)] * batch
     return kwargs
-
-
-def _generate_batch(model, tokenizer, texts: list[str], kwargs: dict, stream: bool):
-    """Generates for one batch of prompt texts; returns (output, responses)."""
-    import numpy as np  # noqa: PLC0415
-
-    from meteora_jax.data.prompts import IncrementalDecoder, encode_prompts  # noqa: PLC0415
-    from meteora_jax.generation import generate  # noqa: PLC0415
-
-    batch = encode_prompts(tokenizer, texts)
-    on_token = None
-    if stream:
-        decoder = IncrementalDecoder(tokenizer)
-
-        def on_token(tokens_b, live_b):
-            if live_b[0]:
-                sys.stdout.write(decoder.push(int(tokens_b[0])))
-                sys.stdout.flush()
-
-    out = generate(model, batch.input_ids, attention_mask=batch.attention_mask, on_token=on_token, **kwargs)
-    new_bn = np.asarray(out.new_tokens)
-    live_bn = np.asarray(out.attention_mask[:, out.prompt_length :]).astype(bool)
-    responses = [tokenizer.decode(new_bn[b][live_bn[b]], skip_special_tokens=True) for b in range(len(texts))]
-    return out, responses
-
-
-def _routing_rows(out, tokenizer, model, prompts: list[str]):
-    """(trace, JSON record) per row of a generation with routing."""
-    import numpy as np  # noqa: PLC0415
-
-    from meteora_jax import viz  # noqa: PLC0415
-    from meteora_jax.data.prompts import token_texts  # noqa: PLC0415
-
-    seq_bt, mask_bt = np.asarray(out.sequences), np.asarray(out.attention_mask).astype(bool)
-    texts = [token_texts(tokenizer, seq_bt[b][mask_bt[b]]) for b in range(seq_bt.shape[0])]
-    titles = [p if len(p) <= 80 else p[:77] + "..." for p in prompts]
-    traces = viz.traces_from_generation(out, texts, model.adapter_names, titles)
-    records = [
-        {"prompt": prompts[b], **viz.routing_record(out, b, texts[b], model.adapter_names)}
-        for b in range(seq_bt.shape[0])
-    ]
-    return traces, records
 
 
 def _write_routing(args, model, traces, records, kwargs) -> None:
@@ -225,10 +140,11 @@ def run(args: argparse.Namespace) -> None:
     from meteora_jax.api import load_model  # noqa: PLC0415
     from meteora_jax.data.prompts import format_prompt, load_tokenizer, read_prompts  # noqa: PLC0415
     from meteora_jax.io.files import write_text_atomic  # noqa: PLC0415
+    from meteora_jax.text import generate_texts, routing_rows  # noqa: PLC0415
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    base, adapters, gates = _sources(args)
+    base, adapters, gates = model_sources(args)
     _check_paths(args, base, adapters)
     model = load_model(base, adapters=adapters, gates=gates, dtype=args.dtype)
     if (args.routing_html or args.routing_png or args.routing_json) and model.moe is None:
@@ -242,25 +158,25 @@ def run(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     if args.prompt is not None:
         kwargs = _generation_kwargs(args, model, tokenizer, 1)
-        out, responses = _generate_batch(model, tokenizer, texts, kwargs, stream=True)
+        out, responses = generate_texts(model, tokenizer, texts, stream=True, **kwargs)
         print()
         print(
             f"[{int(out.num_new_tokens[0])} tokens in {time.perf_counter() - started:.1f} s]", file=sys.stderr
         )
         if kwargs["return_routing"]:
-            traces, records = _routing_rows(out, tokenizer, model, prompts)
+            traces, records = routing_rows(out, tokenizer, model, prompts)
     else:
         starts = range(0, len(texts), args.batch_size)
         for start in tqdm(starts, desc="generating", unit="batch", disable=None, file=sys.stderr):
             chunk = slice(start, start + args.batch_size)
             kwargs = _generation_kwargs(args, model, tokenizer, len(texts[chunk]))
-            out, responses = _generate_batch(model, tokenizer, texts[chunk], kwargs, stream=False)
+            out, responses = generate_texts(model, tokenizer, texts[chunk], **kwargs)
             lines += [
                 json.dumps({"prompt": p, "response": r})
                 for p, r in zip(prompts[chunk], responses, strict=True)
             ]
             if kwargs["return_routing"]:
-                more_traces, more_records = _routing_rows(out, tokenizer, model, prompts[chunk])
+                more_traces, more_records = routing_rows(out, tokenizer, model, prompts[chunk])
                 traces += more_traces
                 records += more_records
         if args.out:
