@@ -9,14 +9,16 @@ from meteora_jax.commands import (
     bench,
     convert,
     demo,
+    evaluate,
     export,
     generate,
+    make_composite,
     run_reporting,
     train_gate,
     train_lora,
 )
 
-COMMANDS = (demo, convert, export, generate, train_gate, train_lora, bench)
+COMMANDS = (demo, convert, export, generate, train_gate, train_lora, make_composite, evaluate, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,175 @@
+"""`meteora-jax eval` as a function: load, answer in every mode, score, write the four artefacts.
+
+The output folder holds `results.json` (per task, per mode, per metric; composite: per sub-task
+plus the share of prompts answered fully right), `report.md` (those tables), `predictions.jsonl`
+(prompt, prediction, reference and scores of every answer: for reading failures) and, with
+composite prompts and the meteora mode, `routing.html` / `routing.png` of the first composite
+prompt. It is written under a temporary name and renamed into place, so a failure leaves nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+from meteora_jax import viz
+from meteora_jax.errors import ConfigError
+from meteora_jax.evaluation.registry import load_registry
+from meteora_jax.evaluation.report import report_markdown
+from meteora_jax.evaluation.runner import (
+    EvalItem,
+    EvalSettings,
+    answer,
+    task_items,
+    task_names,
+)
+from meteora_jax.evaluation.scoring import answer_record, composite_scores, task_scores
+from meteora_jax.io.files import check_output_path, refuse_existing, staged_directory, write_text_atomic
+
+RESULTS, REPORT, PREDICTIONS = "results.json", "report.md", "predictions.jsonl"
+ROUTING_HTML, ROUTING_PNG = "routing.html", "routing.png"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    """Everything one evaluation needs (the `meteora-jax eval` flags)."""
+
+    base: str
+    tasks_dir: str
+    out: str
+    adapters: Mapping[str, str] | None = None
+    gates: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "float32"
+    tasks: Sequence[str] | None = None
+    composite: str | None = None
+    composite_n: int | None = None
+    composite_samples: int = 200
+    seed: int = 0
+    metrics: str | None = None
+    modes: tuple[str, ...] = ("meteora",)
+    batch_size: int = 8
+    max_new_tokens: int = 128
+    routing_temperature: float | None = None
+    limit: int | None = None
+    force: bool = False
+    progress: bool = True
+    inputs: tuple[tuple[str, str], ...] = ()  # (flag, path) the output must not overlap
+
+    @property
+    def settings(self) -> EvalSettings:
+        return EvalSettings(
+            modes=self.modes,
+            batch_size=self.batch_size,
+            max_new_tokens=self.max_new_tokens,
+            routing_temperature=self.routing_temperature,
+            limit=self.limit,
+        )
+
+
+def composite_items(spec: EvalSpec, names: Sequence[str]) -> list[EvalItem]:
+    """The composite prompts of `--composite FILE`, or built from the tasks with `--composite-n`."""
+    from meteora_jax.data.composite import build_composite, read_composite  # noqa: PLC0415
+
+    if spec.composite is not None:
+        lines = read_composite(spec.composite)
+    elif spec.composite_n is not None:
+        lines = build_composite(
+            spec.tasks_dir, n=spec.composite_n, samples=spec.composite_samples, seed=spec.seed,
+            subtasks=list(names)[: spec.composite_n] if spec.tasks else None,
+        )  # fmt: skip
+    else:
+        return []
+    items = [
+        EvalItem(
+            f"composite-{len(line['subtasks'])}",
+            line["prompt"],
+            line["response"],
+            tuple(line["subtasks"]),
+            tuple(line["answers"]),
+            where=f"{spec.composite or 'composite'} line {i + 1}",
+        )
+        for i, line in enumerate(lines)
+    ]
+    return items[: spec.limit]
+
+
+def evaluate(spec: EvalSpec) -> list[str]:
+    """Runs the evaluation `spec` describes; returns the paths written."""
+    from tqdm import tqdm  # noqa: PLC0415
+
+    from meteora_jax.api import load_model  # noqa: PLC0415
+    from meteora_jax.data.prompts import load_tokenizer  # noqa: PLC0415
+
+    settings = spec.settings
+    check_output_path(spec.out, inputs=spec.inputs)
+    refuse_existing(spec.out, force=spec.force)
+    registry = load_registry(spec.metrics)
+    names = list(spec.tasks) if spec.tasks else task_names(spec.tasks_dir)
+    if not names:
+        raise ConfigError(f"--tasks {spec.tasks_dir}: no task folder holds a test split (test.jsonl)")
+    by_task = task_items(spec.tasks_dir, names, spec.limit)
+    composites = composite_items(spec, names)
+    for item in composites:
+        for task in item.subtasks:
+            registry.scoring(task)  # an unknown metric fails now, not after generation
+    model = load_model(spec.base, adapters=spec.adapters, gates=spec.gates, dtype=spec.dtype)
+    tokenizer = load_tokenizer(spec.tokenizer or spec.base)
+    items = [item for task in by_task.values() for item in task] + composites
+    batches = sum(
+        -(-len(group) // settings.batch_size) for group in (list(by_task.values()) + [composites]) if group
+    )
+    bar = tqdm(total=batches * len(settings.modes), desc="eval", unit="batch", disable=not spec.progress)
+    answers, traces = {}, []
+    for mode in settings.modes:
+        got = []
+        for group in [*by_task.values(), composites]:
+            if not group:
+                continue
+            want_routing = mode == "meteora" and group is composites
+            more, group_traces = answer(
+                model,
+                tokenizer,
+                group,
+                mode,
+                settings,
+                on_batch=lambda: bar.update(1),
+                want_routing=want_routing,
+            )
+            got += more
+            traces = traces or group_traces
+        answers[mode] = got
+    bar.close()
+    results = {
+        "settings": {
+            "modes": list(settings.modes),
+            "max_new_tokens": settings.max_new_tokens,
+            "routing_temperature": settings.routing_temperature,
+            "limit": settings.limit,
+            "adapters": list(model.adapter_names),
+            "prompts": len(items),
+        },
+        "tasks": {mode: task_scores(answers[mode], registry) for mode in settings.modes},
+        "composite": {
+            mode: composite_scores(answers[mode], registry)
+            for mode in settings.modes
+            if any(a.item.is_composite for a in answers[mode])
+        },
+    }
+    records = [answer_record(a, registry) for mode in settings.modes for a in answers[mode]]
+    with staged_directory(spec.out, force=spec.force) as tmp:
+        write_text_atomic(os.path.join(tmp, RESULTS), json.dumps(results, indent=2))
+        write_text_atomic(os.path.join(tmp, REPORT), report_markdown(results))
+        write_text_atomic(os.path.join(tmp, PREDICTIONS), "".join(json.dumps(r) + "\n" for r in records))
+        if traces:
+            viz.write_routing_html(
+                os.path.join(tmp, ROUTING_HTML), traces[:1], subtitle="first composite prompt"
+            )
+            viz.write_routing_heatmap(os.path.join(tmp, ROUTING_PNG), traces[0])
+    out = os.path.abspath(spec.out)
+    written = [RESULTS, REPORT, PREDICTIONS] + ([ROUTING_HTML, ROUTING_PNG] if traces else [])
+    print(report_markdown(results), file=sys.stderr)
+    return [os.path.join(out, name) for name in written]

@@ -1,0 +1,179 @@
+"""The evaluation runner: held-out prompts answered by greedy generation in each routing mode,
+then scored by the task registry.
+
+Modes (the paper's comparisons, on one loaded model):
+- `meteora`: the gates route every token (top-k, the routing temperature);
+- `adapter`: every row uses its own task's adapter alone (adapter and task share a name): the
+  upper bound MeteoRA should match on single-task prompts; not defined for composite prompts;
+- `base`: no adapter at all;
+- `merged`: every adapter at weight 1/L on every token, which is the uniform average of the
+  adapters (LoRA merging, the baseline): top-L routing at a temperature so high that the
+  softmax over the gate logits is exactly uniform in float32.
+Composite prompts are answered as numbered lines; each is scored with its own sub-task's metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Sequence
+
+from meteora_jax.data.prompts import format_prompt
+from meteora_jax.data.tasks import read_task_file
+from meteora_jax.errors import ConfigError
+from meteora_jax.inputs import is_int, is_real
+from meteora_jax.text import generate_texts, routing_rows
+
+MODES = ("meteora", "adapter", "base", "merged")
+UNIFORM_TEMPERATURE = 1e30  # gate logits / 1e30 round to 0: every weight is exactly 1 / L
+REFERENCE_COMPOSITE_TEMPERATURE = {3: 15.0, 5: 20.0, 10: 30.0}  # what the reference routed composite-n at
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalItem:
+    """One prompt to answer: its task (a task folder's name, or "composite-n" for a composite
+    prompt), the raw prompt text (formatted at generation), and the reference answer; a
+    composite item also has the sub-task and the reference answer of every numbered line."""
+
+    task: str
+    prompt: str
+    reference: str
+    subtasks: tuple[str, ...] = ()
+    answers: tuple[str, ...] = ()
+    where: str = ""
+
+    @property
+    def is_composite(self) -> bool:
+        return bool(self.subtasks)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """How prompts are answered: modes, batch size, new-token budget, routing temperature
+    (None: the model's; composite-n prompts default to the reference's 15 / 20 / 30 for n = 3 /
+    5 / 10), and at most `limit` test samples per task (None: all)."""
+
+    modes: tuple[str, ...] = ("meteora",)
+    batch_size: int = 8
+    max_new_tokens: int = 128
+    routing_temperature: float | None = None
+    limit: int | None = None
+
+    def __post_init__(self):
+        problems = []
+        unknown = [m for m in self.modes if m not in MODES]
+        if unknown or not self.modes or len(set(self.modes)) != len(self.modes):
+            problems.append(f"--mode must be distinct values from {', '.join(MODES)}, got {list(self.modes)}")
+        for name in ("batch_size", "max_new_tokens"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                problems.append(
+                    f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(self, name)!r}"
+                )
+        if self.limit is not None and (not is_int(self.limit) or self.limit < 1):
+            problems.append(f"--limit must be an integer >= 1, got {self.limit!r}")
+        t = self.routing_temperature
+        if t is not None and not (is_real(t) and math.isfinite(t) and t > 0):
+            problems.append(f"--routing-temperature must be a finite number > 0, got {t!r}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+def task_items(tasks_dir: str, names: Sequence[str], limit: int | None = None) -> dict[str, list[EvalItem]]:
+    """The first `limit` prompt / response samples of every named task's test split."""
+    if not os.path.isdir(tasks_dir):
+        raise ConfigError(f"--tasks {tasks_dir} is not a folder of task folders")
+    known = sorted(e for e in os.listdir(tasks_dir) if os.path.isdir(os.path.join(tasks_dir, e)))
+    out = {}
+    for name in names:
+        folder = os.path.join(tasks_dir, name)
+        if name not in known:
+            raise ConfigError(f"--task {name}: no folder {folder} (tasks in {tasks_dir}: {', '.join(known)})")
+        path = os.path.join(folder, "test.jsonl")
+        if not os.path.isfile(path):
+            raise ConfigError(f"--task {name}: {folder} has no test split (test.jsonl)")
+        samples = [s for s in read_task_file(path, 0, [name]) if s.segments is None][:limit]
+        out[name] = [EvalItem(name, s.prompt, s.response, where=s.where) for s in samples]
+    return out
+
+
+def task_names(tasks_dir: str) -> list[str]:
+    """The task folders of `tasks_dir` that have a test split, sorted."""
+    if not os.path.isdir(tasks_dir):
+        raise ConfigError(f"--tasks {tasks_dir} is not a folder of task folders")
+    return sorted(
+        e for e in os.listdir(tasks_dir) if os.path.isfile(os.path.join(tasks_dir, e, "test.jsonl"))
+    )
+
+
+def mode_routing(mode: str, model, items: Sequence[EvalItem], temperature: float | None) -> dict | None:
+    """The generation routing arguments of `mode` for a batch of `items`; None where the mode
+    does not apply (adapter mode on a composite prompt)."""
+    names = model.adapter_names
+    if mode == "base":
+        return {"adapter_ids": [-1] * len(items)} if names else {}
+    if not names:
+        raise ConfigError(f"--mode {mode} needs adapters (--adapter or --ckpt); this model has none")
+    if mode == "adapter":
+        if any(item.is_composite for item in items):
+            return None
+        missing = sorted({item.task for item in items if item.task not in names})
+        if missing:
+            raise ConfigError(
+                f"--mode adapter: task {missing[0]} has no adapter of that name "
+                f"(adapters: {', '.join(names)})"
+            )
+        return {"adapter_ids": [names.index(item.task) for item in items]}
+    if mode == "merged":
+        return {"routing_top_k": len(names), "routing_temperature": UNIFORM_TEMPERATURE}
+    if temperature is None and items and items[0].is_composite:
+        temperature = REFERENCE_COMPOSITE_TEMPERATURE.get(len(items[0].subtasks))
+    return {"routing_temperature": temperature}
+
+
+@dataclasses.dataclass
+class Answer:
+    """One generated answer: the item, the mode and the prediction text."""
+
+    item: EvalItem
+    mode: str
+    prediction: str
+
+
+def answer(
+    model,
+    tokenizer,
+    items: Sequence[EvalItem],
+    mode: str,
+    settings: EvalSettings,
+    *,
+    on_batch: Callable[[], None] = lambda: None,
+    want_routing: bool = False,
+) -> tuple[list[Answer], list]:
+    """Greedy answers of `items` in `mode`, a full batch at a time (the last one padded with
+    copies, so every batch has one compiled shape); with `want_routing`, the routing traces of
+    the first batch's rows too. Items the mode does not apply to are left out."""
+    answers, traces = [], []
+    size = settings.batch_size
+    for start in range(0, len(items), size):
+        chunk = list(items[start : start + size])
+        rows = chunk + [chunk[0]] * (size - len(chunk))
+        routing = mode_routing(mode, model, rows, settings.routing_temperature)
+        if routing is None:
+            on_batch()
+            continue
+        route = want_routing and not traces and bool(model.adapter_names)
+        out, responses = generate_texts(
+            model,
+            tokenizer,
+            [format_prompt(item.prompt) for item in rows],
+            max_new_tokens=settings.max_new_tokens,
+            return_routing=route,
+            **routing,
+        )
+        if route:
+            traces, _ = routing_rows(out, tokenizer, model, [item.prompt for item in rows])
+            traces = traces[: len(chunk)]
+        answers += [Answer(item, mode, text.strip()) for item, text in zip(chunk, responses, strict=False)]
+        on_batch()
+    return answers, traces

@@ -1,0 +1,165 @@
+"""`meteora-jax eval` end to end on a tiny model: every mode, composite prompts, the artefacts, the
+modes' meaning checked against direct generation, scoring of known-right answers, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import meteora_jax as mj
+from meteora_jax.cli import main
+from meteora_jax.data.prompts import format_prompt, load_tokenizer
+from meteora_jax.demo.tasks import write_tiny_setup
+from meteora_jax.evaluation.registry import load_registry
+from meteora_jax.evaluation.runner import UNIFORM_TEMPERATURE, Answer, EvalItem
+from meteora_jax.evaluation.scoring import composite_scores, task_scores
+from meteora_jax.text import generate_texts
+
+pytestmark = pytest.mark.filterwarnings("ignore:no gates given")
+MODES = ["meteora", "adapter", "base", "merged"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return write_tiny_setup(os.fspath(tmp_path_factory.mktemp("tiny")), init_std=0.1, train=16, test=6)
+
+
+def _args(setup, out, *extra) -> list[str]:
+    args = ["eval", "--base", setup.base, "--tasks", setup.data, "--out", os.fspath(out), "--no-progress"]
+    for name, folder in setup.adapters.items():
+        args += ["--adapter", f"{name}={folder}"]
+    return [*args, "--max-new-tokens", "8", "--batch-size", "4", *extra]
+
+
+@pytest.fixture(scope="module")
+def evaluated(setup, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "out"
+    args = _args(setup, out, "--mode", *MODES, "--composite-n", "3", "--composite-samples", "3")
+    assert main(args) == 0
+    return out
+
+
+def _predictions(out) -> list[dict]:
+    with open(os.path.join(out, "predictions.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_eval_writes_every_artefact(evaluated, setup):
+    """results.json (every task x mode; composite per sub-task, fully-correct rate, adapter mode
+    not applicable), report.md, predictions.jsonl (one line per answer) and the routing view."""
+    results = json.loads((evaluated / "results.json").read_text())
+    tasks = sorted(setup.adapters)
+    assert set(results["tasks"]) == set(MODES)
+    for mode in MODES:
+        assert sorted(results["tasks"][mode]) == tasks
+        assert all(results["tasks"][mode][t]["samples"] == 6 for t in tasks)
+    assert sorted(results["composite"]) == ["base", "merged", "meteora"]
+    composite = results["composite"]["meteora"]["composite-3"]
+    assert composite["samples"] == 3 and 0.0 <= composite["fully_correct"] <= 1.0
+    assert sorted(composite["subtasks"]) == tasks
+    lines = _predictions(evaluated)
+    assert len(lines) == 4 * 3 * 6 + 3 * 3
+    assert {line["mode"] for line in lines} == set(MODES)
+    first_composite = next(line for line in lines if line["task"] == "composite-3")
+    assert len(first_composite["answers"]) == 3 and "right" in first_composite
+    report = (evaluated / "report.md").read_text()
+    assert "| task | metric | meteora | adapter | base | merged |" in report and "## composite-3" in report
+    assert "<html" in (evaluated / "routing.html").read_text().lower()
+    assert (evaluated / "routing.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_modes_mean_what_they_say(evaluated, setup):
+    """adapter = each row's own adapter forced; base = the model without adapters; merged = every
+    adapter at weight exactly 1 / L."""
+    lines = [x for x in _predictions(evaluated) if x["task"] == "upper"]
+    tokenizer = load_tokenizer(setup.base)
+    prompts = [format_prompt(x["prompt"]) for x in lines if x["mode"] == "base"]
+    base_only = mj.load_model(setup.base)
+    _, plain = generate_texts(base_only, tokenizer, prompts, max_new_tokens=8)
+    assert [x["prediction"] for x in lines if x["mode"] == "base"] == [p.strip() for p in plain]
+    fused = mj.load_model(setup.base, adapters=setup.adapters)
+    upper = list(fused.adapter_names).index("upper")
+    _, forced = generate_texts(
+        fused, tokenizer, prompts, max_new_tokens=8, adapter_ids=[upper] * len(prompts)
+    )
+    assert [x["prediction"] for x in lines if x["mode"] == "adapter"] == [p.strip() for p in forced]
+    ids = np.asarray([[1, 5, 9, 14, 3, 7]], np.int32)
+    out = fused(ids, return_routing=True, top_k=3, temperature=UNIFORM_TEMPERATURE)
+    for routing in out.routing.values():
+        np.testing.assert_array_equal(np.asarray(routing.weights), np.float32(1 / 3))
+
+
+def test_answers_equal_to_the_references_score_full_marks(evaluated, setup, tmp_path):
+    """With test responses replaced by the base mode's own predictions, base mode scores 1.0 on
+    every task (nothing lost between generation and scoring)."""
+    tasks = tmp_path / "tasks"
+    for line in _predictions(evaluated):
+        if line["mode"] == "base" and line["task"] != "composite-3":
+            folder = tasks / line["task"]
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / "test.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"prompt": line["prompt"], "response": line["prediction"]}) + "\n")
+    args = _args(setup, tmp_path / "out", "--mode", "base")
+    args[args.index("--tasks") + 1] = os.fspath(tasks)
+    assert main(args) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["tasks"]["base"]
+    assert all(scores["exact_match"] == 1.0 for scores in results.values()), results
+
+
+def test_composite_scoring_by_sub_task():
+    """Each numbered answer is scored with its own sub-task's metric; a prompt is fully correct
+    only when every answer is right; a missing number is an empty answer."""
+    registry = load_registry()
+    item = EvalItem("composite-2", "p", "4@@@@\nyes", ("gsm8k", "strategyqa"), ("#### 4", "Yes, because"))
+    answers = [
+        Answer(item, "meteora", "1. The answer is 4.\n2. yes it is"),
+        Answer(item, "meteora", "2. no\n1. 4"),
+        Answer(item, "meteora", "1. 5"),
+    ]
+    scores = composite_scores(answers, registry)["composite-2"]
+    assert scores["samples"] == 3 and scores["fully_correct"] == pytest.approx(1 / 3)
+    assert scores["subtasks"]["gsm8k"]["accuracy"] == pytest.approx(2 / 3)
+    assert scores["subtasks"]["strategyqa"]["yes_no_accuracy"] == pytest.approx(1 / 3)
+    single = [Answer(EvalItem("winowhy", "p", "True"), "base", " true ")]
+    assert task_scores(single, registry) == {"winowhy": {"exact_match": 1.0, "samples": 1}}
+
+
+def _bad(setup, tmp_path, capsys, *extra, tasks=None) -> str:
+    out = tmp_path / "out"
+    args = _args(setup, out, *extra)
+    if tasks is not None:
+        args[args.index("--tasks") + 1] = os.fspath(tasks)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("meteora-jax eval: error: ") and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+    return err
+
+
+def test_bad_input_is_named_and_nothing_is_written(setup, tmp_path, capsys):
+    assert "--task nope: no folder" in _bad(setup, tmp_path, capsys, "--task", "nope")
+    tasks = tmp_path / "tasks"
+    shutil.copytree(setup.data, tasks)
+    os.remove(tasks / "upper" / "test.jsonl")
+    err = _bad(setup, tmp_path, capsys, "--task", "upper", tasks=tasks)
+    assert "--task upper: " in err and "has no test split (test.jsonl)" in err
+    composite = tmp_path / "c.jsonl"
+    composite.write_text(json.dumps({"prompt": "p", "response": "a@@@@\nb", "answers": ["a", "b"]}) + "\n")
+    err = _bad(setup, tmp_path, capsys, "--composite", os.fspath(composite))
+    assert f"{composite} line 1" in err and "subtasks" in err
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"upper": {"metrics": ["exact", "perplexity"]}}))
+    err = _bad(setup, tmp_path, capsys, "--metrics", os.fspath(metrics))
+    assert os.fspath(metrics) in err and "upper" in err and "perplexity" in err
+    renamed = tmp_path / "renamed"
+    shutil.copytree(setup.data, renamed)
+    os.rename(renamed / "upper", renamed / "capitals")
+    err = _bad(setup, tmp_path, capsys, "--mode", "adapter", "--task", "capitals", tasks=renamed)
+    assert "--mode adapter: task capitals has no adapter of that name" in err
+    inside = os.path.join(setup.data, "x")
+    err = _bad(setup, tmp_path, capsys, "--out", inside)
+    assert "--tasks" in err and not os.path.exists(inside)
