@@ -385,3 +385,17 @@ def test_reading_a_training_step_logs_no_orbax_noise(uninterrupted, caplog):
         checkpoint.restore(uninterrupted)
     assert caplog.records  # Orbax does log here (so the check below can fail) ...
     assert not [r for r in caplog.records if "could not be restored" in r.getMessage()]  # ... but not that
+
+
+@pytest.mark.parametrize("warmup", [0, 3, 8, 20])
+def test_the_schedule_warms_up_then_decays_to_zero_at_the_horizon(warmup):
+    """Linear warmup to lr, cosine to 0 at the horizon; a warmup as long as (or longer than) the run
+    still gives a finite schedule that peaks before the horizon."""
+    from meteora_jax.training.state import learning_rate
+
+    schedule = learning_rate(TrainConfig(steps=8, lr=1e-2, warmup_steps=warmup))
+    values = [float(schedule(i)) for i in range(10)]
+    assert all(np.isfinite(values)) and values[8] == 0.0 and values[9] == 0.0
+    peak = min(warmup, 7)
+    assert values[peak] == pytest.approx(1e-2) and max(values) == pytest.approx(1e-2)
+    assert values[0] == (0.0 if warmup else pytest.approx(1e-2))

@@ -32,8 +32,9 @@ def trainable_kinds(config: TrainConfig):
 
 def learning_rate(config: TrainConfig) -> optax.Schedule:
     """Linear warmup from 0 to `lr` over `warmup_steps`, then cosine to 0 at `config.horizon`
-    (held at 0 after it)."""
-    warmup = min(config.warmup_steps, config.horizon)
+    (held at 0 after it). A warmup as long as the horizon is cut to leave one cosine step (optax
+    needs one), so `--warmup-steps` >= `--steps` still trains."""
+    warmup = min(config.warmup_steps, config.horizon - 1)
     return optax.schedules.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=config.lr, warmup_steps=warmup, decay_steps=config.horizon, end_value=0.0
     )
@@ -86,10 +87,13 @@ def cast_frozen(module: LlamaForCausalLM, trainable, dtype) -> None:
 
 
 def split_for_training(
-    module: LlamaForCausalLM, config: TrainConfig
+    module: LlamaForCausalLM, config: TrainConfig, kinds=None
 ) -> tuple[TrainParts, TrainState, nnx.State]:
-    """(static parts, trainable state with fresh optimizer moments, frozen state) of `module`."""
-    kinds = trainable_kinds(config)
+    """(static parts, trainable state with fresh optimizer moments, frozen state) of `module`.
+
+    kinds: the NNX filter of what trains (default `trainable_kinds(config)`; the demo's base
+    pre-training passes `nnx.Param`, the whole model)."""
+    kinds = trainable_kinds(config) if kinds is None else kinds
     optimizer = nnx.Optimizer(module, optimizer_transform(config), wrt=kinds)
     module_def, params, frozen = nnx.split(module, kinds, ...)
     optimizer_def, opt = nnx.split(optimizer)
