@@ -91,7 +91,8 @@ def make_gradients(parts: TrainParts, config: TrainConfig, *, temperature: float
 
     def gradients(params, frozen, batch: dict, key: jax.Array):
         module = parts.module(params, frozen)
-        den = denominators(batch, module.config.num_hidden_layers, len(module.moe.targets))
+        projections = 0 if module.moe is None else len(module.moe.targets)
+        den = denominators(batch, module.config.num_hidden_layers, projections)
         if num_micro == 1:
             grads, sums = grad_fn(params, frozen, batch, den, key)
             return grads, sums, den
