@@ -1,9 +1,10 @@
-"""Synthetic tasks and a tiny base + adapters on disk: what gate training needs, built offline.
+"""Synthetic tasks and a tiny base + adapters on disk: what training needs, built offline.
 
-Three string tasks (`reverse`, `upper`, `double`) whose prompts share the chat template and
-differ in a keyword and the answer, e.g. `[INST] reverse: abc [/INST]` -> `cba`. A tiny LLaMA
-with a BPE tokenizer trained on those texts, and one random PEFT adapter per task, complete a
-setup that `train-gate` can learn routing on in minutes on a CPU.
+String and number tasks whose prompts share the chat template and say what to do in a keyword,
+e.g. `[INST] reverse: abc [/INST]` -> `cba`, `add: 12 30` -> `42`, `count: a in abca` -> `2`
+(`TASKS`), plus `copy`, the demo base's pre-training task. The tests' setup (`TINY_TASKS`) is a
+tiny LLaMA with a BPE tokenizer trained on three of them and one random PEFT adapter per task,
+enough for `train-gate` to learn routing in seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -24,24 +26,64 @@ from meteora_jax.io.peft import LoRAAdapter, LoRAModule
 from meteora_jax.io.peft_write import write_adapter
 from meteora_jax.modeling.llama import INIT_STD, LlamaForCausalLM
 
-TASKS = {
-    "reverse": lambda word: word[::-1],
-    "upper": lambda word: word.upper(),
-    "double": lambda word: word + word,
-}
 LETTERS = "abcdefghij"
 
 
+def _word(rng: np.random.Generator) -> str:
+    return "".join(rng.choice(list(LETTERS), int(rng.integers(3, 7))))
+
+
+def _count_input(rng: np.random.Generator) -> str:
+    letter = rng.choice(list(LETTERS[:3]))
+    word = "".join(rng.choice(list(LETTERS[:4]), int(rng.integers(4, 9))))
+    return f"{letter} in {word}"
+
+
+def _count(text: str) -> str:
+    letter, _, word = text.partition(" in ")
+    return str(word.count(letter))
+
+
+def _add_input(rng: np.random.Generator) -> str:
+    return f"{int(rng.integers(0, 50))} {int(rng.integers(0, 50))}"
+
+
+def _shift(word: str) -> str:
+    return "".join(LETTERS[(LETTERS.index(c) + 1) % len(LETTERS)] for c in word)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A synthetic task: a random input, and the answer the prompt `"{name}: {input}"` asks for."""
+
+    make_input: Callable[[np.random.Generator], str]
+    answer: Callable[[str], str]
+
+
+TASKS = {
+    "reverse": Task(_word, lambda word: word[::-1]),
+    "upper": Task(_word, lambda word: word.upper()),
+    "double": Task(_word, lambda word: word + word),
+    "sort": Task(_word, lambda word: "".join(sorted(word))),
+    "count": Task(_count_input, _count),
+    "add": Task(_add_input, lambda text: str(sum(int(x) for x in text.split()))),
+    "shift": Task(_word, _shift),
+}
+TINY_TASKS = ("reverse", "upper", "double")  # the tests' three-task setup
+COPY = Task(_word, lambda word: word)  # the demo base's pre-training: the format, no skill
+
+
 def task_samples(task: str, count: int, rng: np.random.Generator) -> list[dict]:
-    """`count` {"prompt", "response"} samples of one task on random 3-6 letter words."""
+    """`count` {"prompt", "response"} samples of one task (`TASKS`, or "copy")."""
+    spec = COPY if task == "copy" else TASKS[task]
     out = []
     for _ in range(count):
-        word = "".join(rng.choice(list(LETTERS), int(rng.integers(3, 7))))
-        out.append({"prompt": f"{task}: {word}", "response": TASKS[task](word)})
+        text = spec.make_input(rng)
+        out.append({"prompt": f"{task}: {text}", "response": spec.answer(text)})
     return out
 
 
-def write_tasks(data_dir: str, *, train: int = 64, test: int = 16, seed: int = 0, tasks=tuple(TASKS)) -> dict:
+def write_tasks(data_dir: str, *, train: int = 64, test: int = 16, seed: int = 0, tasks=TINY_TASKS) -> dict:
     """Writes DATA/<task>/{train,test}.jsonl; returns {task: [train samples]} (for tokenizers)."""
     rng = np.random.default_rng(seed)
     written = {}
