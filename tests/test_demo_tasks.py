@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from meteora_jax.demo.tasks import TASKS, task_samples
+from meteora_jax.demo.tasks import COPY_CHARACTERS, TASKS, task_samples
 
 
 def test_answers():
@@ -28,6 +28,6 @@ def test_samples_are_seeded_and_say_the_task():
     assert a != task_samples("count", 20, np.random.default_rng(4))
     for s in a:
         assert s["prompt"].startswith("count: ") and s["response"] == TASKS["count"].answer(s["prompt"][7:])
-    assert all(
-        s["prompt"] == f"copy: {s['response']}" for s in task_samples("copy", 5, np.random.default_rng(0))
-    )
+    copies = task_samples("copy", 200, np.random.default_rng(0))
+    assert all(s["prompt"] == f"copy: {s['response']}" for s in copies)
+    assert set("".join(s["response"] for s in copies)) == set(COPY_CHARACTERS)

@@ -70,7 +70,15 @@ TASKS = {
     "shift": Task(_word, _shift),
 }
 TINY_TASKS = ("reverse", "upper", "double")  # the tests' three-task setup
-COPY = Task(_word, lambda word: word)  # the demo base's pre-training: the format, no skill
+COPY_CHARACTERS = LETTERS + LETTERS.upper() + "0123456789"
+
+
+def _any_text(rng: np.random.Generator) -> str:
+    return "".join(rng.choice(list(COPY_CHARACTERS), int(rng.integers(2, 9))))
+
+
+# The demo base's pre-training: the answer format over every character the tasks use, no skill.
+COPY = Task(_any_text, lambda text: text)
 
 
 def task_samples(task: str, count: int, rng: np.random.Generator) -> list[dict]:
