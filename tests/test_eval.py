@@ -160,6 +160,7 @@ def test_bad_input_is_named_and_nothing_is_written(setup, tmp_path, capsys):
     os.rename(renamed / "upper", renamed / "capitals")
     err = _bad(setup, tmp_path, capsys, "--mode", "adapter", "--task", "capitals", tasks=renamed)
     assert "--mode adapter: task capitals has no adapter of that name" in err
+    assert "n must be an integer >= 2" in _bad(setup, tmp_path, capsys, "--composite-n", "1")
     inside = os.path.join(setup.data, "x")
     err = _bad(setup, tmp_path, capsys, "--out", inside)
     assert "--tasks" in err and not os.path.exists(inside)

@@ -9,7 +9,6 @@ import os
 import sys
 
 from meteora_jax.commands import add_model_flags, model_inputs, model_sources
-from meteora_jax.errors import ConfigError
 
 MODE_CHOICES = ("meteora", "adapter", "base", "merged")
 
@@ -62,8 +61,6 @@ def run(args: argparse.Namespace) -> None:
     base, adapters, gates = model_sources(args)
     inputs = [*model_inputs(args, base, adapters), ("--tasks", args.tasks), ("--composite", args.composite)]
     inputs += [("--metrics", args.metrics), ("--tokenizer", args.tokenizer)]
-    if args.composite_n is not None and args.composite_n < 2:
-        raise ConfigError(f"--composite-n must be >= 2, got {args.composite_n}")
     spec = EvalSpec(
         base=base,
         adapters=adapters,
