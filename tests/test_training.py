@@ -74,9 +74,9 @@ def _batch(seed: int = 0) -> dict:
     }
 
 
-def _gradients(mesh_shape, grad_accum=1, train_adapters=False):
+def _gradients(mesh_shape, grad_accum=1, train_adapters=False, **train_kw):
     mesh = make_mesh(*mesh_shape, devices=jax.devices()[: int(np.prod(mesh_shape))])
-    cfg = TrainConfig(steps=1, grad_accum=grad_accum, train_adapters=train_adapters)
+    cfg = TrainConfig(steps=1, grad_accum=grad_accum, train_adapters=train_adapters, **train_kw)
     with jax.set_mesh(mesh):
         parts, state, frozen = split_for_training(_module(), cfg)
         params = jax.device_put(state.params, shardings_of(state.params, mesh))
@@ -120,6 +120,22 @@ def test_train_adapters_adds_the_lora_stacks_only():
     _, grads = _gradients((1, 1, 1), train_adapters=True)
     kinds = {k.rsplit("/", 1)[-1] for k in grads}
     assert kinds == {"gate", "lora_a", "lora_b"}
+
+
+def test_gate_loss_gradient_reaches_the_gates_only_by_default():
+    """gate_loss_grad="gates": the adapters' gradients are the LM loss's alone (those of a run
+    without the gate term), while "all" (the reference) lets the gate term reach them too; the
+    loss itself is the same either way."""
+    loss, grads = _gradients((1, 1, 1), train_adapters=True)
+    lm_loss, lm_only = _gradients((1, 1, 1), train_adapters=True, gate_loss_weight=0.0)
+    loss_all, grads_all = _gradients((1, 1, 1), train_adapters=True, gate_loss_grad="all")
+    assert loss == pytest.approx(loss_all, rel=1e-6) and loss > lm_loss
+    lora = [k for k in grads if not k.endswith("gate")]
+    scale = max(float(np.max(np.abs(lm_only[k]))) for k in lora)
+    assert max(max_abs(grads[k], lm_only[k]) for k in lora) <= 1e-5 * scale
+    assert max(max_abs(grads_all[k], lm_only[k]) for k in lora) > 1e-2 * scale
+    with pytest.raises(ConfigError, match="gate_loss_grad must be one of .*got 'none'"):
+        TrainConfig(steps=1, gate_loss_grad="none")
 
 
 # ----------------------------------------------------------------------------- whole runs

@@ -13,7 +13,7 @@ from meteora_jax.commands.training_flags import (
     train_settings,
 )
 from meteora_jax.data.sampling import TASK_SAMPLINGS
-from meteora_jax.training.config import TrainConfig
+from meteora_jax.training.config import GATE_LOSS_GRADS, TrainConfig
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -37,6 +37,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     data.add_argument("--tasks", nargs="+", metavar="NAME", help="train on these tasks only")
     data.add_argument("--task-sampling", default="proportional", choices=TASK_SAMPLINGS)
     groups["optimisation"].add_argument("--gate-loss-weight", type=float, default=50.0)
+    groups["optimisation"].add_argument(
+        "--gate-loss-grad",
+        default="gates",
+        choices=GATE_LOSS_GRADS,
+        help="what the gate term trains: the gates only (default) or everything upstream too (the reference)",
+    )
     groups["run"].add_argument(
         "--out", required=True, metavar="DIR", help="the run folder (a meteora-jax checkpoint)"
     )
@@ -51,6 +57,7 @@ def spec_from_args(args: argparse.Namespace):
     train = TrainConfig(
         **train_settings(args),
         gate_loss_weight=args.gate_loss_weight,
+        gate_loss_grad=args.gate_loss_grad,
         train_adapters=args.train_adapters,
         top_k=args.top_k,
     )

@@ -52,6 +52,9 @@ def _shift(word: str) -> str:
     return "".join(LETTERS[(LETTERS.index(c) + 1) % len(LETTERS)] for c in word)
 
 
+CIPHER = dict(zip(LETTERS, "fjbhaeigcd", strict=True))  # a fixed letter permutation with no fixed point
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
     """A synthetic task: a random input, and the answer the prompt `"{name}: {input}"` asks for."""
@@ -68,6 +71,8 @@ TASKS = {
     "count": Task(_count_input, _count),
     "add": Task(_add_input, lambda text: str(sum(int(x) for x in text.split()))),
     "shift": Task(_word, _shift),
+    "rotate": Task(_word, lambda word: word[1:] + word[0]),
+    "cipher": Task(_word, lambda word: "".join(CIPHER[c] for c in word)),
 }
 TINY_TASKS = ("reverse", "upper", "double")  # the tests' three-task setup
 COPY_CHARACTERS = LETTERS + LETTERS.upper() + "0123456789"

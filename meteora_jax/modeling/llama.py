@@ -277,6 +277,7 @@ class LlamaForCausalLM(nnx.Module):
         dropout_rng: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         gate_labels: jax.Array | None = None,
+        gate_loss_grad: str = "gates",
         remat: str = "none",
     ) -> CausalLMOutput:
         """Forward pass over input_ids (B, T).
@@ -289,7 +290,9 @@ class LlamaForCausalLM(nnx.Module):
         segment_ids: (B, T) packed rows (training): tokens attend only within their own
         segment, 0 marks padding, and positions restart per segment unless given; replaces
         attention_mask and excludes a cache. gate_labels: (B, T) task label per token (-1: none)
-        for the MeteoRA gate loss, returned as `gate_stats`. remat: "none" | "dots" | "full",
+        for the MeteoRA gate loss, returned as `gate_stats`; gate_loss_grad: "gates" holds each
+        gate's input constant in that loss (its gradient reaches the gates only), "all" lets it
+        flow upstream (`TrainConfig.gate_loss_grad`). remat: "none" | "dots" | "full",
         what each decoder layer keeps for the backward pass (REMAT_POLICIES).
         """
         b, t = input_ids.shape
@@ -328,7 +331,9 @@ class LlamaForCausalLM(nnx.Module):
             None if dropout_rng is None else jax.random.split(dropout_rng, self.config.num_hidden_layers)
         )
         labels_m = None if gate_labels is None else gate_labels.reshape(b * t).astype(jnp.int32)
-        walk = _LayerWalk(routing, labels_m, return_routing, REMAT_POLICIES[remat], remat != "none")
+        walk = _LayerWalk(
+            routing, labels_m, gate_loss_grad, return_routing, REMAT_POLICIES[remat], remat != "none"
+        )
         x_btd, kv, routes, stats = self._run_layers(
             x_btd, (cos_bth, sin_bth, allowed_bts), kv, write_index, layer_keys, walk
         )
@@ -350,7 +355,12 @@ class LlamaForCausalLM(nnx.Module):
 
         def one_layer(x, layer_state, layer_kv, key):
             layer = nnx.merge(graphdef, layer_state)
-            ctx = ForwardContext(settings=walk.routing, dropout_key=key, gate_labels_m=walk.labels_m)
+            ctx = ForwardContext(
+                settings=walk.routing,
+                dropout_key=key,
+                gate_labels_m=walk.labels_m,
+                detach_gate_input=walk.gate_loss_grad == "gates",
+            )
             x, layer_kv = layer(x, ctx, *attn_inputs, layer_kv, write_index)
             routes = ctx.routes if walk.return_routing else None
             return x, layer_kv, (routes, ctx.gate_stats if walk.labels_m is not None else None)
@@ -400,6 +410,7 @@ class _LayerWalk:
 
     routing: RoutingSettings | None
     labels_m: jax.Array | None  # (B*T,) gate labels, training only
+    gate_loss_grad: str  # "gates" | "all"
     return_routing: bool
     policy: object  # a jax.checkpoint policy, or None
     remat: bool

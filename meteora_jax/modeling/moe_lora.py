@@ -18,7 +18,7 @@ from flax import nnx
 
 from meteora_jax.config import PROJECTIONS, MoELoRAConfig
 from meteora_jax.ops.moe_lora import moe_lora
-from meteora_jax.ops.routing import Routing, RoutingSettings
+from meteora_jax.ops.routing import Routing, RoutingSettings, gate_logits
 
 
 class GateParam(nnx.Param):
@@ -66,11 +66,13 @@ def gate_stats(logits_ml: jax.Array, labels_m: jax.Array) -> GateStats:
 @dataclasses.dataclass
 class ForwardContext:
     """Per-call state threaded through one decoder layer: routing settings, the dropout key and
-    the gate labels (M,) of training; collects each projection's routing and gate statistics."""
+    the gate labels (M,) of training (with `detach_gate_input`, the gate loss sees each gate's
+    input as a constant); collects each projection's routing and gate statistics."""
 
     settings: RoutingSettings | None = None
     dropout_key: jax.Array | None = None
     gate_labels_m: jax.Array | None = None
+    detach_gate_input: bool = True
     routes: dict[str, Routing] = dataclasses.field(default_factory=dict)
     gate_stats: dict[str, GateStats] = dataclasses.field(default_factory=dict)
 
@@ -119,7 +121,7 @@ class MoELoRALinear(nnx.Module):
         gate logits is ever kept)."""
         b, t, d = x_btd.shape
         settings = ctx.settings
-        if ctx.gate_labels_m is not None and not settings.return_logits:
+        if ctx.gate_labels_m is not None and not ctx.detach_gate_input and not settings.return_logits:
             settings = dataclasses.replace(settings, return_logits=True)
         x_md = x_btd.reshape(b * t, d).astype(self.dtype)
         lora_x = None
@@ -142,7 +144,10 @@ class MoELoRALinear(nnx.Module):
         )
         stats = None
         if ctx.gate_labels_m is not None:
-            stats = gate_stats(routing.logits, ctx.gate_labels_m)
+            logits_ml = routing.logits
+            if ctx.detach_gate_input:  # the same values; the gradient reaches this gate only
+                logits_ml = gate_logits(jax.lax.stop_gradient(x_md), self.gate[...])
+            stats = gate_stats(logits_ml, ctx.gate_labels_m)
             if not ctx.settings.return_logits:
                 routing = dataclasses.replace(routing, logits=None)
         routing = jax.tree.map(lambda a: a.reshape(b, t, a.shape[-1]), routing)

@@ -10,6 +10,7 @@ from meteora_jax.inputs import is_int, is_real
 from meteora_jax.modeling.llama import REMAT_POLICIES
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+GATE_LOSS_GRADS = ("gates", "all")
 
 # Settings that shape the saved optimizer state: a run cannot resume under other values. (The
 # data layout is checked by the data iterator's own state; other settings may change on resume,
@@ -32,6 +33,11 @@ class TrainConfig:
         grad_accum: micro-batches per step, summed inside the one jitted step.
         gate_loss_weight: lambda of loss = LM CE + lambda * gate CE (the reference: 50); at 0 the
             gate term is not computed at all (and its metrics are not logged).
+        gate_loss_grad: what the gate term's gradient reaches. "gates": each gate only (its
+            input hidden state is held constant), so the classification term cannot reshape the
+            adapters or earlier layers to make tokens easier to classify, and the LM loss alone
+            trains the adapters; "all": everything upstream too, as in the reference (trained
+            jointly with the adapters, it wrecked them in the demo: own-task exact match 100% -> 0%).
         train_gates: train the gates (False: `train-lora`, where the one adapter alone trains).
         train_adapters: train the LoRA stacks (with the gates, or alone).
         remat: what each decoder layer keeps for the backward pass ("none" | "dots" | "full").
@@ -51,6 +57,7 @@ class TrainConfig:
     clip_norm: float = 0.3
     grad_accum: int = 1
     gate_loss_weight: float = 50.0
+    gate_loss_grad: str = "gates"
     train_gates: bool = True
     train_adapters: bool = False
     remat: str = "none"
@@ -91,6 +98,8 @@ class TrainConfig:
                 problems.append(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.train_gates is False and self.train_adapters is False:
             problems.append("nothing to train: train_gates and train_adapters are both False")
+        if self.gate_loss_grad not in GATE_LOSS_GRADS:
+            problems.append(f"gate_loss_grad must be one of {GATE_LOSS_GRADS}, got {self.gate_loss_grad!r}")
         if self.remat not in REMAT_POLICIES:
             problems.append(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
         if self.dtype not in COMPUTE_DTYPES:
