@@ -14,8 +14,8 @@ from meteora_jax.demo.setup import DEMO_TASKS, DemoBaseSettings, build_demo_base
 
 def test_build_demo_base_writes_tasks_and_a_loadable_pretrained_base(tmp_path):
     settings = DemoBaseSettings(
-        train=8, test=4, copies=64, layers=1, hidden=32,
-        pretrain=PretrainSettings(steps=6, batch_size=8, seq_len=32, lr=1e-2),
+        train=8, test=4, copies=64, composites=4, layers=1, hidden=32,
+        pretrain=PretrainSettings(steps=6, batch_size=8, seq_len=320, lr=1e-2),
     )  # fmt: skip
     built = build_demo_base(os.fspath(tmp_path), settings, progress=False)
     assert sorted(os.listdir(built.data)) == sorted(DEMO_TASKS)

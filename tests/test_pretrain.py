@@ -23,7 +23,7 @@ def world(tmp_path_factory):
     setup = write_tiny_setup(os.fspath(tmp_path_factory.mktemp("tiny")), train=8, test=2)
     rng = np.random.default_rng(0)
     words = ["".join(rng.choice(list(LETTERS), int(rng.integers(3, 7)))) for _ in range(256)]
-    samples = [Sample(0, prompt=f"copy: {w}", response=w) for w in words]
+    samples = {"copy": [Sample(0, prompt=f"copy: {w}", response=w) for w in words]}
     return setup, load_tokenizer(setup.base), samples
 
 

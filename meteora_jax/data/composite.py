@@ -61,6 +61,7 @@ import os
 import random
 from collections.abc import Iterable, Sequence
 
+from meteora_jax.data.prompts import PROMPT_TEMPLATE
 from meteora_jax.data.tasks import Sample, read_task_file
 from meteora_jax.errors import ConfigError, MissingFileError
 from meteora_jax.io.files import (
@@ -223,19 +224,58 @@ def _pick_examples(train: list[Sample], rng: random.Random) -> list[Sample]:
     return [pool[i] for i in sorted(rng.sample(range(len(pool)), NUM_EXAMPLES))]
 
 
-def composite_text(examples: Sequence[Sequence[tuple[str, str]]], questions: Sequence[str]) -> str:
-    """The composite prompt text (layout in the module docstring).
+def composite_pieces(
+    examples: Sequence[Sequence[tuple[str, str]]], questions: Sequence[str]
+) -> list[tuple[int | None, str]]:
+    """The composite prompt text as (sub-task index, text) pieces: each sub-task's prompts and
+    example answers carry its index, the template text between them None.
 
     Args:
         examples: per example, one (prompt, answer) pair per sub-task, in sub-task order.
         questions: one test prompt per sub-task, in sub-task order.
     """
-    blocks = []
+    pieces: list[tuple[int | None, str]] = []
     for number, pairs in enumerate(examples, 1):
-        asked = "".join(f"{prompt}\n\n" for prompt, _ in pairs)
-        answered = "\n".join(f"{i}. {answer.strip()}" for i, (_, answer) in enumerate(pairs, 1))
-        blocks.append(f"Example {number}:\n\n{asked}{answered}\n\n\n")
-    return "".join(blocks) + f"{INSTRUCTION}\n\n" + "\n\n".join(questions) + "\n"
+        pieces.append((None, f"Example {number}:\n\n"))
+        pieces += [(k, f"{prompt}\n\n") for k, (prompt, _) in enumerate(pairs)]
+        pieces += [(k, f"{k + 1}. {answer.strip()}\n") for k, (_, answer) in enumerate(pairs)]
+        pieces.append((None, "\n\n"))
+    pieces.append((None, f"{INSTRUCTION}\n\n"))
+    pieces += [(k, q + ("\n\n" if k + 1 < len(questions) else "\n")) for k, q in enumerate(questions)]
+    return pieces
+
+
+def composite_text(examples: Sequence[Sequence[tuple[str, str]]], questions: Sequence[str]) -> str:
+    """The composite prompt text (layout in the module docstring; arguments as `composite_pieces`)."""
+    return "".join(text for _, text in composite_pieces(examples, questions))
+
+
+def answer_text(answers: Sequence[str]) -> str:
+    """The answer a composite prompt asks for: one numbered line per sub-answer."""
+    return "\n".join(f"{i}. {answer.strip()}" for i, answer in enumerate(answers, 1))
+
+
+def labelled_segments(
+    examples: Sequence[Sequence[tuple[str, str]]],
+    questions: Sequence[str],
+    answers: Sequence[str],
+    subtasks: Sequence[str],
+) -> list[dict]:
+    """A composite prompt, formatted and answered, as a training sample's `segments`
+    ([{"task", "text"}]): every sub-task's prompts and answer lines are labelled with that
+    sub-task, and template text with the sub-task of the labelled piece after it (so the gate
+    learns to switch where the next sub-task begins)."""
+    before, after = PROMPT_TEMPLATE.split("{input}")
+    pieces = composite_pieces(examples, questions)
+    pieces[0] = (pieces[0][0], before + pieces[0][1])
+    pieces[-1] = (pieces[-1][0], pieces[-1][1] + after)
+    lines = answer_text(answers).split("\n")
+    pieces += [(k, line + ("\n" if k + 1 < len(lines) else "")) for k, line in enumerate(lines)]
+    segments, following = [], None
+    for k, text in reversed(pieces):
+        following = following if k is None else k
+        segments.append({"task": subtasks[following], "text": text})
+    return segments[::-1]
 
 
 def build_composite(

