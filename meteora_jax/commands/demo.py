@@ -1,24 +1,39 @@
-"""`meteora-jax demo`: the embedded end-to-end example (tiny model, CPU, nothing downloaded)."""
+"""`meteora-jax demo`: MeteoRA end to end on the embedded tasks (tiny model, CPU, nothing downloaded)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(subparsers) -> None:
     demo = subparsers.add_parser(
-        "demo", help="run the embedded end-to-end demo (tiny model, CPU, no downloads)"
+        "demo",
+        help="MeteoRA end to end: a tiny base, one adapter per task, gates, evaluation, a report",
+        description=(
+            "Builds a tiny LLaMA pre-trained to follow the prompt format, trains one LoRA adapter per "
+            "synthetic task (train-lora), fuses them and trains the gates (train-gate), then evaluates "
+            "base / own adapter / MeteoRA / averaged adapters on each task and on composite-3 prompts. "
+            "Finished stages are cached: a rerun skips them, a changed setting reruns what depends on it."
+        ),
     )
-    demo.add_argument("--out", help="keep the generated HF model in this folder (default: temporary)")
-    demo.add_argument("--force", action="store_true", help="replace --out if it exists")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="runs/demo", help="the demo folder (default runs/demo)")
+    demo.add_argument(
+        "--fast", action="store_true", help="tiny sizes and a few steps: a quick look, not results"
+    )
+    demo.add_argument(
+        "--force", action="store_true", help="start over (and replace an --out that is not a demo folder)"
+    )
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    from meteora_jax.demo import base_model  # noqa: PLC0415
-    from meteora_jax.io.files import check_output_path  # noqa: PLC0415
+    from meteora_jax.demo.pipeline import DemoSettings, run_demo  # noqa: PLC0415
+    from meteora_jax.demo.report import report_path  # noqa: PLC0415
 
-    if args.out is not None:
-        check_output_path(args.out)
-    base_model.run(out_dir=args.out, seed=args.seed, force=args.force)
+    settings = DemoSettings.fast() if args.fast else DemoSettings()
+    run_demo(args.out, settings, force=args.force, progress=not args.no_progress)
+    with open(report_path(args.out), encoding="utf-8") as f:
+        print(f.read())
+    print(f"report: {report_path(args.out)}", file=sys.stderr)

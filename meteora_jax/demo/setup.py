@@ -19,7 +19,13 @@ from flax import nnx
 from meteora_jax.data.prompts import format_prompt, train_tiny_tokenizer
 from meteora_jax.data.tasks import Sample
 from meteora_jax.demo.pretrain import PretrainSettings, pretrain
-from meteora_jax.demo.tasks import TASKS, composite_copy_samples, task_samples, tiny_config
+from meteora_jax.demo.tasks import (
+    TASKS,
+    composite_copy_samples,
+    labelled_composite_samples,
+    task_samples,
+    tiny_config,
+)
 from meteora_jax.errors import ConfigError
 from meteora_jax.io.files import write_text_atomic
 from meteora_jax.io.hf import save_llama
@@ -40,12 +46,12 @@ class DemoBaseSettings:
     train: int = 512
     test: int = 64
     copies: int = 6000
-    composites: int = 1000
+    composites: int = 0
     layers: int = 4
     hidden: int = 128
     vocab_size: int = 70
     max_positions: int = 512
-    pretrain: PretrainSettings = PretrainSettings(steps=400, batch_size=8, seq_len=384, lr=3e-3)
+    pretrain: PretrainSettings = PretrainSettings(steps=400, batch_size=32, seq_len=48, lr=3e-3)
     seed: int = 0
 
     def __post_init__(self):
@@ -89,9 +95,29 @@ def build_demo_base(
     samples = {
         name: tuple(Sample(0, prompt=s["prompt"], response=s["response"]) for s in group)
         for name, group in (("copy", copies), ("composite-copy", composites))
+        if group
     }
     losses = pretrain(model, tokenizer, samples, settings.pretrain, mesh, progress=progress)
     base = os.path.join(root, "base")
     save_llama(model, base)
     tokenizer.save_pretrained(base)
     return DemoBase(base=base, data=data, pretrain_losses=losses)
+
+
+def write_labelled_composite_data(data: str, out: str, *, samples: int, n: int = 3, seed: int = 0) -> str:
+    """OUT/<task>/: each task folder of DATA (train and test as they are) with `samples`
+    labelled composite-n training prompts (`labelled_composite_samples`) dealt round-robin into
+    the train splits: the data of the composite-trained gate variant. Returns OUT."""
+    tasks = sorted(e for e in os.listdir(data) if os.path.isfile(os.path.join(data, e, "train.jsonl")))
+    if len(tasks) < n:
+        raise ConfigError(f"{data}: {len(tasks)} task folders, composite-{n} prompts need {n}")
+    extra = labelled_composite_samples(tasks, samples, np.random.default_rng(seed), n=n)
+    for i, task in enumerate(tasks):
+        os.makedirs(os.path.join(out, task), exist_ok=True)
+        for split in ("train", "test"):
+            with open(os.path.join(data, task, f"{split}.jsonl"), encoding="utf-8") as f:
+                text = f.read()
+            if split == "train":
+                text += "".join(json.dumps(s) + "\n" for s in extra[i :: len(tasks)])
+            write_text_atomic(os.path.join(out, task, f"{split}.jsonl"), text)
+    return out
