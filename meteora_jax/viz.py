@@ -170,6 +170,13 @@ def _legend(traces: Sequence[RoutingTrace], colors) -> str:
     return f'<div class="legend">{"".join(items)}</div>'
 
 
+def _one_line(title: str, width: int = 60) -> str:
+    """A plot title from a prompt: its first line, cut to `width` characters (a composite prompt
+    runs to hundreds of characters over many lines)."""
+    first = title.strip().split("\n", 1)[0]
+    return first if len(first) <= width and "\n" not in title.strip() else first[: width - 3].rstrip() + "..."
+
+
 def routing_html(traces: Sequence[RoutingTrace], title: str = "MeteoRA routing", subtitle: str = "") -> str:
     """A self-contained HTML page of one or more traces (sharing one adapter list)."""
     if not traces:
@@ -237,7 +244,7 @@ def write_routing_heatmap(path: str | os.PathLike, trace: RoutingTrace, *, dpi: 
         ax.set_xlabel("token position")
     if 0 < trace.prompt_length < t:
         ax.axvline(trace.prompt_length - 0.5, color="white", linewidth=1.5, linestyle="--")
-    ax.set_title(f"{trace.title}: adapter weight per token (prompt | generated)", fontsize=10)
+    ax.set_title(f"{_one_line(trace.title)}: adapter weight per token (prompt | generated)", fontsize=10)
     fig.colorbar(image, ax=ax, label="mean weight", fraction=0.03, pad=0.01)
     path = os.fspath(path)
     png = io.BytesIO()

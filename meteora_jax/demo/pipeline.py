@@ -54,7 +54,7 @@ class DemoSettings:
     lora_lr: float = 3e-3
     lora_rank: int = 8
     lora_alpha: float = 16.0
-    gate_steps: int = 600
+    gate_steps: int = 900
     gate_lr: float = 1e-3
     top_k: int = 2
     eval_limit: int = 64
@@ -83,7 +83,7 @@ class DemoSettings:
             pretrain=PretrainSettings(steps=8, batch_size=8, seq_len=48, lr=3e-3),
         )  # fmt: skip
         return cls(
-            base=base, batch_size=4, seq_len=48, lora_steps=4, gate_steps=4, eval_limit=4,
+            base=base, batch_size=8, seq_len=48, lora_steps=4, gate_steps=4, eval_limit=4,
             composite_samples=2, max_new_tokens=8, eval_batch_size=4,
         )  # fmt: skip
 

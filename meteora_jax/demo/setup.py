@@ -32,9 +32,9 @@ from meteora_jax.io.hf import save_llama
 from meteora_jax.modeling.llama import LlamaForCausalLM
 from meteora_jax.sharding import make_mesh
 
-# Counting and two-digit addition were tried and left out: their adapters reached 31% / 8% exact
-# match on this base at the demo's budget (own-task adapters must reach >= 90%).
-DEMO_TASKS = ("reverse", "upper", "sort", "shift", "rotate", "cipher")
+# Tried and left out, their adapters missing 90% exact match on this base at the demo's budget:
+# count (31%), add (8%), and cipher (100% on one base, 8-17% on two others: it is seed-sensitive).
+DEMO_TASKS = ("reverse", "upper", "sort", "shift", "rotate", "double")
 
 
 @dataclasses.dataclass(frozen=True)

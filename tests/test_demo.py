@@ -1,0 +1,98 @@
+"""`meteora-jax demo --fast` end to end: every artefact, the stage cache, refusals.
+
+One fast run (~45 s on 2 cores) is shared by the module; the test that changes a setting runs last
+since it retrains part of that folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+
+from meteora_jax.cli import main
+from meteora_jax.demo.pipeline import DemoSettings, run_demo
+from meteora_jax.errors import ConfigError
+
+FAST = DemoSettings.fast()
+TASKS = sorted(FAST.base.tasks)
+STAGES = ["base", *(f"lora-{t}" for t in FAST.base.tasks), "gate", "eval-peft", "eval-meteora"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert main(["demo", "--fast", "--no-progress", "--out", os.fspath(out)]) == 0
+    return out
+
+
+def test_results_json_has_the_issue_shape(demo):
+    results = json.loads((demo / "report" / "results.json").read_text())
+    assert sorted(results["tasks"]) == TASKS
+    for row in results["tasks"].values():
+        assert set(row) == {"base", "adapter", "meteora", "merged"}
+        assert all(0.0 <= v <= 1.0 for v in row.values())
+    composite = results["composite"]
+    assert composite["n"] == 3 and set(composite) == {"n", "meteora", "merged", "base"}
+    assert all(0.0 <= composite[k] <= 1.0 for k in ("meteora", "merged", "base"))
+    assert list(results["seconds"]) == STAGES and all(s >= 0 for s in results["seconds"].values())
+
+
+def test_report_folder_holds_the_tables_routing_view_and_curves(demo):
+    report = demo / "report"
+    text = (report / "report.md").read_text()
+    assert "| task | base | adapter | meteora | merged |" in text
+    assert "Composite-3 prompts" in text and "## Targets" in text and "## Seconds per stage" in text
+    for task in TASKS:
+        assert f"| {task} |" in text
+    assert "<html" in (report / "routing.html").read_text().lower()
+    assert (report / "routing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curves = sorted(os.listdir(report / "curves"))
+    assert curves == sorted(["gate.png", *(f"lora-{t}.png" for t in TASKS)])
+    assert all((report / "curves" / c).read_bytes()[:4] == b"\x89PNG" for c in curves)
+
+
+def test_the_stages_wrote_a_peft_adapter_per_task_and_a_gate_checkpoint(demo):
+    for task in TASKS:
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(demo / "lora" / task))
+    assert (demo / "setup" / "base" / "config.json").is_file()
+    records = {s: json.loads((demo / "stages" / f"{s}.json").read_text()) for s in STAGES}
+    assert all(r["done"] for r in records.values())
+
+
+def test_a_rerun_skips_every_stage(demo, capsys):
+    weights = demo / "lora" / TASKS[0] / "adapter_model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert main(["demo", "--fast", "--no-progress", "--out", os.fspath(demo)]) == 0
+    err = capsys.readouterr().err
+    assert all(f"] {s}: cached" in err for s in STAGES)
+    assert weights.stat().st_mtime_ns == before
+
+
+def test_a_foreign_out_is_refused_and_left_alone(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert main(["demo", "--fast", "--no-progress", "--out", os.fspath(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} exists and is not a demo folder" in err
+    assert os.listdir(out) == ["notes.txt"]
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ConfigError, match=r"lora_steps=0"):
+        DemoSettings(lora_steps=0)
+    with pytest.raises(ConfigError, match=r"composite-3 prompts need 3"):
+        DemoSettings(base=dataclasses.replace(FAST.base, tasks=("reverse", "upper")))
+
+
+def test_a_changed_setting_reruns_only_what_depends_on_it(demo, capsys):
+    """More gate steps: the base and adapters stay cached; the gate and both evaluations rerun
+    (the PEFT evaluation does not read the gates, so it stays cached too)."""
+    run_demo(os.fspath(demo), dataclasses.replace(FAST, gate_steps=FAST.gate_steps + 2), progress=False)
+    err = capsys.readouterr().err
+    cached = {s for s in STAGES if f"] {s}: cached" in err}
+    assert cached == {"base", *(f"lora-{t}" for t in TASKS), "eval-peft"}
+    assert json.loads((demo / "stages" / "gate.json").read_text())["done"]
