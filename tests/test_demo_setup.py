@@ -27,3 +27,22 @@ def test_build_demo_base_writes_tasks_and_a_loadable_pretrained_base(tmp_path):
     model = mj.load_model(built.base)
     assert model.config.num_hidden_layers == 1 and model.config.vocab_size == len(tokenizer)
     assert len(built.pretrain_losses) == 6 and np.isfinite(built.pretrain_losses).all()
+
+
+def test_labelled_composite_data_adds_segments_samples_to_the_train_splits(tmp_path):
+    """The composite-trained gate variant's data: every task folder as it was, plus labelled
+    composite prompts dealt round-robin into the train splits, which `load_tasks` reads."""
+    from meteora_jax.data.tasks import load_tasks
+    from meteora_jax.demo.setup import write_labelled_composite_data
+    from meteora_jax.demo.tasks import write_tasks
+
+    data = os.fspath(tmp_path / "data")
+    write_tasks(data, train=4, test=2, tasks=("reverse", "upper", "shift"))
+    out = write_labelled_composite_data(data, os.fspath(tmp_path / "mixed"), samples=6)
+    tasks = load_tasks(out, ["reverse", "upper", "shift"], split="train")
+    assert {name: len(samples) for name, samples in tasks.items()} == {"reverse": 6, "upper": 6, "shift": 6}
+    segments = [s for samples in tasks.values() for s in samples if s.segments is not None]
+    assert len(segments) == 6 and all({label for label, _ in s.segments} == {0, 1, 2} for s in segments)
+    assert (tmp_path / "mixed" / "upper" / "test.jsonl").read_text() == (
+        tmp_path / "data" / "upper" / "test.jsonl"
+    ).read_text()
