@@ -1,7 +1,7 @@
 """`meteora-jax demo --fast` end to end: every artefact, the stage cache, refusals.
 
-One fast run (~45 s on 2 cores) is shared by the module; the test that changes a setting runs last
-since it retrains part of that folder.
+One fast run (~45 s on 2 cores) is shared by the module; the two tests that rerun stages of it
+come last.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 import pytest
 
 from meteora_jax.cli import main
-from meteora_jax.demo.pipeline import DemoSettings, run_demo
+from meteora_jax.demo.pipeline import DemoRun, DemoSettings, run_demo
 from meteora_jax.errors import ConfigError
 
 FAST = DemoSettings.fast()
@@ -30,6 +30,7 @@ def demo(tmp_path_factory):
 
 def test_results_json_has_the_issue_shape(demo):
     results = json.loads((demo / "report" / "results.json").read_text())
+    assert set(results) == {"tasks", "composite", "seconds"}
     assert sorted(results["tasks"]) == TASKS
     for row in results["tasks"].values():
         assert set(row) == {"base", "adapter", "meteora", "merged"}
@@ -44,6 +45,7 @@ def test_report_folder_holds_the_tables_routing_view_and_curves(demo):
     report = demo / "report"
     text = (report / "report.md").read_text()
     assert "| task | base | adapter | meteora | merged |" in text
+    assert "| fully correct |" in text and all(f"| sub-task {t} |" in text for t in TASKS)
     assert "Composite-3 prompts" in text and "## Targets" in text and "## Seconds per stage" in text
     for task in TASKS:
         assert f"| {task} |" in text
@@ -81,11 +83,47 @@ def test_a_foreign_out_is_refused_and_left_alone(tmp_path, capsys):
     assert os.listdir(out) == ["notes.txt"]
 
 
+@pytest.mark.parametrize("what", ["stages", "stages/base.json"])
+def test_a_folder_with_a_stages_entry_of_its_own_is_refused(tmp_path, capsys, what):
+    out = tmp_path / "mine"
+    (out / "stages").mkdir(parents=True)
+    if what.endswith(".json"):
+        (out / what).write_text(json.dumps("key"))
+    assert main(["demo", "--fast", "--no-progress", "--out", os.fspath(out)]) == 2
+    assert f"--out {out} exists and is not a demo folder" in capsys.readouterr().err
+    assert sorted(os.listdir(out / "stages")) == ([] if what == "stages" else ["base.json"])
+
+
+def test_stage_keys_say_what_a_stage_does_not_where_the_folder_is(tmp_path):
+    one, two = DemoRun(os.fspath(tmp_path / "a"), FAST), DemoRun(os.fspath(tmp_path / "b"), FAST)
+    assert [s.settings for s in one.stages] == [s.settings for s in two.stages]
+    gate = next(s for s in one.stages if s.name == "gate")
+    assert gate.settings["out"] == "gate" and gate.settings["train"]["clip_norm"] == FAST.clip_norm
+    assert "progress" not in gate.settings
+    assert [s.name for s in one.stages] == STAGES
+
+
 def test_bad_settings_are_named():
-    with pytest.raises(ConfigError, match=r"lora_steps=0"):
+    with pytest.raises(ConfigError, match=r"lora_steps=0 \(an integer >= 1\)"):
         DemoSettings(lora_steps=0)
+    with pytest.raises(ConfigError, match=r"gate_lr=nan \(a number > 0\)"):
+        DemoSettings(gate_lr=float("nan"))
+    with pytest.raises(ConfigError, match=r"composite_samples=8 .* eval_limit=4"):
+        dataclasses.replace(FAST, composite_samples=8)
     with pytest.raises(ConfigError, match=r"composite-3 prompts need 3"):
         DemoSettings(base=dataclasses.replace(FAST.base, tasks=("reverse", "upper")))
+
+
+def test_an_unfinished_stage_resumes_and_what_reads_it_reruns(demo, capsys):
+    """A gate record left unfinished (as a kill leaves it): the gate run resumes in its folder (here
+    from its last checkpoint), and the MeteoRA evaluation, which reads it, runs again."""
+    record = demo / "stages" / "gate.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "done": False}))
+    run_demo(os.fspath(demo), FAST, progress=False)
+    err = capsys.readouterr().err
+    assert "] gate: resuming" in err and "] eval-meteora: gate ran again, rebuilding" in err
+    assert {s for s in STAGES if f"] {s}: cached" in err} == set(STAGES) - {"gate", "eval-meteora"}
+    assert json.loads(record.read_text())["done"]
 
 
 def test_a_changed_setting_reruns_only_what_depends_on_it(demo, capsys):

@@ -8,10 +8,11 @@ Stages, each in its own folder under OUT:
   eval/meteora/   the fused model routed by its gates;
   report/         report.md, results.json, the routing view of a composite prompt, the curves.
 
-A stage records its key (a hash of its settings and of the keys of the stages it reads) in
-OUT/stages/<stage>.json when it starts and marks it done when it ends. A rerun skips a done stage
-whose key still matches, resumes a started one (the training runs resume from their
-checkpoints), and rebuilds a stage whose key changed, and with it everything downstream.
+A stage records its key (a hash of the spec it runs, paths taken relative to OUT, and of the keys
+of the stages it reads) in OUT/stages/<stage>.json when it starts and marks it done when it ends.
+A rerun skips a done stage whose key still matches, resumes a started one (the training runs
+resume from their checkpoints), and rebuilds a stage whose key changed, and with it everything
+downstream. Another gate variant is one more gate stage, its eval stage and a row in `ROWS`.
 """
 
 from __future__ import annotations
@@ -19,22 +20,57 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 from meteora_jax.data.pipeline import DataConfig
 from meteora_jax.demo.pretrain import PretrainSettings
+from meteora_jax.demo.report import write_report
 from meteora_jax.demo.setup import DemoBaseSettings, build_demo_base
 from meteora_jax.errors import ConfigError, OutputExistsError
-from meteora_jax.inputs import is_int
+from meteora_jax.evaluation.evaluate import EvalSpec, evaluate
+from meteora_jax.inputs import is_int, is_real
 from meteora_jax.io.files import check_output_path, write_text_atomic
+from meteora_jax.training.config import TrainConfig
+from meteora_jax.training.train_gate import RunSpec, train
+from meteora_jax.training.train_lora import LoRASettings, LoRASpec, lora_train_config, train_lora
 
 STAGES_DIR = "stages"
-MODES_PEFT = ("base", "adapter", "merged")
 COMPOSITE_N = 3
+# Report row -> (the eval stage that measured it, the eval mode), in table order.
+ROWS = {
+    "base": ("eval-peft", "base"),
+    "adapter": ("eval-peft", "adapter"),
+    "meteora": ("eval-meteora", "meteora"),
+    "merged": ("eval-peft", "merged"),
+}
+
+
+# (fields, test, what the test wants) of DemoSettings' numbers; 0 means off for clip / gate term / warmup
+_CHECKS = (
+    (
+        ("batch_size", "seq_len", "save_every", "lora_steps", "lora_rank", "gate_steps", "top_k")
+        + ("eval_limit", "composite_samples", "max_new_tokens", "eval_batch_size"),
+        lambda v: is_int(v) and v >= 1,
+        "an integer >= 1",
+    ),
+    (("lora_warmup_steps",), lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    (
+        ("lora_lr", "lora_alpha", "gate_lr", "routing_temperature"),
+        lambda v: is_real(v) and math.isfinite(v) and v > 0,
+        "a number > 0",
+    ),
+    (
+        ("clip_norm", "gate_loss_weight"),
+        lambda v: is_real(v) and math.isfinite(v) and v >= 0,
+        "a number >= 0",
+    ),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,19 +79,25 @@ class DemoSettings:
 
     Adapters: `train-lora` at `lora_lr` for `lora_steps`. Gates: `train-gate` at `gate_lr` for
     `gate_steps`, training the adapter stacks with them (as the reference did) on the LM loss of
-    the responses plus the gate term. Evaluation: greedy, `eval_limit` test samples per task
-    and `composite_samples` composite-3 prompts, routed at `routing_temperature` (1: the gates as
-    trained; the reference's 15 for composite-3 flattens the top-2 weights of these gates)."""
+    the responses plus `gate_loss_weight` x the gate term. Both runs clip at `clip_norm` and save
+    a checkpoint every `save_every` steps (what a killed run resumes from). Evaluation: greedy,
+    `eval_limit` test samples per task and `composite_samples` composite-3 prompts, routed at
+    `routing_temperature` (1: the gates as trained; the reference's 15 for composite-3 flattens
+    the top-2 weights of these gates)."""
 
     base: DemoBaseSettings = DemoBaseSettings()
     batch_size: int = 16
     seq_len: int = 64
+    clip_norm: float = 1.0
+    save_every: int = 100
     lora_steps: int = 500
+    lora_warmup_steps: int = 10
     lora_lr: float = 3e-3
     lora_rank: int = 8
     lora_alpha: float = 16.0
     gate_steps: int = 900
     gate_lr: float = 1e-3
+    gate_loss_weight: float = 50.0
     top_k: int = 2
     eval_limit: int = 64
     composite_samples: int = 32
@@ -64,17 +106,25 @@ class DemoSettings:
     routing_temperature: float = 1.0
 
     def __post_init__(self):
-        ints = ("batch_size", "seq_len", "lora_steps", "lora_rank", "gate_steps", "top_k", "eval_limit")
-        ints += ("composite_samples", "max_new_tokens", "eval_batch_size")
         bad = [
-            f"{n}={getattr(self, n)!r}" for n in ints if not is_int(getattr(self, n)) or getattr(self, n) < 1
+            f"{n}={getattr(self, n)!r} ({what})"
+            for names, ok, what in _CHECKS
+            for n in names
+            if not ok(getattr(self, n))
         ]
-        if len(self.base.tasks) < COMPOSITE_N:
-            bad.append(f"tasks={list(self.base.tasks)} (composite-{COMPOSITE_N} prompts need {COMPOSITE_N})")
-        if self.composite_samples > self.base.test:
-            bad.append(f"composite_samples={self.composite_samples} above the {self.base.test} test samples")
         if bad:
-            raise ConfigError("demo settings: " + ", ".join(bad) + " (each must be an integer >= 1)")
+            raise ConfigError("demo settings: " + ", ".join(bad))
+        if len(self.base.tasks) < COMPOSITE_N:
+            raise ConfigError(
+                f"demo settings: tasks={list(self.base.tasks)}: composite-{COMPOSITE_N} prompts need "
+                f"{COMPOSITE_N} tasks"
+            )
+        # the composite prompts are cut from the test splits, and the eval limit applies to them too
+        if self.composite_samples > min(self.base.test, self.eval_limit):
+            raise ConfigError(
+                f"demo settings: composite_samples={self.composite_samples} is above the {self.base.test} "
+                f"test samples per task or eval_limit={self.eval_limit}"
+            )
 
     @classmethod
     def fast(cls) -> DemoSettings:
@@ -90,13 +140,15 @@ class DemoSettings:
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """One cached step: its name, the folder it writes, what it depends on, and how to run it."""
+    """One cached step: its name, the folder it writes, the settings its key hashes, the stages
+    it reads, how to run it, and whether an unfinished run of it can continue."""
 
     name: str
     folder: str
     settings: dict
     needs: tuple[str, ...]
-    run: Callable[[], None]
+    run: Callable[[], object]
+    resumes: bool = False  # True: an unfinished run continues in its folder (the training runs)
 
 
 def _key(settings: dict, upstream: Sequence[str]) -> str:
@@ -111,101 +163,103 @@ class DemoRun:
         self.out = os.path.abspath(out)
         self.settings = settings
         self.progress = progress
-        self.setup = os.path.join(self.out, "setup")
+        self.setup = self.path("setup")
         self.base = os.path.join(self.setup, "base")
         self.data = os.path.join(self.setup, "data")
         self.tasks = tuple(settings.base.tasks)
+        self.stages = self._stages()  # every spec is built, and so checked, before anything runs
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.out, *parts)
 
-    def stages(self) -> list[Stage]:
-        s = self.settings
-        train = {"batch_size": s.batch_size, "seq_len": s.seq_len}
-        stages = [Stage("base", self.setup, dataclasses.asdict(s.base), (), self._base)]
-        lora = {**train, "steps": s.lora_steps, "lr": s.lora_lr, "rank": s.lora_rank, "alpha": s.lora_alpha}
-        for task in self.tasks:
-            stages.append(Stage(f"lora-{task}", self.path("lora", task), lora, ("base",), self._lora(task)))
-        gate = {**train, "steps": s.gate_steps, "lr": s.gate_lr, "top_k": s.top_k}
-        loras = tuple(f"lora-{t}" for t in self.tasks)
-        stages.append(Stage("gate", self.path("gate"), gate, ("base", *loras), self._gate))
-        evals = {
-            k: getattr(s, k)
-            for k in (
-                "eval_limit",
-                "composite_samples",
-                "max_new_tokens",
-                "eval_batch_size",
-                "routing_temperature",
-            )
-        }
-        stages.append(Stage("eval-peft", self.path("eval", "peft"), evals, ("base", *loras), self._eval_peft))
-        stages.append(
-            Stage("eval-meteora", self.path("eval", "meteora"), evals, ("base", "gate"), self._eval_meteora)
-        )
-        return stages
+    def stage_folder(self, name: str) -> str:
+        return next(s.folder for s in self.stages if s.name == name)
 
-    # ------------------------------------------------------------------ stage bodies
+    def _stages(self) -> list[Stage]:
+        """Every stage in run order."""
+        loras = [
+            self._stage(f"lora-{t}", self._lora_spec(t), ("base",), train_lora, resumes=True)
+            for t in self.tasks
+        ]
+        lora_names = tuple(s.name for s in loras)
+        adapters = dict(zip(self.tasks, (s.folder for s in loras), strict=True))
+        gate = self._stage(
+            "gate", self._gate_spec(adapters, "gate"), ("base", *lora_names), train, resumes=True
+        )
+        peft = self._eval_spec("peft", ("base", "adapter", "merged"), adapters=adapters)
+        meteora = self._eval_spec("meteora", ("meteora",), gates=gate.folder)
+        return [
+            Stage("base", self.setup, dataclasses.asdict(self.settings.base), (), self._base),
+            *loras,
+            gate,
+            self._stage("eval-peft", peft, ("base", *lora_names), _evaluate_without_gates),
+            self._stage("eval-meteora", meteora, ("base", gate.name), evaluate),
+        ]
+
+    def _stage(
+        self, name: str, spec, needs: tuple[str, ...], run: Callable, *, resumes: bool = False
+    ) -> Stage:
+        settings = self._portable(dataclasses.asdict(spec))
+        return Stage(name, spec.out, settings, needs, lambda: run(spec), resumes)
+
+    def _portable(self, value):
+        """`value` without its progress flag and with the paths inside OUT relative to OUT: a key
+        says what a stage does, not where the demo folder is or whether it shows a bar."""
+        if isinstance(value, dict):
+            return {k: self._portable(v) for k, v in value.items() if k != "progress"}
+        if isinstance(value, list | tuple):
+            return [self._portable(v) for v in value]
+        if isinstance(value, str) and (value == self.out or value.startswith(self.out + os.sep)):
+            return os.path.relpath(value, self.out)
+        return value
 
     def _base(self) -> None:
         build_demo_base(self.setup, self.settings.base, progress=self.progress)
 
     def _data(self) -> DataConfig:
-        return DataConfig(
-            seq_len=self.settings.seq_len, batch_size=self.settings.batch_size, lm_loss="response"
+        s = self.settings
+        return DataConfig(seq_len=s.seq_len, batch_size=s.batch_size, lm_loss="response")
+
+    def _lora_spec(self, task: str) -> LoRASpec:
+        s = self.settings
+        train_config = lora_train_config(
+            s.lora_steps, lr=s.lora_lr, warmup_steps=min(s.lora_warmup_steps, s.lora_steps - 1),
+            clip_norm=s.clip_norm, save_every=min(s.save_every, s.lora_steps),
+            log_every=max(1, s.lora_steps // 50),
+        )  # fmt: skip
+        return LoRASpec(
+            base=self.base,
+            data_dir=os.path.join(self.data, task),
+            out=self.path("lora", task),
+            train=train_config,
+            data=self._data(),
+            lora=LoRASettings(rank=s.lora_rank, alpha=s.lora_alpha),
+            progress=self.progress,
         )
 
-    def _lora(self, task: str) -> Callable[[], None]:
-        def run() -> None:
-            from meteora_jax.training.train_lora import LoRASettings, LoRASpec, lora_train_config, train_lora
-
-            s = self.settings
-            train = lora_train_config(s.lora_steps, lr=s.lora_lr, warmup_steps=min(10, s.lora_steps - 1))
-            train = dataclasses.replace(train, save_every=s.lora_steps, log_every=max(1, s.lora_steps // 50))
-            spec = LoRASpec(
-                base=self.base,
-                data_dir=os.path.join(self.data, task),
-                out=self.path("lora", task),
-                train=train,
-                data=self._data(),
-                lora=LoRASettings(rank=s.lora_rank, alpha=s.lora_alpha),
-                progress=self.progress,
-            )
-            train_lora(spec)
-
-        return run
-
-    def _adapters(self) -> dict[str, str]:
-        return {task: self.path("lora", task) for task in self.tasks}
-
-    def _gate(self) -> None:
-        from meteora_jax.training.config import TrainConfig
-        from meteora_jax.training.train_gate import RunSpec, train
-
+    def _gate_spec(self, adapters: dict[str, str], folder: str) -> RunSpec:
         s = self.settings
         config = TrainConfig(
-            steps=s.gate_steps, lr=s.gate_lr, clip_norm=1.0, train_adapters=True, top_k=s.top_k,
-            save_every=s.gate_steps, log_every=max(1, s.gate_steps // 100),
+            steps=s.gate_steps, lr=s.gate_lr, clip_norm=s.clip_norm, gate_loss_weight=s.gate_loss_weight,
+            train_adapters=True, top_k=s.top_k, save_every=min(s.save_every, s.gate_steps),
+            log_every=max(1, s.gate_steps // 100),
         )  # fmt: skip
-        spec = RunSpec(
+        return RunSpec(
             base=self.base,
-            adapters=self._adapters(),
+            adapters=adapters,
             data_dir=self.data,
-            out=self.path("gate"),
+            out=self.path(folder),
             train=config,
             data=self._data(),
             progress=self.progress,
         )
-        train(spec)
 
-    def _eval(self, out: str, modes: tuple[str, ...], **model) -> None:
-        from meteora_jax.evaluation.evaluate import EvalSpec, evaluate
-
+    def _eval_spec(self, folder: str, modes: tuple[str, ...], **model) -> EvalSpec:
         s = self.settings
-        spec = EvalSpec(
+        return EvalSpec(
             base=self.base,
             tasks_dir=self.data,
-            out=out,
+            out=self.path("eval", folder),
             modes=modes,
             composite_n=COMPOSITE_N,
             composite_samples=s.composite_samples,
@@ -213,17 +267,10 @@ class DemoRun:
             max_new_tokens=s.max_new_tokens,
             routing_temperature=s.routing_temperature,
             limit=s.eval_limit,
-            force=True,
+            force=True,  # an eval stage that runs replaces its folder
             progress=self.progress,
             **model,
         )
-        evaluate(spec)
-
-    def _eval_peft(self) -> None:
-        self._eval(self.path("eval", "peft"), MODES_PEFT, adapters=self._adapters())
-
-    def _eval_meteora(self) -> None:
-        self._eval(self.path("eval", "meteora"), ("meteora",), gates=self.path("gate"))
 
     # ------------------------------------------------------------------ records
 
@@ -231,11 +278,13 @@ class DemoRun:
         return self.path(STAGES_DIR, f"{name}.json")
 
     def record(self, name: str) -> dict | None:
+        """The record of stage `name` ({"key", "done"[, "seconds"]}), or None."""
         try:
             with open(self._record_path(name), encoding="utf-8") as f:
-                return json.load(f)
+                record = json.load(f)
         except (OSError, ValueError):
             return None
+        return record if isinstance(record, dict) else None
 
     def _write_record(self, name: str, record: dict) -> None:
         os.makedirs(self.path(STAGES_DIR), exist_ok=True)
@@ -245,20 +294,29 @@ class DemoRun:
         """Runs (or skips) every stage in order; returns {stage: {"seconds", "cached"}}."""
         keys: dict[str, str] = {}
         done: dict[str, dict] = {}
-        stages = self.stages()
+        stages = self.stages
         for number, stage in enumerate(stages, 1):
             key = keys[stage.name] = _key(stage.settings, [keys[n] for n in stage.needs])
             record = self.record(stage.name)
-            if record and record.get("key") == key and record.get("done") and os.path.isdir(stage.folder):
+            header = f"[{number}/{len(stages)}] {stage.name}"
+            rebuilt = [n for n in stage.needs if not done[n]["cached"]]
+            same = record is not None and record.get("key") == key and not rebuilt
+            if same and record.get("done") and is_real(record.get("seconds")) and os.path.isdir(stage.folder):
                 done[stage.name] = {"seconds": record["seconds"], "cached": True}
+                print(f"{header}: cached ({record['seconds']:.0f} s)", file=sys.stderr)
+                continue
+            if record is None:
+                print(header, file=sys.stderr)
+            elif same:
                 print(
-                    f"[{number}/{len(stages)}] {stage.name}: cached ({record['seconds']:.0f} s)",
+                    f"{header}: {'resuming' if stage.resumes else 'unfinished, starting over'}",
                     file=sys.stderr,
                 )
-                continue
-            if not (record and record.get("key") == key):  # new settings: start over
+            else:
+                why = f"{', '.join(rebuilt)} ran again" if rebuilt else "settings changed"
+                print(f"{header}: {why}, rebuilding", file=sys.stderr)
+            if not (same and stage.resumes):
                 shutil.rmtree(stage.folder, ignore_errors=True)
-            print(f"[{number}/{len(stages)}] {stage.name}", file=sys.stderr)
             self._write_record(stage.name, {"key": key, "done": False})
             start = time.perf_counter()
             stage.run()
@@ -268,8 +326,23 @@ class DemoRun:
         return done
 
 
+def _evaluate_without_gates(spec: EvalSpec) -> None:
+    """`evaluate` for modes that never route (base, adapter, merged): the model is still fused
+    with seeded gates, whose "untrained gates" warning would only mislead here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="no gates given", category=UserWarning)
+        evaluate(spec)
+
+
 def is_demo_folder(out: str) -> bool:
-    return os.path.isdir(os.path.join(out, STAGES_DIR))
+    """Whether `out` holds a demo's stage records (its base stage's at least)."""
+    path = os.path.join(out, STAGES_DIR, "base.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "key" in record
 
 
 def prepare(out: str, *, force: bool) -> None:
@@ -280,7 +353,8 @@ def prepare(out: str, *, force: bool) -> None:
     taken = os.path.lexists(out) and not (os.path.isdir(out) and not os.listdir(out))
     if taken and not force and not is_demo_folder(out):
         raise OutputExistsError(
-            f"--out {out} exists and is not a demo folder (no {STAGES_DIR}/): pass --force to replace it"
+            f"--out {out} exists and is not a demo folder (no {STAGES_DIR}/base.json): pass --force to "
+            "replace it"
         )
     if taken and force:
         if os.path.isdir(out) and not os.path.islink(out):
@@ -292,19 +366,13 @@ def prepare(out: str, *, force: bool) -> None:
 def run_demo(
     out: str, settings: DemoSettings = DemoSettings(), *, force: bool = False, progress: bool = True
 ) -> dict:
-    """Runs the demo into OUT (see the module docstring); returns the report's results."""
-    from meteora_jax.demo.report import write_report
-
+    """Runs the demo into OUT (see the module docstring); returns the report's results.json."""
+    demo = DemoRun(out, settings, progress=progress)  # bad settings fail here, before OUT is touched
     prepare(out, force=force)
-    demo = DemoRun(out, settings, progress=progress)
     stages = demo.run()
+    rows = {row: (demo.stage_folder(stage), mode) for row, (stage, mode) in ROWS.items()}
     curves = {"gate": demo.path("gate", "curves.png")}
     curves |= {f"lora-{t}": demo.path("lora", t, "training", "curves.png") for t in demo.tasks}
     return write_report(
-        demo.path("report"),
-        demo.path("eval", "peft"),
-        demo.path("eval", "meteora"),
-        curves,
-        stages,
-        COMPOSITE_N,
+        demo.path("report"), rows, routing=rows["meteora"][0], curves=curves, stages=stages, n=COMPOSITE_N
     )

@@ -10,8 +10,6 @@ from collections.abc import Mapping, Sequence
 
 from meteora_jax.io.files import staged_directory, write_text_atomic
 
-ROWS = ("base", "adapter", "meteora", "merged")
-COMPOSITE_ROWS = ("meteora", "merged", "base")
 METRIC = "exact_match"  # every demo task is scored by exact match
 
 
@@ -20,21 +18,28 @@ def _read(path: str) -> dict:
         return json.load(f)
 
 
-def demo_results(peft: dict, meteora: dict, seconds: Mapping[str, float], n: int) -> dict:
-    """results.json: per task the four accuracies, the composite-n fully-correct rates, seconds."""
-    by_mode = {**peft["tasks"], **meteora["tasks"]}
-    tasks = sorted(by_mode["base"])
-    composite_of = {**peft["composite"], **meteora["composite"]}
+def demo_results(
+    rows: Mapping[str, tuple[dict, str]], seconds: Mapping[str, float], n: int
+) -> tuple[dict, dict[str, dict[str, float]]]:
+    """results.json from `rows` ({row: (an eval's results.json, its mode)}, in table order):
+    per task each row's accuracy, composite-n the fully-correct rate of each row that answered
+    composite prompts, and the seconds per stage; with it, {row: {sub-task: accuracy}} of the
+    composite prompts (for the report)."""
     name = f"composite-{n}"
-    return {
-        "tasks": {t: {row: by_mode[row][t][METRIC] for row in ROWS} for t in tasks},
-        "composite": {"n": n, **{row: composite_of[row][name]["fully_correct"] for row in COMPOSITE_ROWS}},
-        "composite_subtasks": {
-            row: {t: v[METRIC] for t, v in composite_of[row][name]["subtasks"].items()}
-            for row in COMPOSITE_ROWS
-        },
+    tasks_of = {row: results["tasks"][mode] for row, (results, mode) in rows.items()}
+    composite_of = {
+        row: results["composite"][mode][name]
+        for row, (results, mode) in rows.items()
+        if name in results["composite"].get(mode, {})
+    }
+    tasks = sorted(next(iter(tasks_of.values())))
+    results = {
+        "tasks": {t: {row: tasks_of[row][t][METRIC] for row in rows} for t in tasks},
+        "composite": {"n": n, **{row: c["fully_correct"] for row, c in composite_of.items()}},
         "seconds": {stage: round(s, 1) for stage, s in seconds.items()},
     }
+    subtasks = {row: {t: v[METRIC] for t, v in c["subtasks"].items()} for row, c in composite_of.items()}
+    return results, subtasks
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -70,19 +75,24 @@ def targets(results: dict) -> list[tuple[str, bool, str]]:
     ]
 
 
-def report_markdown(results: dict, cached: Mapping[str, bool]) -> str:
+def report_markdown(
+    results: dict, subtasks: Mapping[str, Mapping[str, float]], cached: Mapping[str, bool]
+) -> str:
+    """report.md: the task table, the composite table (per sub-task too), the targets, the seconds."""
+    rows = list(next(iter(results["tasks"].values())))
     lines = ["# meteora-jax demo", "", "Exact match, greedy decoding, held-out test samples.", ""]
-    lines += ["| task | " + " | ".join(ROWS) + " |", "|---" * (len(ROWS) + 1) + "|"]
+    lines += ["| task | " + " | ".join(rows) + " |", "|---" * (len(rows) + 1) + "|"]
     for task, row in results["tasks"].items():
-        lines.append(f"| {task} | " + " | ".join(f"{row[k]:.1%}" for k in ROWS) + " |")
-    means = {k: _mean([r[k] for r in results["tasks"].values()]) for k in ROWS}
-    lines.append("| **mean** | " + " | ".join(f"**{means[k]:.1%}**" for k in ROWS) + " |")
+        lines.append(f"| {task} | " + " | ".join(f"{row[k]:.1%}" for k in rows) + " |")
+    means = {k: _mean([r[k] for r in results["tasks"].values()]) for k in rows}
+    lines.append("| **mean** | " + " | ".join(f"**{means[k]:.1%}**" for k in rows) + " |")
     c = results["composite"]
-    lines += ["", f"Composite-{c['n']} prompts (every sub-answer right):", ""]
-    lines += ["| | " + " | ".join(COMPOSITE_ROWS) + " |", "|---" * (len(COMPOSITE_ROWS) + 1) + "|"]
-    lines.append("| fully correct | " + " | ".join(f"{c[k]:.1%}" for k in COMPOSITE_ROWS) + " |")
-    for task in results["composite_subtasks"]["meteora"]:
-        cells = [f"{results['composite_subtasks'][k][task]:.1%}" for k in COMPOSITE_ROWS]
+    composite_rows = [k for k in c if k != "n"]
+    lines += ["", f"Composite-{c['n']} prompts (every sub-answer right; per sub-task below):", ""]
+    lines += ["| | " + " | ".join(composite_rows) + " |", "|---" * (len(composite_rows) + 1) + "|"]
+    lines.append("| fully correct | " + " | ".join(f"{c[k]:.1%}" for k in composite_rows) + " |")
+    for task in next(iter(subtasks.values()), {}):
+        cells = [f"{subtasks[k][task]:.1%}" for k in composite_rows]
         lines.append(f"| sub-task {task} | " + " | ".join(cells) + " |")
     lines += ["", "## Targets", ""]
     for what, met, figures in targets(results):
@@ -99,24 +109,29 @@ def report_markdown(results: dict, cached: Mapping[str, bool]) -> str:
 
 
 def write_report(
-    out: str, peft_dir: str, meteora_dir: str, curves: Mapping[str, str], stages: Mapping[str, dict], n: int
+    out: str,
+    rows: Mapping[str, tuple[str, str]],
+    *,
+    routing: str,
+    curves: Mapping[str, str],
+    stages: Mapping[str, dict],
+    n: int,
 ) -> dict:
-    """Writes the report folder `out` (replacing an old one) and returns its results."""
+    """Writes the report folder `out` (replacing an old one) and returns its results.json.
+
+    rows: {row: (an eval output folder, its mode)} in table order; routing: the eval folder whose
+    routing view is copied; curves: {name: a curves.png} (copied as curves/NAME.png where it
+    exists); stages: {stage: {"seconds", "cached"}} in run order; n: the composite size.
+    """
+    read = {folder: _read(os.path.join(folder, "results.json")) for folder, _ in rows.values()}
     seconds = {name: info["seconds"] for name, info in stages.items()}
-    results = demo_results(
-        _read(os.path.join(peft_dir, "results.json")),
-        _read(os.path.join(meteora_dir, "results.json")),
-        seconds,
-        n,
-    )
+    results, subtasks = demo_results({row: (read[f], mode) for row, (f, mode) in rows.items()}, seconds, n)
     with staged_directory(out, force=True) as tmp:
         write_text_atomic(os.path.join(tmp, "results.json"), json.dumps(results, indent=2))
-        write_text_atomic(
-            os.path.join(tmp, "report.md"),
-            report_markdown(results, {k: v["cached"] for k, v in stages.items()}),
-        )
+        markdown = report_markdown(results, subtasks, {k: v["cached"] for k, v in stages.items()})
+        write_text_atomic(os.path.join(tmp, "report.md"), markdown)
         for name in ("routing.html", "routing.png"):
-            shutil.copyfile(os.path.join(meteora_dir, name), os.path.join(tmp, name))
+            shutil.copyfile(os.path.join(routing, name), os.path.join(tmp, name))
         os.makedirs(os.path.join(tmp, "curves"))
         for name, path in curves.items():
             if os.path.isfile(path):
