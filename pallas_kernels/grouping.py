@@ -56,15 +56,38 @@ def tile_rows_for(num_pairs: int, num_groups: int, *, lo: int = 8, hi: int = 128
     return tm
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SortedPairs:
+    """(token, choice) pairs sorted by group: order (P,) the pair index of each sorted row,
+    sorted_token / sorted_group (P,) its token and group, group_sizes (L,) rows per group."""
+
+    order: jax.Array
+    sorted_token: jax.Array
+    sorted_group: jax.Array
+    group_sizes: jax.Array
+
+
+def sort_pairs(ids_mk: jax.Array, num_groups: int) -> SortedPairs:
+    """Sorts the (token, choice) pairs of `ids_mk` (M, k) by group id (stable: by token within a group)."""
+    m, k = ids_mk.shape
+    pair_group = ids_mk.reshape(m * k).astype(jnp.int32)
+    order = jnp.argsort(pair_group, stable=True).astype(jnp.int32)
+    return SortedPairs(
+        order=order,
+        sorted_token=(order // k).astype(jnp.int32),
+        sorted_group=pair_group[order],
+        group_sizes=jnp.bincount(pair_group, length=num_groups).astype(jnp.int32),
+    )
+
+
 def group_metadata(ids_mk: jax.Array, num_groups: int, tile_rows: int) -> GroupMetadata:
     """Sorts the (token, choice) pairs of `ids_mk` (M, k) by group id and lists the tile visits."""
     m, k = ids_mk.shape
     p = m * k
-    pair_group = ids_mk.reshape(p).astype(jnp.int32)
-    order = jnp.argsort(pair_group, stable=True).astype(jnp.int32)
-    sorted_group = pair_group[order]
-    sorted_token = (order // k).astype(jnp.int32)
-    group_sizes = jnp.bincount(pair_group, length=num_groups).astype(jnp.int32)
+    pairs = sort_pairs(ids_mk, num_groups)
+    order, sorted_group, sorted_token = pairs.order, pairs.sorted_group, pairs.sorted_token
+    group_sizes = pairs.group_sizes
     group_ends = jnp.cumsum(group_sizes)
     group_starts = group_ends - group_sizes
 

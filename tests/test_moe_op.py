@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meteora_jax.ops import BACKENDS, moe_lora, moe_lora_reference
+from meteora_jax.ops.moe_lora import choose_backend
 from meteora_jax.ops.routing import RoutingSettings
 from pallas_kernels.reference import tolerance
 
@@ -155,3 +156,23 @@ def test_backends_on_concentrated_and_spread_routing(backend, routing_case, dtyp
         np.asarray(y_ref),
         atol=tolerance(dtype) * (1 + float(jnp.abs(y_ref).max())),
     )
+
+
+@pytest.mark.parametrize(
+    ("platform", "tokens", "adapters", "rank", "expected"),
+    [
+        ("cpu", 512, 28, 8, "xla"),
+        ("cpu", 512, 64, 64, "xla_grouped"),
+        ("cpu", 1, 28, 8, "xla_gather"),
+        ("cpu", 1, 64, 64, "xla_grouped"),
+        ("gpu", 512, 64, 64, "xla"),
+        ("gpu", 1, 64, 64, "xla_gather"),
+        ("tpu", 512, 28, 8, "xla"),
+        ("tpu", 512, 64, 64, "ragged"),
+        ("tpu", 8, 64, 64, "xla_gather"),
+    ],
+)
+def test_auto_backend_by_platform(platform, tokens, adapters, rank, expected):
+    """ragged_dot is a native grouped matmul on TPU only (a masked dense one, L times the work,
+    on CPU and GPU), so "auto" picks "ragged" on TPU alone."""
+    assert choose_backend(tokens, 2, adapters, 4096, rank, platform) == expected

@@ -10,9 +10,12 @@ Backends:
 - "xla_grouped": (token, choice) pairs sorted by adapter and cut in tiles (`pallas_kernels.grouping`),
   one small matmul per tile visit: work ~ (k*T + live adapters * tile) * R * (D + O).
 - "xla_gather": reads only the chosen adapters per token; for decode (a few tokens).
+- "ragged": pairs sorted by adapter, both matmuls as `jax.lax.ragged_dot`. TPU lowers it to a
+  native grouped matmul (work ~ k*M*R*(D + O)); CPU and GPU lower it to a masked dense matmul
+  with L times that work, so "auto" picks it on TPU only.
 - "pallas": the kernels in `pallas_kernels` (TPU Mosaic / GPU Triton; interpret mode on CPU).
-- "auto": picks an XLA backend by shape (`choose_backend`, from measurements). It does not
-  pick "pallas": the kernels have no measured accelerator timings yet.
+- "auto": picks a backend by platform and shape (`choose_backend`). It does not pick "pallas":
+  the kernels have no measured accelerator timings yet.
 
 `lora_delta` is the LoRA part alone, by backend (the op adds the base matmul to it;
 `meteora_jax.bench.device_check` times it against the kernels).
@@ -25,15 +28,19 @@ import jax.numpy as jnp
 
 import pallas_kernels
 from meteora_jax.ops.routing import Routing, RoutingSettings, route
-from pallas_kernels.grouping import group_metadata, tile_rows_for, visit_row_mask
+from pallas_kernels.grouping import group_metadata, sort_pairs, tile_rows_for, visit_row_mask
 
-BACKENDS = ("auto", "xla", "xla_grouped", "xla_gather", "pallas")
+BACKENDS = ("auto", "xla", "xla_grouped", "xla_gather", "ragged", "pallas")
 
 
-def choose_backend(tokens: int, top_k: int, num_adapters: int, d_in: int, rank: int) -> str:
-    """The XLA backend for a shape, from measurements: one 4096 x 4096 projection, top-2, f32,
-    random gates (spread routing), 2 CPU cores; time relative to the base matmul alone, median
-    of 5 interleaved repeats (`meteora-jax bench layer` measures the same at layer level):
+def choose_backend(
+    tokens: int, top_k: int, num_adapters: int, d_in: int, rank: int, platform: str | None = None
+) -> str:
+    """The backend "auto" runs for a shape on `platform` (default: JAX's default backend).
+
+    CPU, from measurements: one 4096 x 4096 projection, top-2, f32, random gates (spread
+    routing), 2 cores; time relative to the base matmul alone, median of 5 interleaved repeats
+    (`meteora-jax bench layer` measures the same at layer level):
 
         tokens  L x R    dense  grouped  gather
         512     28 x 8   1.08   1.07     1.93
@@ -45,12 +52,24 @@ def choose_backend(tokens: int, top_k: int, num_adapters: int, d_in: int, rank: 
     grouped for large ones. Prefill keeps the dense form while its extra work, L*R per token,
     is small next to the projection width (simplest graph, best on matrix units), and goes
     grouped beyond.
+
+    TPU and GPU, from what is known (no accelerator timings of ours yet): decode is bound by
+    reading weights, so gather (only the chosen adapters are read) at every rank. Prefill keeps
+    the dense form under the same L*R*16 <= D rule. Beyond it TPU goes "ragged" (Mosaic's
+    grouped matmul: the chosen adapters' work only), while GPU stays dense: there ragged_dot is a
+    masked dense matmul with L times the work, and the grouped loop runs one small matmul per
+    tile visit in sequence, which leaves a GPU idle between launches.
     """
-    if tokens * top_k <= 16:
+    platform = jax.default_backend() if platform is None else platform
+    decode = tokens * top_k <= 16
+    small = num_adapters * rank * 16 <= d_in
+    if platform == "tpu":
+        return "xla_gather" if decode else "xla" if small else "ragged"
+    if platform == "gpu":
+        return "xla_gather" if decode else "xla"
+    if decode:
         return "xla_gather" if rank <= 16 else "xla_grouped"
-    if num_adapters * rank * 16 <= d_in:
-        return "xla"
-    return "xla_grouped"
+    return "xla" if small else "xla_grouped"
 
 
 def pair_coefficients(routing: Routing, scale_l: jax.Array) -> jax.Array:
@@ -127,6 +146,18 @@ def _grouped_delta(x_md, a_ldr, b_lro, routing: Routing, scale_l):
     return jax.lax.fori_loop(0, n_visits, expand, jnp.zeros((m, o), x_md.dtype))
 
 
+def _ragged_delta(x_md, a_ldr, b_lro, routing: Routing, scale_l):
+    """Pairs sorted by adapter, (P x D) @ A and (P x R) @ B as ragged_dot over the adapter groups,
+    then each token's k rows summed back in token order (a gather, not a scatter-add)."""
+    m, k = routing.ids.shape
+    pairs = sort_pairs(routing.ids, a_ldr.shape[0])
+    coef_p = pair_coefficients(routing, scale_l).reshape(m * k)[pairs.order].astype(x_md.dtype)
+    h_pr = jax.lax.ragged_dot(x_md[pairs.sorted_token], a_ldr.astype(x_md.dtype), pairs.group_sizes)
+    y_po = jax.lax.ragged_dot(h_pr * coef_p[:, None], b_lro.astype(x_md.dtype), pairs.group_sizes)
+    rank_p = jnp.zeros((m * k,), jnp.int32).at[pairs.order].set(jnp.arange(m * k, dtype=jnp.int32))
+    return y_po[rank_p].reshape(m, k, -1).sum(axis=1)
+
+
 def lora_delta(
     x_md: jax.Array,
     a_ldr: jax.Array,
@@ -150,6 +181,8 @@ def lora_delta(
         return _gather_delta(x_md, a_ldr, b_lro, routing, scale_l)
     if backend == "xla_grouped":
         return _grouped_delta(x_md, a_ldr, b_lro, routing, scale_l)
+    if backend == "ragged":
+        return _ragged_delta(x_md, a_ldr, b_lro, routing, scale_l)
     if backend == "pallas":
         coef_mk = pair_coefficients(routing, scale_l)
         return pallas_kernels.moe_lora_delta(x_md, a_ldr, b_lro, routing.ids, coef_mk)
