@@ -17,6 +17,7 @@ from meteora_jax.inputs import check_fits_memory, check_tokens, is_int, resolve_
 from meteora_jax.io import gates as gates_io
 from meteora_jax.io.hf import load_llama
 from meteora_jax.io.stacking import AdapterInfo
+from meteora_jax.modeling.attention import IMPLEMENTATIONS
 from meteora_jax.modeling.llama import CausalLMOutput, KVCache, LlamaForCausalLM
 from meteora_jax.ops import BACKENDS
 
@@ -193,6 +194,7 @@ def load_model(
     *,
     param_dtype: str | None = None,
     scan_layers: bool = True,
+    attention: str = "auto",
     mesh: jax.sharding.Mesh | None = None,
     seed: int = 0,
 ) -> MeteoRAModel:
@@ -203,17 +205,23 @@ def load_model(
     `model.safetensors` or a meteora-jax checkpoint folder; without it, gates are seeded
     normal (`seed`) and a warning says routing is untrained. top_k / temperature: routing
     defaults (those stored in a checkpoint, else min(2, adapters) and 1.0). dtype: compute dtype;
-    param_dtype: storage dtype (default: dtype). Under `jax.set_mesh` (or with `mesh=`)
+    param_dtype: storage dtype (default: dtype). attention: "auto" | "xla" | "cudnn" | "splash"
+    (`meteora_jax.modeling.attention`). Under `jax.set_mesh` (or with `mesh=`)
     parameters land sharded by the logical rules in `meteora_jax.sharding`.
     """
     if backend not in BACKENDS:
         raise ConfigError(f"backend={backend!r} is not supported (choose from {', '.join(BACKENDS)})")
+    if attention not in IMPLEMENTATIONS:
+        raise ConfigError(
+            f"attention={attention!r} is not supported (choose from {', '.join(IMPLEMENTATIONS)})"
+        )
     if top_k is not None or temperature is not None:
         validate_routing(2 if top_k is None else top_k, 1.0 if temperature is None else temperature)
     compute = _dtype(dtype, "dtype")
     storage = compute if param_dtype is None else _dtype(param_dtype, "param_dtype")
     base_dir = os.fspath(base_dir)
     options = dict(dtype=compute, param_dtype=storage, scan_layers=scan_layers, backend=backend, mesh=mesh)
+    options["attention"] = attention
     if adapters is None and gates is None:
         return MeteoRAModel(load_llama(base_dir, **options))
     moe, extra, infos = gates_io.fuse(base_dir, adapters, gates, top_k, temperature, seed=seed)

@@ -285,6 +285,7 @@ def test_cache_with_other_batch(model):
         ({"dtype": "int8"}, "dtype='int8'"),
         ({"param_dtype": "float64"}, "param_dtype='float64'"),
         ({"backend": "nope"}, "backend='nope'"),
+        ({"attention": "flash"}, "attention='flash'"),
         ({"top_k": 0}, "top_k must be a positive integer, got 0"),
         ({"top_k": 1.5}, "top_k must be a positive integer, got 1.5"),
         ({"temperature": 0}, "temperature must be a number > 0, got 0"),

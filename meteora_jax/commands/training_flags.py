@@ -7,6 +7,7 @@ import argparse
 
 from meteora_jax.data.pipeline import DataConfig
 from meteora_jax.data.samples import LM_LOSSES
+from meteora_jax.modeling.attention import IMPLEMENTATIONS
 from meteora_jax.modeling.llama import REMAT_POLICIES
 from meteora_jax.sharding import parse_mesh
 from meteora_jax.training.config import COMPUTE_DTYPES
@@ -60,6 +61,12 @@ def add_training_flags(
     run.add_argument("--log-every", type=int, default=1)
     run.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1", metavar="data=N,fsdp=N,tensor=N")
     run.add_argument("--backend", default="xla", help="MoE-LoRA backend (default xla: the dense path)")
+    run.add_argument(
+        "--attention",
+        default="auto",
+        choices=IMPLEMENTATIONS,
+        help="attention implementation (default auto: cuDNN flash on GPU in bf16, splash on TPU, else XLA)",
+    )
     run.add_argument("--no-progress", dest="progress", action="store_false")
     hosts = groups["hosts"]
     hosts.add_argument("--coordinator", metavar="HOST:PORT")
@@ -105,6 +112,7 @@ def run_settings(args: argparse.Namespace) -> dict:
         "out": args.out,
         "mesh": parse_mesh(args.mesh),
         "backend": args.backend,
+        "attention": args.attention,
         "force": args.force,
         "progress": args.progress,
     }

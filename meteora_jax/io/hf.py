@@ -208,6 +208,7 @@ def load_llama(
     param_dtype=None,
     scan_layers: bool = True,
     backend: str = "auto",
+    attention: str = "auto",
     mesh: jax.sharding.Mesh | None = None,
 ) -> LlamaForCausalLM:
     """Loads a HF LLaMA folder into a `LlamaForCausalLM`, with MeteoRA layers when `moe` is given.
@@ -236,6 +237,7 @@ def load_llama(
             param_dtype=param_dtype,
             scan_layers=scan_layers,
             backend=backend,
+            attention=attention,
             rngs=nnx.Rngs(0),
         )
     )

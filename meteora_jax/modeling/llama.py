@@ -20,13 +20,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from meteora_jax.config import LlamaConfig, MoELoRAConfig
+from meteora_jax.modeling.attention import AttentionMask, attend, resolve_attention
 from meteora_jax.modeling.moe_lora import ForwardContext, GateStats, MoELoRALinear, project
 from meteora_jax.modeling.rope import apply_rope, rope_tables
 from meteora_jax.ops.routing import Routing, RoutingSettings
 from meteora_jax.sharding import constrain
-
-# Mask value for disallowed attention: finite, so fully-masked (padding) rows give no NaN.
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 # Rematerialisation of a decoder layer in training: what its backward pass may keep.
 REMAT_POLICIES = {
@@ -90,7 +88,7 @@ def _projection(name, d_in, d_out, axes, moe: MoELoRAConfig | None, *, dtype, pa
 
 
 class Attention(nnx.Module):
-    """Grouped-query attention over `S` key/value slots with an explicit (B, T, S) mask."""
+    """Grouped-query attention over `S` key/value slots under an `AttentionMask`."""
 
     def __init__(self, config: LlamaConfig, moe: MoELoRAConfig | None, **kw):
         d, n, k, h = (
@@ -107,12 +105,19 @@ class Attention(nnx.Module):
         self.dtype = kw["dtype"]
 
     def __call__(
-        self, x_btd, ctx: ForwardContext, cos_bth, sin_bth, allowed_bts, kv_cache=None, write_index=None
+        self,
+        x_btd,
+        ctx: ForwardContext,
+        cos_bth,
+        sin_bth,
+        mask: AttentionMask,
+        kv_cache=None,
+        write_index=None,
     ):
         """Returns (out (B, T, D), updated (k, v) cache or None).
 
         kv_cache: optional (k (B, S, K, H), v (B, S, K, H)); the new keys/values are written at
-        slot `write_index` and attention runs over all S slots under `allowed_bts`.
+        slot `write_index` and attention runs over all S slots under `mask`.
         """
         b, t, _ = x_btd.shape
         n, k, h = self.shape_nkh
@@ -130,12 +135,8 @@ class Attention(nnx.Module):
             kv_cache = (k_bskh, v_bskh)
         else:
             k_bskh, v_bskh = k_btkh, v_btkh
-        q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh.astype(self.dtype)) * (h**-0.5)
-        scores = jnp.where(allowed_bts[:, None, None], scores.astype(jnp.float32), _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh.astype(self.dtype))
-        return project(self.o_proj, "o_proj", out_btkgh.reshape(b, t, n * h), ctx), kv_cache
+        out_btnh = attend(q_btnh.astype(self.dtype), k_bskh, v_bskh, mask)
+        return project(self.o_proj, "o_proj", out_btnh.reshape(b, t, n * h), ctx), kv_cache
 
 
 class MLP(nnx.Module):
@@ -168,10 +169,17 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, moe, **kw)
 
     def __call__(
-        self, x_btd, ctx: ForwardContext, cos_bth, sin_bth, allowed_bts, kv_cache=None, write_index=None
+        self,
+        x_btd,
+        ctx: ForwardContext,
+        cos_bth,
+        sin_bth,
+        mask: AttentionMask,
+        kv_cache=None,
+        write_index=None,
     ):
         attn, kv_cache = self.self_attn(
-            self.input_layernorm(x_btd), ctx, cos_bth, sin_bth, allowed_bts, kv_cache, write_index
+            self.input_layernorm(x_btd), ctx, cos_bth, sin_bth, mask, kv_cache, write_index
         )
         x_btd = constrain(x_btd + attn, ("batch", "length", "embed"))
         x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd), ctx)
@@ -226,7 +234,8 @@ class CausalLMOutput:
 class LlamaForCausalLM(nnx.Module):
     """LLaMA decoder-only LM, optionally with MeteoRA layers (`moe`) in the targeted projections.
 
-    `scan_layers` only changes how the forward pass walks the stacked layers.
+    `scan_layers` only changes how the forward pass walks the stacked layers; `attention` picks
+    the attention implementation (`meteora_jax.modeling.attention.IMPLEMENTATIONS`).
     """
 
     def __init__(
@@ -238,8 +247,11 @@ class LlamaForCausalLM(nnx.Module):
         param_dtype=jnp.float32,
         scan_layers: bool = True,
         backend: str = "auto",
+        attention: str = "auto",
         rngs: nnx.Rngs,
     ):
+        resolve_attention(attention, dtype=dtype, head_dim=config.head_dim, length=0, cached=False)
+        self.attention = attention
         self.config = config
         self.moe = moe
         self.dtype = dtype
@@ -316,10 +328,22 @@ class LlamaForCausalLM(nnx.Module):
         if positions is None:
             positions = seen_b[:, None] + jnp.cumsum(mask_bt, axis=-1, dtype=jnp.int32) - 1
             positions = jnp.maximum(positions, 0)
-        kv_slots = jnp.arange(valid_bs.shape[1])
-        allowed_bts = (kv_slots[None, None, :] <= q_slots[None, :, None]) & valid_bs[:, None, :]
-        if segment_ids is not None:
-            allowed_bts &= segment_ids[:, :, None] == segment_ids[:, None, :]
+        implementation = resolve_attention(
+            self.attention,
+            dtype=self.dtype,
+            head_dim=self.config.head_dim,
+            length=t,
+            cached=cache is not None,
+        )
+        if implementation == "xla":
+            kv_slots = jnp.arange(valid_bs.shape[1])
+            allowed_bts = (kv_slots[None, None, :] <= q_slots[None, :, None]) & valid_bs[:, None, :]
+            if segment_ids is not None:
+                allowed_bts &= segment_ids[:, :, None] == segment_ids[:, None, :]
+            mask = AttentionMask(allowed_bts=allowed_bts)
+        else:
+            seg_bt = mask_bt.astype(jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+            mask = AttentionMask(segment_ids_bt=seg_bt, implementation=implementation)
         if routing is None and self.moe is not None:
             routing = RoutingSettings(jnp.float32(self.moe.temperature), top_k=self.moe.top_k)
 
@@ -335,7 +359,7 @@ class LlamaForCausalLM(nnx.Module):
             routing, labels_m, gate_loss_grad, return_routing, REMAT_POLICIES[remat], remat != "none"
         )
         x_btd, kv, routes, stats = self._run_layers(
-            x_btd, (cos_bth, sin_bth, allowed_bts), kv, write_index, layer_keys, walk
+            x_btd, (cos_bth, sin_bth, mask), kv, write_index, layer_keys, walk
         )
         x_btd = self.norm(x_btd)
         if self.lm_head is None:

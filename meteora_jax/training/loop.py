@@ -86,6 +86,7 @@ class Job:
     mixture: Callable[[], Mixture]
     mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
     backend: str = "xla"
+    attention: str = "auto"
     progress: bool = True
     evaluation: Evaluation | None = None
     evaluate_at_start: bool = False
@@ -245,7 +246,7 @@ class _Run:
         with jax.set_mesh(self.mesh):
             module = load_llama(
                 job.base, self.moe, extra, dtype=compute, param_dtype=jnp.float32, backend=job.backend,
-                mesh=self.mesh,
+                attention=job.attention, mesh=self.mesh,
             )  # fmt: skip
         if compute != jnp.float32:
             cast_frozen(module, trainable_kinds(self.cfg), compute)

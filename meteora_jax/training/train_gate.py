@@ -30,6 +30,7 @@ class RunSpec:
     mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
     tasks: Sequence[str] | None = None
     backend: str = "xla"
+    attention: str = "auto"
     force: bool = False
     progress: bool = True
     eval_batch_size: int = 16
@@ -60,6 +61,7 @@ def train(spec: RunSpec) -> RunResult:
         ),
         mesh=spec.mesh,
         backend=spec.backend,
+        attention=spec.attention,
         progress=spec.progress,
         evaluation=evaluation,
     )

@@ -77,6 +77,7 @@ class LoRASpec:
     lora: LoRASettings = LoRASettings()
     mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
     backend: str = "xla"
+    attention: str = "auto"
     force: bool = False
     progress: bool = True
     eval_batch_size: int = 16
@@ -211,6 +212,7 @@ def train_lora(spec: LoRASpec) -> RunResult:
         mixture=mixture,
         mesh=spec.mesh,
         backend=spec.backend,
+        attention=spec.attention,
         progress=spec.progress,
         evaluation=evaluation,
         evaluate_at_start=True,

@@ -1,0 +1,119 @@
+"""Scaled dot-product attention behind one function, by platform: XLA, cuDNN flash attention
+(GPU) and the Pallas splash-attention kernel (TPU; interpret mode on CPU).
+
+Dimensions: B batch, T queries, S key/value slots, N query heads, K key/value heads
+(G = N / K per group), H head dim.
+
+Every implementation computes softmax(q k^T / sqrt(H) + mask) v with float32 logits. They take
+the mask in different forms (`AttentionMask`): XLA the explicit (B, T, S) mask, which any call
+with a KV cache needs; the fused kernels, for self-attention over the new tokens alone, its
+structure (causal within segments), applied block by block without ever building a (T, S)
+matrix. The two agree on every real token; a padding query (segment 0) sees other padding under
+the structured form and nothing under the explicit one, so outputs at padding positions (which
+no real token reads) may differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+SPLASH_BLOCK = 128  # splash attention's query / key block: T must be a multiple of it
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMask:
+    """What each query may attend to, in the form its implementation (resolved, static) takes;
+    the other form is None.
+
+    allowed_bts: (B, T, S) bool, the explicit mask (causal, padding, segments, cache slots): "xla".
+    segment_ids_bt: (B, T) int32, self-attention without a cache: query t sees key s <= t with
+    the same id (0 marks padding): "cudnn" and "splash".
+    """
+
+    allowed_bts: jax.Array | None = None
+    segment_ids_bt: jax.Array | None = None
+    implementation: str = dataclasses.field(metadata=dict(static=True), default="xla")
+
+
+def resolve_attention(
+    implementation: str, *, dtype, head_dim: int, length: int, cached: bool, platform: str | None = None
+) -> str:
+    """The implementation a forward pass runs; "auto" picks by `platform` (default: JAX's
+    default backend): cuDNN flash attention on GPU for bfloat16 / float16 with a head dim cuDNN
+    takes (<= 128, a multiple of 8), splash attention on TPU when the length is a multiple of its
+    block, XLA otherwise and whenever a KV cache is used (decode is a few queries, where the
+    explicit mask costs nothing). On CPU XLA is the only compiled path.
+
+    Raises ValueError for an unknown implementation, or a kernel asked for where it cannot run.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention={implementation!r} is not one of {IMPLEMENTATIONS}")
+    platform = jax.default_backend() if platform is None else platform
+    if implementation == "auto":
+        half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        if cached:
+            return "xla"
+        if platform == "gpu" and half and head_dim <= 128 and head_dim % 8 == 0:
+            return "cudnn"
+        if platform == "tpu" and length % SPLASH_BLOCK == 0:
+            return "splash"
+        return "xla"
+    if implementation != "xla" and cached:
+        raise ValueError(f"attention={implementation!r} cannot attend over a KV cache: use 'xla' or 'auto'")
+    if implementation == "splash" and length % SPLASH_BLOCK:
+        raise ValueError(
+            f"attention='splash' needs a length that is a multiple of {SPLASH_BLOCK}, not {length}"
+        )
+    return implementation
+
+
+def _splash(q_btnh, k_btkh, v_btkh, segment_ids_bt):
+    """Causal splash attention within segments, vmapped over the batch (heads-major layout);
+    Pallas interpret mode off TPU (how CPU tests run it)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415  (TPU-only module)
+        splash_attention_kernel as splash,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
+        splash_attention_mask as masks,
+    )
+
+    _, t, n, h = q_btnh.shape
+    mask = masks.MultiHeadMask([masks.CausalMask((t, t)) for _ in range(n)])
+    block = SPLASH_BLOCK
+    sizes = splash.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,
+    )  # fmt: skip
+    kernel = splash.make_splash_mha(
+        mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=jax.default_backend() != "tpu"
+    )
+
+    def one(q_nth, k_kth, v_kth, seg_t):
+        return kernel(q_nth * (h**-0.5), k_kth, v_kth, segment_ids=splash.SegmentIds(q=seg_t, kv=seg_t))
+
+    heads_first = functools.partial(jnp.swapaxes, axis1=1, axis2=2)  # (B, T, N, H) <-> (B, N, T, H)
+    out_bnth = jax.vmap(one)(heads_first(q_btnh), heads_first(k_btkh), heads_first(v_btkh), segment_ids_bt)
+    return heads_first(out_bnth)
+
+
+def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask: AttentionMask) -> jax.Array:
+    """Grouped-query attention of q (B, T, N, H) over k, v (B, S, K, H) under `mask`, by its
+    implementation; returns (B, T, N, H) in q's dtype."""
+    k_bskh, v_bskh = k_bskh.astype(q_btnh.dtype), v_bskh.astype(q_btnh.dtype)
+    if mask.implementation == "splash":
+        return _splash(q_btnh, k_bskh, v_bskh, mask.segment_ids_bt).astype(q_btnh.dtype)
+    if mask.implementation == "cudnn":
+        seg_bt = mask.segment_ids_bt
+        same_b1ts = (seg_bt[:, :, None] == seg_bt[:, None, :])[:, None]
+        return jax.nn.dot_product_attention(
+            q_btnh, k_bskh, v_bskh, mask=same_b1ts, is_causal=True, implementation="cudnn"
+        )
+    return jax.nn.dot_product_attention(
+        q_btnh, k_bskh, v_bskh, mask=mask.allowed_bts[:, None], implementation="xla"
+    )

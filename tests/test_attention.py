@@ -1,0 +1,129 @@
+"""Attention behind one function: XLA (jax.nn.dot_product_attention) against a plain statement of
+the math, the splash kernel (Pallas interpret mode) against XLA inside the model, and how "auto"
+chooses. cuDNN runs on a GPU only; what CPU can check of it is the choice."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from meteora_jax.config import LlamaConfig
+from meteora_jax.modeling.attention import SPLASH_BLOCK, AttentionMask, attend, resolve_attention
+from meteora_jax.modeling.llama import LlamaForCausalLM
+
+
+def plain_attention(q_btnh, k_bskh, v_bskh, allowed_bts):
+    """softmax(q k^T / sqrt(H)) v, each query head reading its group's key head; a query with no
+    allowed slot averages every slot (the finite mask value), as the model always did."""
+    b, t, n, h = q_btnh.shape
+    k = k_bskh.shape[2]
+    q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh) * h**-0.5
+    scores = jnp.where(allowed_bts[:, None, None], scores, -0.7 * float(jnp.finfo(jnp.float32).max))
+    out = jnp.einsum("bkgts,bskh->btkgh", jax.nn.softmax(scores, axis=-1), v_bskh)
+    return out.reshape(b, t, n, h)
+
+
+def test_xla_matches_the_plain_statement_with_gqa_and_a_fully_masked_row():
+    rng = np.random.default_rng(0)
+    b, t, s, n, k, h = 2, 5, 9, 6, 2, 8
+    q, kk, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in
+                ((b, t, n, h), (b, s, k, h), (b, s, k, h)))  # fmt: skip
+    allowed = jnp.asarray(rng.random((b, t, s)) < 0.6).at[1, 2].set(False)  # row (1, 2) sees nothing
+    out = attend(q, kk, v, AttentionMask(allowed_bts=allowed))
+    assert float(jnp.abs(out - plain_attention(q, kk, v, allowed)).max()) <= 1e-6
+
+
+CONFIG = LlamaConfig(
+    vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=2 * SPLASH_BLOCK,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def models():
+    """The same random weights behind XLA and splash attention."""
+    xla = LlamaForCausalLM(CONFIG, attention="xla", rngs=nnx.Rngs(0))
+    splash = LlamaForCausalLM(CONFIG, attention="splash", rngs=nnx.Rngs(0))
+    return xla, splash
+
+
+def _inputs():
+    rng = np.random.default_rng(1)
+    t = SPLASH_BLOCK
+    ids = jnp.asarray(rng.integers(1, CONFIG.vocab_size, (2, t)), jnp.int32)
+    segments = np.zeros((2, t), np.int32)
+    segments[0, :50], segments[0, 50:110] = 1, 2  # two packed samples, then padding
+    segments[1, 7:] = 1  # padding first, then one sample
+    return ids, jnp.asarray(segments)
+
+
+def test_splash_matches_xla_on_packed_rows_forward_and_gradient(models):
+    """Packed samples and padding (segment ids): logits on every real token and the gradient of
+    a loss over real tokens agree; padding positions are not compared (they read nothing real)."""
+    ids, segments = _inputs()
+    real = np.asarray(segments) > 0
+    weight = jnp.asarray(real, jnp.float32)[..., None]
+
+    def loss_and_logits(model):
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def loss(params):
+            logits = nnx.merge(graphdef, params)(ids, segment_ids=segments).logits
+            return jnp.sum(jnp.sin(logits) * weight), logits
+
+        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return logits, grads
+
+    (logits_x, grads_x), (logits_s, grads_s) = (loss_and_logits(m) for m in models)
+    assert float(np.abs(np.asarray(logits_x - logits_s)[real]).max()) <= 1e-5
+    for g_x, g_s in zip(jax.tree.leaves(grads_x), jax.tree.leaves(grads_s), strict=True):
+        assert float(jnp.abs(g_x - g_s).max()) <= 1e-4 * (1 + float(jnp.abs(g_x).max()))
+
+
+def test_splash_matches_xla_on_a_left_padded_batch(models):
+    ids, _ = _inputs()
+    mask = np.ones(ids.shape, np.int32)
+    mask[1, :20] = 0
+    xla, splash = models
+    a, b = (m(ids, attention_mask=jnp.asarray(mask)).logits for m in models)
+    assert float(np.abs(np.asarray(a - b)[mask > 0]).max()) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("platform", "dtype", "length", "cached", "expected"),
+    [
+        ("cpu", jnp.bfloat16, 4096, False, "xla"),
+        ("gpu", jnp.bfloat16, 4096, False, "cudnn"),
+        ("gpu", jnp.float32, 4096, False, "xla"),  # cuDNN's flash attention is half precision only
+        ("gpu", jnp.bfloat16, 1, True, "xla"),  # decode over a cache: the explicit mask
+        ("tpu", jnp.float32, 4096, False, "splash"),
+        ("tpu", jnp.float32, 100, False, "xla"),  # not a multiple of the splash block
+    ],
+)
+def test_auto_by_platform(platform, dtype, length, cached, expected):
+    got = resolve_attention(
+        "auto", dtype=dtype, head_dim=128, length=length, cached=cached, platform=platform
+    )
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("implementation", "length", "cached", "message"),
+    [
+        ("flash", 128, False, "attention='flash' is not one of"),
+        ("cudnn", 1, True, "attention='cudnn' cannot attend over a KV cache"),
+        ("splash", 100, False, "attention='splash' needs a length that is a multiple of 128, not 100"),
+    ],
+)
+def test_what_an_implementation_cannot_do_is_refused(implementation, length, cached, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_attention(implementation, dtype=jnp.float32, head_dim=16, length=length, cached=cached)
+
+
+def test_a_splash_model_refuses_a_length_off_its_block(models):
+    with pytest.raises(ValueError, match="multiple of 128, not 5"):
+        models[1](jnp.ones((1, 5), jnp.int32))
