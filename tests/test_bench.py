@@ -8,6 +8,7 @@ import pytest
 import meteora_jax.bench
 from meteora_jax.bench import device_check
 from meteora_jax.cli import main
+from meteora_jax.config import PROJECTIONS
 from pallas_kernels.reference import delta_reference
 
 pytestmark = pytest.mark.slow
@@ -39,7 +40,11 @@ def test_bench_layer_writes_ratios(tmp_path, monkeypatch, capsys):
         assert set(row["ratio"]) == {"base", "lora", "meteora[xla]", "meteora[xla_grouped]"}
         assert all(r > 0 for r in row["ratio"].values())
         assert row["torch_reference_ratio"] > 0 and row["peak_bytes"]["meteora[xla]"] > 0
-    assert "torch reference algorithm" in capsys.readouterr().out
+        # what "auto" ran, per projection: prefill 24 x top-2 is past the decode rule, decode 2 x 2 is not
+        assert sorted(p for names in row["auto"].values() for p in names) == sorted(PROJECTIONS)
+    assert set(rows[1]["auto"]) == {"xla_gather"}
+    out = capsys.readouterr().out
+    assert "torch reference algorithm" in out and "auto ran xla_gather (q_proj, k_proj" in out
 
 
 def test_bench_rejects_bad_settings(capsys):
@@ -116,3 +121,24 @@ def test_bench_train_compares_gate_training_with_a_plain_lora_step(tmp_path, mon
         assert all(r > 0 for r in row["ratio"].values()) and all(b > 0 for b in row["peak_bytes"].values())
     assert "plain LoRA r8" in capsys.readouterr().out
     assert main(["bench", "train", "--mixtures", "4by2"]) == 2
+
+
+def test_bench_train_memory_only_reports_the_remat_policies_memory(tmp_path, monkeypatch, capsys):
+    """--memory-only compiles and reports peak temporaries, no timing; over several layers, full
+    remat keeps less for the backward pass than none."""
+    _tiny_layer(monkeypatch)
+    peaks = {}
+    for remat in ("none", "full"):
+        out = tmp_path / f"{remat}.json"
+        argv = ["bench", "train", "--mixtures", "4x2", "--tokens", "64", "--layers", "3", "--memory-only"]
+        argv += ["--remat", remat]
+        assert main([*argv, "--json", str(out)]) == 0
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        assert f"remat {remat}, attention auto]: peak temporaries: lora " in line and " ms" not in line
+        (row,) = json.loads(out.read_text())["results"]
+        assert "ratio" not in row
+        peaks[remat] = row["peak_bytes"]
+    assert all(peaks["full"][k] < peaks["none"][k] for k in ("lora", "gates", "gates+adapters"))
+    with pytest.raises(SystemExit):
+        main(["bench", "train", "--remat", "some"])
+    assert "argument --remat: invalid choice: 'some'" in capsys.readouterr().err

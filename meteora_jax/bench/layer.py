@@ -23,9 +23,10 @@ from flax import nnx
 from tqdm import tqdm
 
 from meteora_jax.bench.timing import SETTLE_SECONDS, interleaved, medians
-from meteora_jax.config import PROJECTIONS, LlamaConfig, MoELoRAConfig
+from meteora_jax.config import PROJECTIONS, LlamaConfig, MoELoRAConfig, projection_shape
 from meteora_jax.errors import ConfigError
 from meteora_jax.modeling.llama import KVCache, LlamaForCausalLM
+from meteora_jax.ops.moe_lora import choose_backend
 from meteora_jax.ops.routing import RoutingSettings
 
 # LLaMA-3-8B's decoder layer (the vocabulary is irrelevant to a layer and kept tiny).
@@ -114,6 +115,17 @@ def _reference_gather_bytes(config: LlamaConfig, settings: BenchSettings, tokens
     return tokens * settings.top_k * settings.rank * widest * 4
 
 
+def auto_choices(config: LlamaConfig, settings: BenchSettings, tokens: int) -> dict[str, list[str]]:
+    """{backend: [projections]}: what "auto" runs for each projection at `tokens` tokens on this
+    platform (the choice depends on each projection's input width)."""
+    choices: dict[str, list[str]] = {}
+    for name in PROJECTIONS:
+        d_in = projection_shape(config, name)[0]
+        backend = choose_backend(tokens, settings.top_k, settings.adapters, d_in, settings.rank)
+        choices.setdefault(backend, []).append(name)
+    return choices
+
+
 def _torch_reference() -> ModuleType:
     """The torch reference module (imports torch; raises ConfigError, not ImportError, without it)."""
     from meteora_jax.bench import torch_reference  # noqa: PLC0415  (torch is optional)
@@ -154,7 +166,7 @@ def bench(config: LlamaConfig, settings: BenchSettings, log=print) -> list[dict]
         row = {"phase": phase, "tokens": tokens, "context": context, "adapters": settings.adapters,
                "rank": settings.rank, "top_k": settings.top_k, "base_ms": seconds["base"] * 1e3,
                "ratio": {n: s / seconds["base"] for n, s in seconds.items() if not n.startswith("torch")},
-               "peak_bytes": peaks}  # fmt: skip
+               "peak_bytes": peaks, "auto": auto_choices(config, settings, tokens)}  # fmt: skip
         if "torch_base" in seconds:
             row["torch_reference_ratio"] = seconds["torch_reference"] / seconds["torch_base"]
             row["speedup_vs_reference"] = {
@@ -177,6 +189,8 @@ def format_row(row: dict) -> str:
         f"{row['phase']} {row['tokens']} tok (L={row['adapters']}, r={row['rank']}): "
         f"base {row['base_ms']:.1f} ms; {ratios}"
     )
+    if "auto" in row:
+        text += "; auto ran " + ", ".join(f"{b} ({', '.join(p)})" for b, p in row["auto"].items())
     if "torch_reference_ratio" in row:
         text += f"; torch reference algorithm {row['torch_reference_ratio']:.3f}x its base"
     if "torch_reference_skipped" in row:

@@ -8,6 +8,8 @@ medians; `meteora_jax.bench.timing`):
 - `gates+adapters`: the same with `--train-adapters`.
 Each is the full jitted step of `meteora_jax.training.step` (forward, backward, AdamW update).
 Ratios are to `lora`; peak memory is XLA's accounting of each compiled step's temporaries.
+`memory_only` compiles the steps and reports their memory without timing them (a 4096-token step
+of an 8B layer takes minutes on 2 CPU cores; its memory takes one compile).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from tqdm import tqdm
 from meteora_jax.bench.timing import interleaved, medians
 from meteora_jax.config import PROJECTIONS, LlamaConfig, MoELoRAConfig
 from meteora_jax.errors import ConfigError
-from meteora_jax.modeling.llama import LlamaForCausalLM
+from meteora_jax.modeling.attention import IMPLEMENTATIONS
+from meteora_jax.modeling.llama import REMAT_POLICIES, LlamaForCausalLM
 from meteora_jax.sharding import make_mesh
 from meteora_jax.training.config import TrainConfig
 from meteora_jax.training.state import split_for_training
@@ -41,19 +44,28 @@ class TrainBenchSettings:
     repeats: int = 3
     seed: int = 0
     backend: str = "xla"  # the MeteoRA variants' MoE-LoRA backend (the plain LoRA is always dense)
+    remat: str = "none"  # what each layer keeps for the backward pass (REMAT_POLICIES)
+    attention: str = "auto"  # the attention implementation of every variant
+    memory_only: bool = False  # compile and report peak memory, no timing
 
     def __post_init__(self):
         if self.repeats < 1 or self.tokens < 2 or self.lora_rank < 1:
             raise ConfigError("bench train needs repeats >= 1, tokens >= 2 and lora rank >= 1")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"bench train: remat={self.remat!r} is not one of {tuple(REMAT_POLICIES)}")
+        if self.attention not in IMPLEMENTATIONS:
+            raise ConfigError(f"bench train: attention={self.attention!r} is not one of {IMPLEMENTATIONS}")
         if any(n < self.top_k or r < 1 for n, r in self.mixtures):
             raise ConfigError(f"every mixture needs >= top_k={self.top_k} adapters and rank >= 1")
 
 
-def _model(config: LlamaConfig, n: int, rank: int, top_k: int, seed: int, backend: str = "xla"):
+def _model(config: LlamaConfig, n: int, rank: int, top_k: int, settings: TrainBenchSettings, backend: str):
     moe = MoELoRAConfig(tuple(f"adapter_{i}" for i in range(n)), PROJECTIONS, rank, top_k=top_k)
-    model = LlamaForCausalLM(config, moe, backend=backend, rngs=nnx.Rngs(seed))
+    model = LlamaForCausalLM(
+        config, moe, backend=backend, attention=settings.attention, rngs=nnx.Rngs(settings.seed)
+    )
     lora = nnx.state(model, nnx.LoRAParam)  # B starts at zero: give every adapter real weights
-    keys = iter(jax.random.split(jax.random.key(seed + 1), len(jax.tree.leaves(lora))))
+    keys = iter(jax.random.split(jax.random.key(settings.seed + 1), len(jax.tree.leaves(lora))))
     nnx.update(model, jax.tree.map(lambda a: jax.random.normal(next(keys), a.shape, a.dtype) * 0.02, lora))
     return model
 
@@ -98,30 +110,38 @@ def bench_train(config: LlamaConfig, settings: TrainBenchSettings, log=print) ->
             runs, peaks = {}, {}
             # what `train-lora` runs: the one adapter trained, no gate state, no gate term
             lora_cfg = TrainConfig(
-                steps=1000, gate_loss_weight=0.0, top_k=1, train_gates=False, train_adapters=True
-            )
-            lora = _model(config, 1, settings.lora_rank, 1, settings.seed)
+                steps=1000, gate_loss_weight=0.0, top_k=1, train_gates=False, train_adapters=True,
+                remat=settings.remat,
+            )  # fmt: skip
+            lora = _model(config, 1, settings.lora_rank, 1, settings, "xla")
             runs["lora"], peaks["lora"] = _compiled_step(lora, lora_cfg, batch, mesh)
             for name, train_adapters in (("gates", False), ("gates+adapters", True)):
-                cfg = TrainConfig(steps=1000, top_k=settings.top_k, train_adapters=train_adapters)
-                model = _model(config, n, rank, settings.top_k, settings.seed, settings.backend)
+                cfg = TrainConfig(
+                    steps=1000, top_k=settings.top_k, train_adapters=train_adapters, remat=settings.remat
+                )
+                model = _model(config, n, rank, settings.top_k, settings, settings.backend)
                 runs[name], peaks[name] = _compiled_step(model, cfg, batch, mesh)
-            seconds = medians(interleaved(runs, settings.repeats))
             row = {"adapters": n, "rank": rank, "top_k": settings.top_k, "tokens": settings.tokens,
-                   "lora_rank": settings.lora_rank, "backend": settings.backend,
-                   "lora_ms": seconds["lora"] * 1e3,
-                   "ratio": {k: s / seconds["lora"] for k, s in seconds.items()},
-                   "peak_bytes": peaks}  # fmt: skip
+                   "lora_rank": settings.lora_rank, "backend": settings.backend, "remat": settings.remat,
+                   "attention": settings.attention, "peak_bytes": peaks}  # fmt: skip
+            if not settings.memory_only:
+                seconds = medians(interleaved(runs, settings.repeats))
+                row["lora_ms"] = seconds["lora"] * 1e3
+                row["ratio"] = {k: s / seconds["lora"] for k, s in seconds.items()}
             rows.append(row)
             log(format_train_row(row))
     return rows
 
 
 def format_train_row(row: dict) -> str:
-    ratios = ", ".join(f"{k} {r:.3f}x" for k, r in row["ratio"].items() if k != "lora")
     peaks = ", ".join(f"{k} {b / 2**20:.0f} MiB" for k, b in row["peak_bytes"].items() if b is not None)
-    return (
+    head = (
         f"train step, {row['tokens']} tokens, L={row['adapters']} x r{row['rank']} top-{row['top_k']} "
-        f"[{row['backend']}]: "
-        f"plain LoRA r{row['lora_rank']} {row['lora_ms']:.0f} ms; {ratios}; peak temporaries: {peaks}"
+        f"[{row['backend']}, remat {row['remat']}, attention {row['attention']}]: "
+    )
+    if "ratio" not in row:
+        return head + f"peak temporaries: {peaks}"
+    ratios = ", ".join(f"{k} {r:.3f}x" for k, r in row["ratio"].items() if k != "lora")
+    return (
+        head + f"plain LoRA r{row['lora_rank']} {row['lora_ms']:.0f} ms; {ratios}; peak temporaries: {peaks}"
     )

@@ -11,6 +11,8 @@ from meteora_jax.bench.layer import LLAMA3_8B_LAYER, BenchSettings, bench
 from meteora_jax.config import LlamaConfig
 from meteora_jax.errors import ConfigError
 from meteora_jax.io.files import check_output_path, write_text_atomic
+from meteora_jax.modeling.attention import IMPLEMENTATIONS
+from meteora_jax.modeling.llama import REMAT_POLICIES
 
 # A small whole model for `bench model` (random weights: nothing is downloaded).
 SMALL_MODEL = dataclasses.replace(
@@ -53,6 +55,12 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--mixtures", nargs="+", default=["28x8", "64x64"], metavar="LxR", help="train: adapters x rank"
     )
+    parser.add_argument("--layers", type=int, default=1, help="layer, train: decoder layers (default 1)")
+    parser.add_argument("--remat", default="none", choices=tuple(REMAT_POLICIES), help="train: remat policy")
+    parser.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS, help="train: attention")
+    parser.add_argument(
+        "--memory-only", action="store_true", help="train: compile and report peak memory, no timing"
+    )
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.set_defaults(func=run)
 
@@ -69,7 +77,7 @@ def run(args: argparse.Namespace) -> None:
     else:
         config = LLAMA3_8B_LAYER if args.what == "layer" else SMALL_MODEL
     if args.what == "layer":
-        config = dataclasses.replace(config, num_hidden_layers=1, vocab_size=256)
+        config = dataclasses.replace(config, num_hidden_layers=args.layers, vocab_size=256)
     # Without torch, `bench` raises a ConfigError that names the install command and --no-torch.
     torch_reference = args.what == "layer" and not args.no_torch
     settings = BenchSettings(
@@ -132,7 +140,7 @@ def run_train(args: argparse.Namespace) -> None:
     from meteora_jax.bench.train import TrainBenchSettings, bench_train  # noqa: PLC0415
 
     config = LlamaConfig.from_hf(args.base) if args.base else LLAMA3_8B_LAYER
-    config = dataclasses.replace(config, num_hidden_layers=1, vocab_size=256)
+    config = dataclasses.replace(config, num_hidden_layers=args.layers, vocab_size=256)
     settings = TrainBenchSettings(
         mixtures=tuple(_mixture(m) for m in args.mixtures),
         lora_rank=args.rank,
@@ -140,6 +148,9 @@ def run_train(args: argparse.Namespace) -> None:
         tokens=args.tokens[0],
         repeats=args.repeats,
         backend=args.backend[0],
+        remat=args.remat,
+        attention=args.attention,
+        memory_only=args.memory_only,
     )
     rows = bench_train(config, settings)
     if args.json:
