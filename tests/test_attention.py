@@ -127,3 +127,29 @@ def test_what_an_implementation_cannot_do_is_refused(implementation, length, cac
 def test_a_splash_model_refuses_a_length_off_its_block(models):
     with pytest.raises(ValueError, match="multiple of 128, not 5"):
         models[1](jnp.ones((1, 5), jnp.int32))
+
+
+@pytest.mark.parametrize("t", [1024, 1100])  # whole blocks, and a partial last block
+def test_xla_query_blocks_change_no_value_forward_or_gradient(t):
+    """Past XLA_QUERY_BLOCK queries XLA attends block by block (memory); the values and the
+    gradients equal one whole (T, S) softmax."""
+    rng = np.random.default_rng(2)
+    b, n, k, h = 1, 2, 1, 8
+    q, kk, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in
+                ((b, t, n, h), (b, t, k, h), (b, t, k, h)))  # fmt: skip
+    allowed = jnp.tril(jnp.ones((t, t), bool))[None] & jnp.asarray(rng.random((b, 1, t)) < 0.9)
+    cotangent = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
+
+    def out_and_grads(fn):
+        def loss(q, kk, v):
+            out = fn(q, kk, v)
+            return jnp.sum(out * cotangent), out
+
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True, argnums=(0, 1, 2)))(q, kk, v)
+        return out, grads
+
+    whole, grads_whole = out_and_grads(lambda *a: plain_attention(*a, allowed))
+    blocked, grads_blocked = out_and_grads(lambda *a: attend(*a, AttentionMask(allowed_bts=allowed)))
+    assert float(jnp.abs(whole - blocked).max()) <= 1e-5
+    for g_w, g_b in zip(grads_whole, grads_blocked, strict=True):
+        assert float(jnp.abs(g_w - g_b).max()) <= 1e-4

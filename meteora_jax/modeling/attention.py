@@ -23,6 +23,10 @@ import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 SPLASH_BLOCK = 128  # splash attention's query / key block: T must be a multiple of it
+# XLA attends longer query runs in blocks of this many queries, each block recomputed in the
+# backward pass, so the float32 (N, T, S) logits never exist whole: N * 512 * S per block instead
+# (at 4096 tokens and 32 heads, 256 MiB instead of 2 GiB per batch row).
+XLA_QUERY_BLOCK = 512
 
 
 @jax.tree_util.register_dataclass
@@ -114,6 +118,34 @@ def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask: Attent
         return jax.nn.dot_product_attention(
             q_btnh, k_bskh, v_bskh, mask=same_b1ts, is_causal=True, implementation="cudnn"
         )
+    return _xla_blocked(q_btnh, k_bskh, v_bskh, mask.allowed_bts)
+
+
+def _xla(q_btnh, k_bskh, v_bskh, allowed_bts):
     return jax.nn.dot_product_attention(
-        q_btnh, k_bskh, v_bskh, mask=mask.allowed_bts[:, None], implementation="xla"
+        q_btnh, k_bskh, v_bskh, mask=allowed_bts[:, None], implementation="xla"
     )
+
+
+def _xla_blocked(q_btnh, k_bskh, v_bskh, allowed_bts, block: int = XLA_QUERY_BLOCK):
+    """XLA attention, in blocks of `block` queries past that length (`XLA_QUERY_BLOCK`). Each
+    query row's softmax still spans all S slots, so blocking changes no value."""
+    b, t, n, h = q_btnh.shape
+    if t <= block:
+        return _xla(q_btnh, k_bskh, v_bskh, allowed_bts)
+    blocks = -(-t // block)
+    pad = blocks * block - t  # padded queries see nothing and are cut off below
+    q_cbtnh = (
+        jnp.pad(q_btnh, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, blocks, block, n, h).swapaxes(0, 1)
+    )
+    allowed_cbts = (
+        jnp.pad(allowed_bts, ((0, 0), (0, pad), (0, 0))).reshape(b, blocks, block, -1).swapaxes(0, 1)
+    )
+
+    @jax.checkpoint
+    def one(block_inputs):
+        q_bqnh, allowed_bqs = block_inputs
+        return _xla(q_bqnh, k_bskh, v_bskh, allowed_bqs)
+
+    out_cbtnh = jax.lax.map(one, (q_cbtnh, allowed_cbts))
+    return out_cbtnh.swapaxes(0, 1).reshape(b, blocks * block, n, h)[:, :t]
