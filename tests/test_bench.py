@@ -78,9 +78,10 @@ def test_device_check_small_runs_on_cpu(capsys):
     """The --small path: every kernel in interpret mode, every XLA column, errors within tolerance."""
     assert device_check.main(["--small", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    for case in device_check.SMALL_CASES:
+    for case in (*device_check.SMALL_CASES, device_check.SMALL_ATTENTION):
         row = next(line for line in out.splitlines() if line.startswith(case.name + " "))
         assert " yes " in row and "ERROR" not in row, row
+    assert "ragged_dot" in out and "splash fwd+bwd" in out  # every column made it into the tables
 
 
 def test_device_check_fails_loudly_when_a_backend_breaks(monkeypatch, capsys):

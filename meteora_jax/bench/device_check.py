@@ -11,6 +11,11 @@ device; its dense statement at real sizes), relative to 1 + max |reference| and 
 library's XLA backends (`meteora_jax.ops.lora_delta`: dense / grouped / gather, delta only) and
 the base projection x @ W, all timed interleaved by `meteora_jax.bench.timing`.
 
+Then one attention row: the platform's fused kernel ("auto" on this device: cuDNN flash
+attention on GPU, splash on TPU; splash in interpret mode with --small on CPU) against XLA on
+packed causal rows, its largest error on real tokens and the forward / forward + backward
+milliseconds of both.
+
 It fails loudly: a column (kernel, gradient, backend) that cannot be built or run prints its
 traceback, shows ERROR in the table, and makes the exit status 1 once the other columns are
 done; so does an error above the tolerance. It stops adding cases when its time budget
@@ -31,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meteora_jax.bench.timing import interleaved, medians
+from meteora_jax.modeling.attention import AttentionMask, attend, resolve_attention
 from meteora_jax.ops import lora_delta
 from meteora_jax.ops.routing import Routing
 from pallas_kernels import moe_lora_delta
@@ -69,7 +75,12 @@ SMALL_CASES = (
 )
 # Table column -> `lora_delta` backend. The gather backend copies (M, k, D, R) weights: it is
 # meant for decode and timed only up to GATHER_MAX_TOKENS.
-XLA_COLUMNS = {"xla dense": "xla", "xla grouped": "xla_grouped", "xla gather": "xla_gather"}
+XLA_COLUMNS = {
+    "xla dense": "xla",
+    "xla grouped": "xla_grouped",
+    "xla gather": "xla_gather",
+    "ragged_dot": "ragged",
+}
 GATHER_MAX_TOKENS = 64
 
 
@@ -188,6 +199,73 @@ def check_case(case: Case, failures: Failures, *, interpret: bool | None, repeat
     return row
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionCase:
+    """Packed causal self-attention: two samples per row, then padding."""
+
+    name: str
+    batch: int
+    length: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: str = "bfloat16"
+
+
+FULL_ATTENTION = AttentionCase("attention 2048 tok 32/8 heads", 2, 2048, 32, 8, 128)
+SMALL_ATTENTION = AttentionCase("small attention", 1, 256, 4, 2, 32, dtype="float32")
+
+
+def check_attention(
+    case: AttentionCase, failures: Failures, *, repeats: int, kernel: str | None = None
+) -> dict:
+    """The fused kernel (`kernel`, default what "auto" runs here; "splash" on CPU) against XLA."""
+    rng = np.random.default_rng(0)
+    dtype = jnp.dtype(case.dtype)
+    b, t, n, k, h = case.batch, case.length, case.heads, case.kv_heads, case.head_dim
+    q, kk, v = (jnp.asarray(rng.standard_normal((b, t, heads, h)), dtype) for heads in (n, k, k))
+    seg = np.zeros((b, t), np.int32)
+    seg[:, : t // 3], seg[:, t // 3 : t - t // 8] = 1, 2
+    real = seg > 0
+    seg = jnp.asarray(seg)
+    allowed = jnp.tril(jnp.ones((t, t), bool))[None] & (seg[:, :, None] == seg[:, None, :])
+    if kernel is None:
+        kernel = resolve_attention("auto", dtype=dtype, head_dim=h, length=t, cached=False)
+        kernel = "splash" if kernel == "xla" else kernel
+    masks = {
+        "xla": AttentionMask(allowed_bts=allowed),
+        kernel: AttentionMask(segment_ids_bt=seg, implementation=kernel),
+    }
+    row = {"case": case.name, "B,T,N,K,H": f"{b},{t},{n},{k},{h}", "kernel": kernel}
+    forward = {name: jax.jit(functools.partial(attend, mask=m)) for name, m in masks.items()}
+    both = {
+        name: jax.jit(
+            jax.grad(lambda q, kk, v, f=f: jnp.sum(f(q, kk, v).astype(jnp.float32)), argnums=(0, 1, 2))
+        )
+        for name, f in forward.items()
+    }
+
+    def error():
+        got = np.asarray(forward[kernel](q, kk, v), np.float32)[real]
+        want = np.asarray(attend(*(a.astype(jnp.float32) for a in (q, kk, v)), masks["xla"]))[real]
+        return float(np.abs(got - want).max()) / (1.0 + float(np.abs(want).max()))
+
+    ran, err = failures.attempt(row, "ok", error)
+    if ran:
+        row["err out"] = f"{err:.1e}"
+        row["ok"] = "yes" if err <= tolerance(case.dtype) else "NO"
+    runs = {}
+    for name in masks:
+        for label, fn in ((f"{name} fwd", forward[name]), (f"{name} fwd+bwd", both[name])):
+            run = functools.partial(fn, q, kk, v)
+            if failures.attempt(row, label, lambda run=run: jax.block_until_ready(run()))[0]:
+                runs[label] = run
+    _, seconds = failures.attempt(row, "timing", lambda: medians(interleaved(runs, repeats, warmup=0)))
+    for name, s in (seconds or {}).items():
+        row[name] = 1e3 * s
+    return row
+
+
 def print_table(rows: list[dict]) -> None:
     columns = list(dict.fromkeys(key for row in rows for key in row))
     cells = [
@@ -221,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(check_case(case, failures, interpret=None, repeats=repeats))
         print(f"  {case.name}: done at {time.perf_counter() - start:.0f} s", flush=True)
     print_table(rows)
+    attention = SMALL_ATTENTION if args.small or backend == "cpu" else FULL_ATTENTION
+    attention_row = check_attention(attention, failures, repeats=repeats)
+    print_table([attention_row])
+    rows.append(attention_row)
     if failures.labels:
         print(f"FAILED (tracebacks above): {', '.join(failures.labels)}")
     too_large = [row["case"] for row in rows if row.get("ok") == "NO"]
