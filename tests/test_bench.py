@@ -40,6 +40,7 @@ def test_bench_layer_writes_ratios(tmp_path, monkeypatch, capsys):
         assert set(row["ratio"]) == {"base", "lora", "meteora[xla]", "meteora[xla_grouped]"}
         assert all(r > 0 for r in row["ratio"].values())
         assert row["torch_reference_ratio"] > 0 and row["peak_bytes"]["meteora[xla]"] > 0
+        assert set(row["reference_wall_ratio"]) == {"meteora[xla]", "meteora[xla_grouped]"}
         # what "auto" ran, per projection: prefill 24 x top-2 is past the decode rule, decode 2 x 2 is not
         assert sorted(p for names in row["auto"].values() for p in names) == sorted(PROJECTIONS)
     assert set(rows[1]["auto"]) == {"xla_gather"}
