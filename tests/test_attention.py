@@ -11,7 +11,13 @@ import pytest
 from flax import nnx
 
 from meteora_jax.config import LlamaConfig
-from meteora_jax.modeling.attention import SPLASH_BLOCK, AttentionMask, attend, resolve_attention
+from meteora_jax.modeling.attention import (
+    SPLASH_BLOCK,
+    AttentionMask,
+    attend,
+    check_training_length,
+    resolve_attention,
+)
 from meteora_jax.modeling.llama import LlamaForCausalLM
 
 
@@ -112,21 +118,29 @@ def test_auto_by_platform(platform, dtype, length, cached, expected):
 
 
 @pytest.mark.parametrize(
-    ("implementation", "length", "cached", "message"),
-    [
-        ("flash", 128, False, "attention='flash' is not one of"),
-        ("cudnn", 1, True, "attention='cudnn' cannot attend over a KV cache"),
-        ("splash", 100, False, "attention='splash' needs a length that is a multiple of 128, not 100"),
-    ],
+    ("implementation", "length", "cached"), [("cudnn", 1, True), ("splash", 1, True), ("splash", 100, False)]
 )
-def test_what_an_implementation_cannot_do_is_refused(implementation, length, cached, message):
-    with pytest.raises(ValueError, match=message):
-        resolve_attention(implementation, dtype=jnp.float32, head_dim=16, length=length, cached=cached)
+def test_a_kernel_gives_way_to_xla_where_it_cannot_run(implementation, length, cached):
+    got = resolve_attention(implementation, dtype=jnp.bfloat16, head_dim=16, length=length, cached=cached)
+    assert got == "xla"
 
 
-def test_a_splash_model_refuses_a_length_off_its_block(models):
-    with pytest.raises(ValueError, match="multiple of 128, not 5"):
-        models[1](jnp.ones((1, 5), jnp.int32))
+def test_an_unknown_implementation_is_refused_by_name():
+    with pytest.raises(ValueError, match="attention='flash' is not one of"):
+        resolve_attention("flash", dtype=jnp.float32, head_dim=16, length=128, cached=False)
+
+
+def test_a_splash_model_runs_xla_off_its_block(models):
+    ids = jnp.asarray(np.random.default_rng(3).integers(1, CONFIG.vocab_size, (1, 5)), jnp.int32)
+    xla, splash = (m(ids).logits for m in models)
+    assert float(jnp.abs(xla - splash).max()) == 0.0
+
+
+def test_training_refuses_a_length_off_the_splash_block():
+    check_training_length("splash", 256)
+    check_training_length("xla", 100)
+    with pytest.raises(ValueError, match="--attention splash needs --seq-len a multiple of 128, got 100"):
+        check_training_length("splash", 100)
 
 
 @pytest.mark.parametrize("t", [1024, 1100])  # whole blocks, and a partial last block

@@ -85,6 +85,16 @@ def test_load_under_mesh_shards_parameters_and_matches_single_device(mesh, tiny_
     np.testing.assert_allclose(np.asarray(logits), reference, atol=1e-5)
 
 
+def test_attention_in_query_blocks_under_mesh_matches_single_device(mesh, tiny_dir):
+    """600 tokens: XLA attends in two query blocks (XLA_QUERY_BLOCK), inside the layer scan, with
+    batch, heads and weights sharded; the logits equal one device's."""
+    ids = np.random.default_rng(1).integers(0, 128, (2, 600))
+    reference = np.asarray(mj.load_model(tiny_dir)(ids).logits)
+    with jax.set_mesh(mesh):
+        logits = mj.load_model(tiny_dir)(ids).logits
+    np.testing.assert_allclose(np.asarray(logits), reference, atol=1e-5)
+
+
 def test_explicit_mesh_argument(mesh, tiny_dir):
     model = mj.load_model(tiny_dir, mesh=mesh)
     kernel = nnx.state(model.module, nnx.Param)["layers"]["mlp"]["up_proj"]["kernel"].get_value()

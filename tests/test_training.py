@@ -357,6 +357,24 @@ def test_bfloat16_compute_with_remat_keeps_float32_gates(setup, tmp_path):
     assert all(v.dtype == np.float32 for v in _gates(out16).values())
 
 
+def test_attention_flag_reaches_the_step_and_splash_trains_like_xla(setup, tmp_path, capsys):
+    """--attention splash (Pallas interpret mode here) on packed 128-token rows: the first step's
+    losses equal XLA attention's (its held-out evaluation, at the prompts' own lengths, runs XLA);
+    a --seq-len splash cannot take is refused before anything is written."""
+    refused = tmp_path / "refused"
+    assert main([*_cli_args(setup, refused, 1, 1), "--attention", "splash"]) == 2
+    assert "--attention splash needs --seq-len a multiple of 128, got 64" in capsys.readouterr().err
+    assert not refused.exists() or not os.listdir(refused)
+    losses = {}
+    for attention in ("xla", "splash"):
+        out = tmp_path / attention
+        args = [*_cli_args(setup, out, 1, 1), "--seq-len", "128", "--attention", attention]
+        assert main(args) == 0
+        (losses[attention],) = (r for r in _records(out) if "loss" in r)
+    for key in ("loss", "lm_loss", "gate_loss"):
+        assert abs(losses["splash"][key] - losses["xla"][key]) <= 1e-5 * (1 + abs(losses["xla"][key]))
+
+
 def test_bad_training_settings_are_named(capsys):
     with pytest.raises(ConfigError, match=r"steps must be an integer >= 1, got 0; lr must be a finite"):
         TrainConfig(steps=0, lr=float("nan"))

@@ -48,33 +48,38 @@ class AttentionMask:
 def resolve_attention(
     implementation: str, *, dtype, head_dim: int, length: int, cached: bool, platform: str | None = None
 ) -> str:
-    """The implementation a forward pass runs; "auto" picks by `platform` (default: JAX's
-    default backend): cuDNN flash attention on GPU for bfloat16 / float16 with a head dim cuDNN
-    takes (<= 128, a multiple of 8), splash attention on TPU when the length is a multiple of its
-    block, XLA otherwise and whenever a KV cache is used (decode is a few queries, where the
-    explicit mask costs nothing). On CPU XLA is the only compiled path.
+    """The implementation a forward pass runs.
 
-    Raises ValueError for an unknown implementation, or a kernel asked for where it cannot run.
+    "auto" picks by `platform` (default: JAX's default backend): cuDNN flash attention on GPU for
+    bfloat16 / float16 with a head dim cuDNN takes (<= 128, a multiple of 8), splash attention on
+    TPU, XLA otherwise (on CPU XLA is the only compiled path). A kernel, chosen or named, gives way
+    to XLA where it cannot run: over a KV cache (decode is a few queries, where the explicit mask
+    costs nothing) and, for splash, at a length off its block (evaluation prompts, say); training
+    refuses a --seq-len off the block up front (`check_training_length`).
+
+    Raises ValueError for an unknown implementation.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention={implementation!r} is not one of {IMPLEMENTATIONS}")
     platform = jax.default_backend() if platform is None else platform
     if implementation == "auto":
         half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        if cached:
-            return "xla"
         if platform == "gpu" and half and head_dim <= 128 and head_dim % 8 == 0:
-            return "cudnn"
-        if platform == "tpu" and length % SPLASH_BLOCK == 0:
-            return "splash"
+            implementation = "cudnn"
+        elif platform == "tpu":
+            implementation = "splash"
+        else:
+            return "xla"
+    if cached or (implementation == "splash" and length % SPLASH_BLOCK):
         return "xla"
-    if implementation != "xla" and cached:
-        raise ValueError(f"attention={implementation!r} cannot attend over a KV cache: use 'xla' or 'auto'")
-    if implementation == "splash" and length % SPLASH_BLOCK:
-        raise ValueError(
-            f"attention='splash' needs a length that is a multiple of {SPLASH_BLOCK}, not {length}"
-        )
     return implementation
+
+
+def check_training_length(implementation: str, seq_len: int) -> None:
+    """Refuses `--attention splash` with a training length splash cannot take (ValueError naming
+    both), where XLA would otherwise run every step without saying so."""
+    if implementation == "splash" and seq_len % SPLASH_BLOCK:
+        raise ValueError(f"--attention splash needs --seq-len a multiple of {SPLASH_BLOCK}, got {seq_len}")
 
 
 def _splash(q_btnh, k_btkh, v_btkh, segment_ids_bt):

@@ -34,6 +34,7 @@ from meteora_jax.errors import ConfigError, MeteoRAError
 from meteora_jax.io import checkpoint, checksums, files
 from meteora_jax.io.hf import load_llama
 from meteora_jax.io.stacking import AdapterInfo, Path
+from meteora_jax.modeling.attention import check_training_length
 from meteora_jax.sharding import MESH_AXES, host_to_global, make_mesh
 from meteora_jax.training.checkpointing import (
     RunCheckpoints,
@@ -241,6 +242,10 @@ class _Run:
         self.out = os.path.abspath(job.run_dir)
         self.cfg = job.train
         self.mesh = build_mesh(job.mesh, job.data.batch_size, self.cfg.grad_accum)
+        try:
+            check_training_length(job.attention, job.data.seq_len)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.moe, extra, self.infos = job.mixture()
         compute = DTYPES[self.cfg.dtype]
         with jax.set_mesh(self.mesh):
