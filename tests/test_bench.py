@@ -132,7 +132,7 @@ def test_bench_train_memory_only_reports_the_remat_policies_memory(tmp_path, mon
     peaks = {}
     for remat in ("none", "full"):
         out = tmp_path / f"{remat}.json"
-        argv = ["bench", "train", "--mixtures", "4x2", "--tokens", "64", "--layers", "3", "--memory-only"]
+        argv = ["bench", "train", "--mixtures", "4x2", "--tokens", "32", "--layers", "2", "--memory-only"]
         argv += ["--remat", remat]
         assert main([*argv, "--json", str(out)]) == 0
         line = capsys.readouterr().out.strip().splitlines()[-1]

@@ -187,8 +187,14 @@ def check_case(case: Case, failures: Failures, *, interpret: bool | None, repeat
         else:
             columns[name] = functools.partial(jax.jit(xla_delta(backend)), *args)
     columns["base x@W"] = functools.partial(jax.jit(jnp.dot), p["x"], p["w"])
-    # Each column is compiled and run once on its own, so one that fails is reported and the
-    # others are still timed; then the survivors are timed together, interleaved.
+    _time_columns(row, columns, failures, repeats)
+    return row
+
+
+def _time_columns(row: dict, columns: dict, failures: Failures, repeats: int) -> None:
+    """row[name] = median ms of each zero-argument run in `columns`. Each is compiled and run once
+    on its own, so one that fails is reported and the others are still timed; then the survivors
+    are timed together, interleaved."""
     runs = {}
     for name, run in columns.items():
         if failures.attempt(row, name, lambda run=run: jax.block_until_ready(run()))[0]:
@@ -196,7 +202,6 @@ def check_case(case: Case, failures: Failures, *, interpret: bool | None, repeat
     _, seconds = failures.attempt(row, "timing", lambda: medians(interleaved(runs, repeats, warmup=0)))
     for name, s in (seconds or {}).items():
         row[name] = 1e3 * s
-    return row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,15 +259,11 @@ def check_attention(
     if ran:
         row["err out"] = f"{err:.1e}"
         row["ok"] = "yes" if err <= tolerance(case.dtype) else "NO"
-    runs = {}
+    columns = {}
     for name in masks:
-        for label, fn in ((f"{name} fwd", forward[name]), (f"{name} fwd+bwd", both[name])):
-            run = functools.partial(fn, q, kk, v)
-            if failures.attempt(row, label, lambda run=run: jax.block_until_ready(run()))[0]:
-                runs[label] = run
-    _, seconds = failures.attempt(row, "timing", lambda: medians(interleaved(runs, repeats, warmup=0)))
-    for name, s in (seconds or {}).items():
-        row[name] = 1e3 * s
+        columns[f"{name} fwd"] = functools.partial(forward[name], q, kk, v)
+        columns[f"{name} fwd+bwd"] = functools.partial(both[name], q, kk, v)
+    _time_columns(row, columns, failures, repeats)
     return row
 
 
