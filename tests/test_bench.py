@@ -7,8 +7,10 @@ import pytest
 
 import meteora_jax.bench
 from meteora_jax.bench import device_check
+from meteora_jax.bench.train import TrainBenchSettings
 from meteora_jax.cli import main
 from meteora_jax.config import PROJECTIONS
+from meteora_jax.errors import ConfigError
 from pallas_kernels.reference import delta_reference
 
 pytestmark = pytest.mark.slow
@@ -140,3 +142,10 @@ def test_bench_train_memory_only_reports_peak_memory_without_timing(tmp_path, mo
     with pytest.raises(SystemExit):
         main(["bench", "train", "--remat", "some"])
     assert "argument --remat: invalid choice: 'some'" in capsys.readouterr().err
+
+
+def test_bench_train_settings_name_a_bad_remat_or_attention():
+    with pytest.raises(ConfigError, match=r"bench train: remat='some' is not one of"):
+        TrainBenchSettings(remat="some")
+    with pytest.raises(ConfigError, match=r"bench train: attention='flash' is not one of"):
+        TrainBenchSettings(attention="flash")
