@@ -44,9 +44,11 @@ def tempered_softmax(top_z: jax.Array, temperature: jax.Array) -> jax.Array:
 
     The max is subtracted before dividing by T, and T is kept at least float32's smallest normal
     number (a denormal T such as 1e-45 may be flushed to 0, and 0 / 0 is NaN), so a tiny T gives
-    one-hot weights (shared among exact ties) and a huge T uniform ones, never NaN.
+    one-hot weights (shared among exact ties) and a huge T uniform ones, never NaN. The max is
+    taken by a reduction, not as the first column: the same value, but XLA CPU runs the column
+    slice as a separate pass that cost ~30 us per projection at decode (half the routing time).
     """
-    shifted = top_z - top_z[..., :1]
+    shifted = top_z - jnp.max(top_z, axis=-1, keepdims=True)
     return jax.nn.softmax(shifted / jnp.maximum(temperature, jnp.finfo(top_z.dtype).tiny), axis=-1)
 
 
