@@ -175,4 +175,21 @@ def test_backends_on_concentrated_and_spread_routing(backend, routing_case, dtyp
 def test_auto_backend_by_platform(platform, tokens, adapters, rank, expected):
     """ragged_dot is a native grouped matmul on TPU only (a masked dense one, L times the work,
     on CPU and GPU), so "auto" picks "ragged" on TPU alone."""
-    assert choose_backend(tokens, 2, adapters, 4096, rank, platform) == expected
+    assert choose_backend(tokens, 2, adapters, 4096, 4096, rank, platform) == expected
+
+
+@pytest.mark.parametrize(
+    ("d_in", "d_out", "adapters", "rank", "expected"),
+    [
+        (128, 128, 28, 8, "xla"),  # 224 columns: under the 256 any width keeps dense
+        (128, 128, 64, 64, "xla_grouped"),
+        (512, 512, 28, 8, "xla"),
+        (4096, 4096, 64, 64, "xla_grouped"),  # extra work 2x the projection's
+        (8192, 8192, 64, 64, "xla"),  # extra work equal to the projection's
+        (14336, 4096, 64, 64, "xla_grouped"),  # an 8B down_proj: (14336 + 4096) * 4096 > 14336 * 4096
+        (14336, 4096, 28, 8, "xla"),
+    ],
+)
+def test_auto_backend_on_cpu_weighs_dense_work_against_the_projection(d_in, d_out, adapters, rank, expected):
+    """On CPU, prefill stays dense while its extra work L*R*(D + O) is at most D*O, or L*R <= 256."""
+    assert choose_backend(512, 2, adapters, d_in, d_out, rank, "cpu") == expected

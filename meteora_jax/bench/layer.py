@@ -120,11 +120,11 @@ def _reference_gather_bytes(config: LlamaConfig, settings: BenchSettings, tokens
 
 def auto_choices(config: LlamaConfig, settings: BenchSettings, tokens: int) -> dict[str, list[str]]:
     """{backend: [projections]}: what "auto" runs for each projection at `tokens` tokens on this
-    platform (the choice depends on each projection's input width)."""
+    platform (the choice depends on each projection's shape)."""
     choices: dict[str, list[str]] = {}
     for name in PROJECTIONS:
-        d_in = projection_shape(config, name)[0]
-        backend = choose_backend(tokens, settings.top_k, settings.adapters, d_in, settings.rank)
+        d_in, d_out = projection_shape(config, name)
+        backend = choose_backend(tokens, settings.top_k, settings.adapters, d_in, d_out, settings.rank)
         choices.setdefault(backend, []).append(name)
     return choices
 

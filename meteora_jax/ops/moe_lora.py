@@ -31,34 +31,43 @@ from meteora_jax.ops.routing import Routing, RoutingSettings, route
 from pallas_kernels.grouping import group_metadata, sort_pairs, tile_rows_for, visit_row_mask
 
 BACKENDS = ("auto", "xla", "xla_grouped", "xla_gather", "ragged", "pallas")
+CPU_DENSE_COLUMNS = 256  # on CPU, dense prefill up to this many adapter columns L*R at any width
 
 
 def choose_backend(
-    tokens: int, top_k: int, num_adapters: int, d_in: int, rank: int, platform: str | None = None
+    tokens: int, top_k: int, num_adapters: int, d_in: int, d_out: int, rank: int, platform: str | None = None
 ) -> str:
     """The backend "auto" runs for a shape on `platform` (default: JAX's default backend).
 
-    CPU, from measurements: one 4096 x 4096 projection, top-2, f32, random gates (spread
-    routing), 2 cores; time relative to the base matmul alone, median of 5 interleaved repeats
+    CPU, from measurements: one D x D projection (O = D), top-2, f32, random gates (spread routing),
+    2 cores; time relative to the base matmul alone, median of interleaved repeats
     (`meteora-jax bench layer` measures the same at layer level):
 
-        tokens  L x R    dense  grouped  gather
-        512     28 x 8   1.08   1.07     1.93
-        512     64 x 64  2.05   1.09     7.37
-        8       28 x 8   1.28   1.12     1.10
-        8       64 x 64  5.94   1.96     2.97
+        tokens  D     L x R    dense  grouped  gather
+        512     4096  28 x 8   1.08   1.07     1.93
+        512     4096  64 x 64  2.05   1.09     7.37
+        8       4096  28 x 8   1.28   1.12     1.10
+        8       4096  64 x 64  5.94   1.96     2.97
+        512     2048  28 x 8   1.23   1.27     2.15
+        512     1024  28 x 8   1.49   1.51     3.49
+        512     512   28 x 8   1.97   1.97     4.71
+        512     128   28 x 8   4.37   4.67     6.36
+        64      128   28 x 8   3.58   5.43     5.16
+        512     128   6 x 8    1.60   3.73     5.43
+        512     128   64 x 64  25.2   8.55     55.0
 
     Decode (<= 16 token-choice pairs) reads only the chosen adapters: gather for small ranks,
-    grouped for large ones. Prefill keeps the dense form while its extra work, L*R per token,
-    is small next to the projection width (simplest graph, best on matrix units), and goes
-    grouped beyond.
+    grouped for large ones. Prefill keeps the dense form while its extra work, L*R*(D + O) per
+    token, is at most the projection's own D*O (L*R <= D/2 when square: the crossover above), or
+    while L*R <= 256 at any width: the grouped loop pays a fixed cost per tile visit that only a
+    wide projection hides. Beyond that it goes grouped.
 
     TPU and GPU, from what is known (no accelerator timings of ours yet): decode is bound by
     reading weights, so gather (only the chosen adapters are read) at every rank. Prefill keeps
-    the dense form under the same L*R*16 <= D rule. Beyond it TPU goes "ragged" (Mosaic's
-    grouped matmul: the chosen adapters' work only), while GPU stays dense: there ragged_dot is a
-    masked dense matmul with L times the work, and the grouped loop runs one small matmul per
-    tile visit in sequence, which leaves a GPU idle between launches.
+    the dense form while L*R*16 <= D. Beyond it TPU goes "ragged" (Mosaic's grouped matmul:
+    the chosen adapters' work only), while GPU stays dense: there ragged_dot is a masked dense
+    matmul with L times the work, and the grouped loop runs one small matmul per tile visit in
+    sequence, which leaves a GPU idle between launches.
     """
     platform = jax.default_backend() if platform is None else platform
     decode = tokens * top_k <= 16
@@ -69,7 +78,9 @@ def choose_backend(
         return "xla_gather" if decode else "xla"
     if decode:
         return "xla_gather" if rank <= 16 else "xla_grouped"
-    return "xla" if small else "xla_grouped"
+    columns = num_adapters * rank
+    dense = columns * (d_in + d_out) <= d_in * d_out or columns <= CPU_DENSE_COLUMNS
+    return "xla" if dense else "xla_grouped"
 
 
 def pair_coefficients(routing: Routing, scale_l: jax.Array) -> jax.Array:
@@ -176,7 +187,10 @@ def lora_delta(
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
     if backend == "auto":
-        backend = choose_backend(x_md.shape[0], routing.ids.shape[-1], *a_ldr.shape)
+        n_adapters, d_in, rank = a_ldr.shape
+        backend = choose_backend(
+            x_md.shape[0], routing.ids.shape[-1], n_adapters, d_in, b_lro.shape[-1], rank
+        )
     if backend == "xla_gather":
         return _gather_delta(x_md, a_ldr, b_lro, routing, scale_l)
     if backend == "xla_grouped":
