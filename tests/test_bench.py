@@ -77,6 +77,33 @@ def test_bench_generate_runs(tmp_path, monkeypatch):
     assert report
 
 
+def test_bench_generate_shape_sizes_the_model(monkeypatch):
+    """--shape llama3-8b builds LLaMA-3-8B layers (8192-token vocabulary), --layers sets their number."""
+    import meteora_jax.commands.bench as command
+
+    seen = []
+    monkeypatch.setattr(
+        command, "bench_generate", lambda s: seen.append(s) or {"settings": {}, "results": []}
+    )
+    monkeypatch.setattr(command, "format_bench", lambda report: "")
+    assert main(["bench", "generate", "--shape", "llama3-8b", "--layers", "2"]) == 0
+    assert main(["bench", "generate"]) == 0
+    big, small = seen
+    assert (big.hidden_size, big.intermediate_size, big.num_hidden_layers, big.vocab_size) == (
+        4096,
+        14336,
+        2,
+        8192,
+    )
+    assert (big.num_attention_heads, big.num_key_value_heads) == (32, 8)
+    assert (small.hidden_size, small.num_hidden_layers) == (512, 4)
+
+
+def test_bench_refuses_layers_below_one(capsys):
+    assert main(["bench", "generate", "--layers", "0"]) == 2
+    assert "--layers must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_device_check_small_runs_on_cpu(capsys):
     """The --small path: every kernel in interpret mode, every XLA column, errors within tolerance."""
     assert device_check.main(["--small", "--repeats", "1"]) == 0

@@ -27,6 +27,13 @@ SMALL_MODEL = dataclasses.replace(
 )
 
 
+# `bench generate --shape`: the model each name builds (random weights).
+GENERATE_SHAPES = {
+    "small": GenerateBenchSettings().llama(),
+    "llama3-8b": dataclasses.replace(LLAMA3_8B_LAYER, vocab_size=8192, num_hidden_layers=32),
+}
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench",
@@ -55,7 +62,16 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--mixtures", nargs="+", default=["28x8", "64x64"], metavar="LxR", help="train: adapters x rank"
     )
-    parser.add_argument("--layers", type=int, default=1, help="layer, train: decoder layers (default 1)")
+    parser.add_argument(
+        "--layers", type=int, help="decoder layers (layer, train: default 1; generate: the shape's own)"
+    )
+    parser.add_argument(
+        "--shape",
+        choices=tuple(GENERATE_SHAPES),
+        default="small",
+        help="generate: the model's shape without --base: small (hidden 512, 4 layers) or llama3-8b "
+        "(LLaMA-3-8B layers with an 8192-token vocabulary; give --layers)",
+    )
     parser.add_argument("--remat", default="none", choices=tuple(REMAT_POLICIES), help="train: remat policy")
     parser.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS, help="train: attention")
     parser.add_argument(
@@ -68,6 +84,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> None:
     if args.json is not None:  # refused now, not after minutes of timing
         check_output_path(args.json, inputs=[("--base", args.base)], setting="--json")
+    if args.layers is not None and args.layers < 1:
+        raise ConfigError(f"--layers must be at least 1, got {args.layers}")
     if args.what == "generate":
         return run_generate(args)
     if args.what == "train":
@@ -77,7 +95,7 @@ def run(args: argparse.Namespace) -> None:
     else:
         config = LLAMA3_8B_LAYER if args.what == "layer" else SMALL_MODEL
     if args.what == "layer":
-        config = dataclasses.replace(config, num_hidden_layers=args.layers, vocab_size=256)
+        config = dataclasses.replace(config, num_hidden_layers=args.layers or 1, vocab_size=256)
     # Without torch, `bench` raises a ConfigError that names the install command and --no-torch.
     torch_reference = args.what == "layer" and not args.no_torch
     settings = BenchSettings(
@@ -105,12 +123,12 @@ def write_json(payload, path: str) -> None:
 
 def run_generate(args: argparse.Namespace) -> None:
     """Decode tokens/s and prefill time of a MeteoRA model vs its base, batch by batch."""
-    overrides = {}
-    if args.base:
-        config = LlamaConfig.from_hf(args.base)
-        overrides = {f: getattr(config, f) for f in ("vocab_size", "hidden_size", "intermediate_size",
-                                                     "num_hidden_layers", "num_attention_heads",
-                                                     "num_key_value_heads")}  # fmt: skip
+    config = LlamaConfig.from_hf(args.base) if args.base else GENERATE_SHAPES[args.shape]
+    if args.layers:
+        config = dataclasses.replace(config, num_hidden_layers=args.layers)
+    overrides = {f: getattr(config, f) for f in ("vocab_size", "hidden_size", "intermediate_size",
+                                                 "num_hidden_layers", "num_attention_heads",
+                                                 "num_key_value_heads")}  # fmt: skip
     settings = GenerateBenchSettings(
         num_adapters=args.adapters,
         rank=args.rank,
@@ -140,7 +158,7 @@ def run_train(args: argparse.Namespace) -> None:
     from meteora_jax.bench.train import TrainBenchSettings, bench_train  # noqa: PLC0415
 
     config = LlamaConfig.from_hf(args.base) if args.base else LLAMA3_8B_LAYER
-    config = dataclasses.replace(config, num_hidden_layers=args.layers, vocab_size=256)
+    config = dataclasses.replace(config, num_hidden_layers=args.layers or 1, vocab_size=256)
     settings = TrainBenchSettings(
         mixtures=tuple(_mixture(m) for m in args.mixtures),
         lora_rank=args.rank,
