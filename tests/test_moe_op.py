@@ -163,8 +163,11 @@ def test_backends_on_concentrated_and_spread_routing(backend, routing_case, dtyp
     [
         ("cpu", 512, 28, 8, "xla"),
         ("cpu", 512, 64, 64, "xla_grouped"),
-        ("cpu", 1, 28, 8, "xla_gather"),
-        ("cpu", 1, 64, 64, "xla_grouped"),
+        ("cpu", 1, 28, 8, "xla_pairs"),
+        ("cpu", 8, 28, 8, "xla_pairs"),
+        ("cpu", 1, 64, 64, "xla_pairs"),
+        ("cpu", 4, 64, 64, "xla_pairs"),
+        ("cpu", 8, 64, 64, "xla_grouped"),  # 16 pairs at rank 64: grouped tiles win
         ("gpu", 512, 64, 64, "xla"),
         ("gpu", 1, 64, 64, "xla_gather"),
         ("tpu", 512, 28, 8, "xla"),
@@ -193,3 +196,11 @@ def test_auto_backend_by_platform(platform, tokens, adapters, rank, expected):
 def test_auto_backend_on_cpu_weighs_dense_work_against_the_projection(d_in, d_out, adapters, rank, expected):
     """On CPU, prefill stays dense while its extra work L*R*(D + O) is at most D*O, or L*R <= 256."""
     assert choose_backend(512, 2, adapters, d_in, d_out, rank, "cpu") == expected
+
+
+@pytest.mark.parametrize(
+    ("tokens", "rank", "expected"), [(1, 8, "xla_gather"), (8, 8, "xla_gather"), (1, 64, "xla_pairs")]
+)
+def test_auto_decode_on_a_narrow_model_gathers_small_ranks(tokens, rank, expected):
+    """At hidden 512 a rank-8 adapter (8 x 1024 floats) is too small to pay for a pair-loop step."""
+    assert choose_backend(tokens, 2, 28, 512, 512, rank, "cpu") == expected

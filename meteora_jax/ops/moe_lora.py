@@ -10,6 +10,9 @@ Backends:
 - "xla_grouped": (token, choice) pairs sorted by adapter and cut in tiles (`pallas_kernels.grouping`),
   one small matmul per tile visit: work ~ (k*T + live adapters * tile) * R * (D + O).
 - "xla_gather": reads only the chosen adapters per token; for decode (a few tokens).
+- "xla_pairs": one (1 x D) @ (D x R) and (1 x R) @ (R x O) matmul per (token, choice) pair, in a
+  loop, each reading its adapter as one contiguous slice; for decode at large ranks, where the
+  gather's (M, k, D, R) copies cost more than the matmuls.
 - "ragged": pairs sorted by adapter, both matmuls as `jax.lax.ragged_dot`. TPU lowers it to a
   native grouped matmul (work ~ k*M*R*(D + O)); CPU and GPU lower it to a masked dense matmul
   with L times that work, so "auto" picks it on TPU only.
@@ -30,8 +33,9 @@ import pallas_kernels
 from meteora_jax.ops.routing import Routing, RoutingSettings, route
 from pallas_kernels.grouping import group_metadata, sort_pairs, tile_rows_for, visit_row_mask
 
-BACKENDS = ("auto", "xla", "xla_grouped", "xla_gather", "ragged", "pallas")
+BACKENDS = ("auto", "xla", "xla_grouped", "xla_gather", "xla_pairs", "ragged", "pallas")
 CPU_DENSE_COLUMNS = 256  # on CPU, dense prefill up to this many adapter columns L*R at any width
+CPU_PAIR_FLOATS = 32768  # on CPU, decode loops over pairs once one adapter, R*(D + O), is this large
 
 
 def choose_backend(
@@ -56,8 +60,22 @@ def choose_backend(
         512     128   6 x 8    1.60   3.73     5.43
         512     128   64 x 64  25.2   8.55     55.0
 
-    Decode (<= 16 token-choice pairs) reads only the chosen adapters: gather for small ranks,
-    grouped for large ones. Prefill keeps the dense form while its extra work, L*R*(D + O) per
+    Decode (<= 16 token-choice pairs) reads only the chosen adapters. Measured at layer level
+    (one LLaMA-3-8B decoder layer, 512 cached tokens, `bench layer`, relative to the base layer):
+
+        pairs  L x R    gather  grouped  pairs loop
+        2      28 x 8   1.03    -        0.98
+        16     28 x 8   1.08    -        1.02
+        2      64 x 64  1.41    1.47     1.12
+        4      64 x 64  -       1.36     1.11
+        8      64 x 64  -       1.25     1.17
+        16     64 x 64  1.68    1.12     1.26
+
+    So the pair loop wherever one adapter's slice, R*(D + O), is large enough to pay for a loop
+    step (CPU_PAIR_FLOATS), except at large ranks past 8 pairs, where grouped tiles win; on
+    narrow models (R*(D + O) below it) gather for small ranks, grouped for large ones (at hidden
+    512, 8 tokens, 28 x 8: gather 1.75x a projection, the pair loop 1.73x; 1 token: 1.40x, 1.84x).
+    Prefill keeps the dense form while its extra work, L*R*(D + O) per
     token, is at most the projection's own D*O (L*R <= D/2 when square: the crossover above), or
     while L*R <= 256 at any width: the grouped loop pays a fixed cost per tile visit that only a
     wide projection hides. Beyond that it goes grouped.
@@ -77,6 +95,8 @@ def choose_backend(
     if platform == "gpu":
         return "xla_gather" if decode else "xla"
     if decode:
+        if rank * (d_in + d_out) >= CPU_PAIR_FLOATS and (rank <= 16 or tokens * top_k <= 8):
+            return "xla_pairs"
         return "xla_gather" if rank <= 16 else "xla_grouped"
     columns = num_adapters * rank
     dense = columns * (d_in + d_out) <= d_in * d_out or columns <= CPU_DENSE_COLUMNS
@@ -106,6 +126,26 @@ def _gather_delta(x_md, a_ldr, b_lro, routing: Routing, scale_l):
     h_mkr = jnp.einsum("md,mkdr->mkr", x_md, a_ldr.astype(x_md.dtype)[routing.ids])
     h_mkr = h_mkr * coef_mk.astype(x_md.dtype)[:, :, None]
     return jnp.einsum("mkr,mkro->mo", h_mkr, b_lro.astype(x_md.dtype)[routing.ids])
+
+
+def _pairs_delta(x_md, a_ldr, b_lro, routing: Routing, scale_l):
+    """One pair (token t, choice j) per loop step: y[t] += coef * (x[t] @ A[id]) @ B[id]. The loop
+    has a static trip count (M * k), so reverse-mode differentiation works."""
+    m, k = routing.ids.shape
+    o = b_lro.shape[-1]
+    coef_mk = pair_coefficients(routing, scale_l).astype(x_md.dtype)
+    a_ldr, b_lro = a_ldr.astype(x_md.dtype), b_lro.astype(x_md.dtype)
+
+    def pair(p, y_mo):
+        t, j = p // k, p % k
+        adapter = routing.ids[t, j]
+        x_1d = jax.lax.dynamic_slice_in_dim(x_md, t, 1)
+        h_1r = jnp.dot(x_1d, jax.lax.dynamic_index_in_dim(a_ldr, adapter, keepdims=False)) * coef_mk[t, j]
+        part_1o = jnp.dot(h_1r, jax.lax.dynamic_index_in_dim(b_lro, adapter, keepdims=False))
+        row_1o = jax.lax.dynamic_slice_in_dim(y_mo, t, 1)
+        return jax.lax.dynamic_update_slice_in_dim(y_mo, row_1o + part_1o, t, 0)
+
+    return jax.lax.fori_loop(0, m * k, pair, jnp.zeros((m, o), x_md.dtype))
 
 
 def _grouped_delta(x_md, a_ldr, b_lro, routing: Routing, scale_l):
@@ -195,6 +235,8 @@ def lora_delta(
         return _gather_delta(x_md, a_ldr, b_lro, routing, scale_l)
     if backend == "xla_grouped":
         return _grouped_delta(x_md, a_ldr, b_lro, routing, scale_l)
+    if backend == "xla_pairs":
+        return _pairs_delta(x_md, a_ldr, b_lro, routing, scale_l)
     if backend == "ragged":
         return _ragged_delta(x_md, a_ldr, b_lro, routing, scale_l)
     if backend == "pallas":
