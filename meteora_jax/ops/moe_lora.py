@@ -11,7 +11,7 @@ Backends:
   one small matmul per tile visit: work ~ (k*T + live adapters * tile) * R * (D + O).
 - "xla_gather": reads only the chosen adapters per token; for decode (a few tokens).
 - "xla_pairs": one (1 x D) @ (D x R) and (1 x R) @ (R x O) matmul per (token, choice) pair, in a
-  loop, each reading its adapter as one contiguous slice; for decode at large ranks, where the
+  loop, each reading its adapter as one contiguous slice; for decode on wide models, where the
   gather's (M, k, D, R) copies cost more than the matmuls.
 - "ragged": pairs sorted by adapter, both matmuls as `jax.lax.ragged_dot`. TPU lowers it to a
   native grouped matmul (work ~ k*M*R*(D + O)); CPU and GPU lower it to a masked dense matmul
@@ -75,10 +75,11 @@ def choose_backend(
     step (CPU_PAIR_FLOATS), except at large ranks past 8 pairs, where grouped tiles win; on
     narrow models (R*(D + O) below it) gather for small ranks, grouped for large ones (at hidden
     512, 8 tokens, 28 x 8: gather 1.75x a projection, the pair loop 1.73x; 1 token: 1.40x, 1.84x).
-    Prefill keeps the dense form while its extra work, L*R*(D + O) per
-    token, is at most the projection's own D*O (L*R <= D/2 when square: the crossover above), or
-    while L*R <= 256 at any width: the grouped loop pays a fixed cost per tile visit that only a
-    wide projection hides. Beyond that it goes grouped.
+
+    Prefill keeps the dense form while its extra work, L*R*(D + O) per token, is at most the
+    projection's own D*O (L*R <= D/2 when square: the crossover in the first table), or while
+    L*R <= 256 at any width: the grouped loop pays a fixed cost per tile visit that only a wide
+    projection hides. Beyond that it goes grouped.
 
     TPU and GPU, from what is known (no accelerator timings of ours yet): decode is bound by
     reading weights, so gather (only the chosen adapters are read) at every rank. Prefill keeps
