@@ -90,9 +90,8 @@ def choose_backend(
     """
     platform = jax.default_backend() if platform is None else platform
     decode = tokens * top_k <= 16
-    small = num_adapters * rank * 16 <= d_in
     if platform == "tpu":
-        return "xla_gather" if decode else "xla" if small else "ragged"
+        return "xla_gather" if decode else "xla" if num_adapters * rank * 16 <= d_in else "ragged"
     if platform == "gpu":
         return "xla_gather" if decode else "xla"
     if decode:
