@@ -104,6 +104,14 @@ def test_bench_refuses_layers_below_one(capsys):
     assert "--layers must be at least 1, got 0" in capsys.readouterr().err
 
 
+def test_bench_shape_conflicts_are_named(tmp_path, capsys):
+    """--shape with --base (two sizes for one model) or outside `bench generate` is refused, not ignored."""
+    assert main(["bench", "generate", "--shape", "llama3-8b", "--base", str(tmp_path)]) == 2
+    assert f"--shape and --base both size the model (--base {tmp_path})" in capsys.readouterr().err
+    assert main(["bench", "layer", "--shape", "small"]) == 2
+    assert "--shape sizes `bench generate` only, not `bench layer`" in capsys.readouterr().err
+
+
 def test_device_check_small_runs_on_cpu(capsys):
     """The --small path: every kernel in interpret mode, every XLA column, errors within tolerance."""
     assert device_check.main(["--small", "--repeats", "1"]) == 0

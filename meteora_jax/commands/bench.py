@@ -68,9 +68,8 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--shape",
         choices=tuple(GENERATE_SHAPES),
-        default="small",
-        help="generate: the model's shape without --base: small (hidden 512, 4 layers) or llama3-8b "
-        "(LLaMA-3-8B layers with an 8192-token vocabulary; give --layers)",
+        help="generate: the model's shape instead of --base: small (hidden 512, 4 layers; the default) "
+        "or llama3-8b (LLaMA-3-8B layers with an 8192-token vocabulary; give --layers)",
     )
     parser.add_argument("--remat", default="none", choices=tuple(REMAT_POLICIES), help="train: remat policy")
     parser.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS, help="train: attention")
@@ -86,6 +85,10 @@ def run(args: argparse.Namespace) -> None:
         check_output_path(args.json, inputs=[("--base", args.base)], setting="--json")
     if args.layers is not None and args.layers < 1:
         raise ConfigError(f"--layers must be at least 1, got {args.layers}")
+    if args.shape is not None and args.base:
+        raise ConfigError(f"--shape and --base both size the model (--base {args.base}); give one")
+    if args.shape is not None and args.what != "generate":
+        raise ConfigError(f"--shape sizes `bench generate` only, not `bench {args.what}`")
     if args.what == "generate":
         return run_generate(args)
     if args.what == "train":
@@ -123,7 +126,7 @@ def write_json(payload, path: str) -> None:
 
 def run_generate(args: argparse.Namespace) -> None:
     """Decode tokens/s and prefill time of a MeteoRA model vs its base, batch by batch."""
-    config = LlamaConfig.from_hf(args.base) if args.base else GENERATE_SHAPES[args.shape]
+    config = LlamaConfig.from_hf(args.base) if args.base else GENERATE_SHAPES[args.shape or "small"]
     if args.layers:
         config = dataclasses.replace(config, num_hidden_layers=args.layers)
     overrides = {f: getattr(config, f) for f in ("vocab_size", "hidden_size", "intermediate_size",
