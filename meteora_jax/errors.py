@@ -29,3 +29,7 @@ class OutputExistsError(MeteoRAError, FileExistsError):
 class OutputPathError(MeteoRAError):
     """An output path that must never be written: empty, the current or home folder, the root,
     or one that is, holds or lies inside one of the command's inputs."""
+
+
+class TrainingError(MeteoRAError):
+    """A run that cannot go on: a non-finite loss, a folder it may not use."""

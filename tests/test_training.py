@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -25,6 +27,7 @@ from meteora_jax.errors import ConfigError, MeteoRAError
 from meteora_jax.io import checkpoint
 from meteora_jax.modeling.llama import LlamaForCausalLM
 from meteora_jax.sharding import make_mesh
+from meteora_jax.training import run_lock
 from meteora_jax.training.config import TrainConfig
 from meteora_jax.training.loop import TrainingError
 from meteora_jax.training.state import shardings_of, split_for_training
@@ -273,6 +276,31 @@ def test_out_holding_something_else_is_refused_unless_force(setup, tmp_path):
     spec = _spec(setup, out, steps=1)
     train(RunSpec(**{**spec.__dict__, "force": True}))
     assert not (out / "notes.txt").exists() and checkpoint.checkpoint_steps(out) == [1]
+
+
+def test_a_live_run_keeps_its_folder_and_a_killed_one_leaves_no_stale_lock(setup, tmp_path):
+    """While another process holds the run folder's lock, a second run is refused (even with
+    --force) and touches nothing; once that process is killed (-9) the folder trains again."""
+    out = tmp_path / "shared"
+    script = (
+        "import time\nfrom meteora_jax.training import run_lock\n"
+        f"with run_lock.hold({os.fspath(out)!r}, 'train-gate'):\n"
+        "    print('held', flush=True)\n    time.sleep(120)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        lock = re.escape(os.fspath(out / run_lock.LOCK_FILE))
+        for force in (False, True):
+            spec = RunSpec(**{**_spec(setup, out, steps=1).__dict__, "force": force})
+            with pytest.raises(TrainingError, match=rf"shared is in use by another .*training run .*{lock}"):
+                train(spec)
+            assert os.listdir(out) == [run_lock.LOCK_FILE]
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    train(_spec(setup, out, steps=1))  # a folder holding only a dead run's lock is ours: it trains
+    assert checkpoint.checkpoint_steps(out) == [1]
 
 
 def test_out_inside_an_input_is_refused(setup):

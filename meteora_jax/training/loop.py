@@ -30,12 +30,13 @@ from meteora_jax.api import DTYPES, MeteoRAModel
 from meteora_jax.config import MoELoRAConfig
 from meteora_jax.data.pipeline import BATCH_KEYS, DataConfig, train_batches
 from meteora_jax.data.tasks import Sample
-from meteora_jax.errors import ConfigError, MeteoRAError
+from meteora_jax.errors import ConfigError, TrainingError
 from meteora_jax.io import checkpoint, checksums, files
 from meteora_jax.io.hf import load_llama
 from meteora_jax.io.stacking import AdapterInfo, Path
 from meteora_jax.modeling.attention import check_training_length
 from meteora_jax.sharding import MESH_AXES, host_to_global, make_mesh
+from meteora_jax.training import run_lock
 from meteora_jax.training.checkpointing import (
     RunCheckpoints,
     flat_state,
@@ -48,10 +49,6 @@ from meteora_jax.training.step import batch_sharding, make_train_step
 
 METRICS_FILE, CURVES_FILE = "metrics.jsonl", "curves.png"
 GATE_METRICS = ("gate_loss", "gate_accuracy", "gate_tokens")  # logged only with a gate term
-
-
-class TrainingError(MeteoRAError):
-    """A run that cannot go on: a non-finite loss, a folder it may not use."""
 
 
 Mixture = tuple[MoELoRAConfig, dict[Path, np.ndarray], list[AdapterInfo]]  # what `io.gates.fuse` gives
@@ -120,9 +117,10 @@ def log(command: str, message: str) -> None:
 
 
 def is_run_folder(directory: str) -> bool:
-    """Whether `directory` holds step folders of a meteora-jax training run (or only its logs)."""
-    logs = os.path.join(directory, METRICS_FILE)
-    return bool(checkpoint.checkpoint_steps(directory)) or os.path.isfile(logs)
+    """Whether `directory` holds step folders of a meteora-jax training run, or only its logs or
+    its lock (a run killed before it logged anything)."""
+    ours = (os.path.join(directory, name) for name in (METRICS_FILE, run_lock.LOCK_FILE))
+    return bool(checkpoint.checkpoint_steps(directory)) or any(map(os.path.isfile, ours))
 
 
 def prepare_out(
@@ -139,6 +137,7 @@ def prepare_out(
     files.check_output_path(out, inputs=inputs)
     out = os.path.abspath(out)
     run_dir = out if run_dir is None else os.path.abspath(run_dir)
+    run_lock.check_not_in_use(run_dir, command)  # not even --force may pull a live run's folder away
     if not os.path.lexists(out) or (os.path.isdir(out) and not os.listdir(out)):
         return
     if os.path.isdir(out) and is_run_folder(run_dir) and not force:
@@ -347,6 +346,15 @@ class _Run:
     # -- the loop
 
     def run(self) -> RunResult:
+        """Trains while holding the run folder's lock (taken only now: a run refused while
+        setting up leaves no folder behind)."""
+        try:
+            with run_lock.hold(self.out, self.job.command):
+                return self._run_locked()
+        finally:
+            self.batches.close()
+
+    def _run_locked(self) -> RunResult:
         job, cfg = self.job, self.cfg
         checkpoints = self.checkpoints = RunCheckpoints(self.out, cfg.keep)
         try:
@@ -376,7 +384,6 @@ class _Run:
             checkpoints.wait()
         finally:
             checkpoints.close()
-            self.batches.close()
         if _is_main():
             write_curves(self.records, os.path.join(self.out, CURVES_FILE))
         return RunResult(self.out, cfg.steps, last, evaluation, first)
@@ -534,5 +541,5 @@ def _progress(command: str, start: int, total: int, enabled: bool):
 
 def run(job: Job) -> RunResult:
     """Trains (or resumes, or extends) the run `job` describes; see the module docstring. The
-    caller has checked its output folder (`prepare_out`)."""
+    caller has checked its output folder (`prepare_out`). The run folder stays locked meanwhile."""
     return _Run(job).run()
