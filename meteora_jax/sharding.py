@@ -105,6 +105,21 @@ def host_to_global(array: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Ar
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
+def partitioned_mesh() -> jax.sharding.AbstractMesh | None:
+    """The mesh XLA partitions the current computation over, or None: no mesh, or one whose axes
+    are already manual (inside someone's `shard_map`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or mesh.manual_axes else mesh
+
+
+def per_device(fn, mesh: jax.sharding.AbstractMesh, in_specs, out_specs):
+    """`fn` run on each device's blocks (`jax.shard_map`), for what XLA's partitioner cannot split
+    (a Pallas call, a sort over all tokens) and would run on inputs gathered whole. Replicated
+    inputs' gradients are summed over the mesh by the transpose; `fn` carries no varying-axes
+    types (Pallas calls have none), so they are not checked."""
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Constrains an activation's sharding by logical axes; a no-op without an active mesh."""
     mesh = jax.sharding.get_abstract_mesh()

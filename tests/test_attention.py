@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from meteora_jax.config import LlamaConfig
+from meteora_jax.modeling import attention
 from meteora_jax.modeling.attention import (
     SPLASH_BLOCK,
     AttentionMask,
@@ -19,6 +20,7 @@ from meteora_jax.modeling.attention import (
     resolve_attention,
 )
 from meteora_jax.modeling.llama import LlamaForCausalLM
+from meteora_jax.sharding import make_mesh
 
 
 def plain_attention(q_btnh, k_bskh, v_bskh, allowed_bts):
@@ -85,6 +87,52 @@ def test_splash_matches_xla_on_packed_rows_forward_and_gradient(models):
         return logits, grads
 
     (logits_x, grads_x), (logits_s, grads_s) = (loss_and_logits(m) for m in models)
+    assert float(np.abs(np.asarray(logits_x - logits_s)[real]).max()) <= 1e-5
+    for g_x, g_s in zip(jax.tree.leaves(grads_x), jax.tree.leaves(grads_s), strict=True):
+        assert float(jnp.abs(g_x - g_s).max()) <= 1e-4 * (1 + float(jnp.abs(g_x).max()))
+
+
+@pytest.mark.parametrize(
+    ("sizes", "rows", "heads", "kv_heads"),
+    [
+        ((2, 2, 2), 1, 2, 1),  # batch 4 over data x fsdp; 4 query / 2 key heads over tensor
+        ((2, 1, 4), 2, 4, 2),  # 2 key heads do not split 4 ways: every shard keeps all heads
+    ],
+)
+def test_splash_under_a_mesh_runs_per_shard_and_matches_xla_on_one_device(
+    models, monkeypatch, sizes, rows, heads, kv_heads
+):
+    """Under a mesh the kernel runs per device on its rows and heads, not on inputs gathered whole;
+    logits and the gradient of a loss over real tokens equal one device's XLA attention."""
+    ids, segments = _inputs()
+    ids, segments = jnp.concatenate([ids, ids[::-1]]), jnp.concatenate([segments, segments[::-1]])
+    real = np.asarray(segments) > 0
+    weight = jnp.asarray(real, jnp.float32)[..., None]
+    seen = []
+
+    def spy(q_btnh, k_btkh, v_btkh, segment_ids_bt):
+        seen.append((q_btnh.shape, k_btkh.shape, segment_ids_bt.shape))
+        return splash_kernel(q_btnh, k_btkh, v_btkh, segment_ids_bt)
+
+    splash_kernel = attention._splash
+    monkeypatch.setattr(attention, "_splash", spy)
+
+    def loss_and_logits(model):
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def loss(params):
+            logits = nnx.merge(graphdef, params)(ids, segment_ids=segments).logits
+            return jnp.sum(jnp.sin(logits) * weight), logits
+
+        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return logits, grads
+
+    xla, splash = models
+    logits_x, grads_x = loss_and_logits(xla)
+    with jax.set_mesh(make_mesh(*sizes)):
+        logits_s, grads_s = loss_and_logits(splash)
+    t, h = SPLASH_BLOCK, CONFIG.head_dim
+    assert seen and set(seen) == {((rows, t, heads, h), (rows, t, kv_heads, h), (rows, t))}
     assert float(np.abs(np.asarray(logits_x - logits_s)[real]).max()) <= 1e-5
     for g_x, g_s in zip(jax.tree.leaves(grads_x), jax.tree.leaves(grads_s), strict=True):
         assert float(jnp.abs(g_x - g_s).max()) <= 1e-4 * (1 + float(jnp.abs(g_x).max()))

@@ -20,6 +20,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from meteora_jax.sharding import logical_to_spec, partitioned_mesh, per_device
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 SPLASH_BLOCK = 128  # splash attention's query / key block: T must be a multiple of it
@@ -111,12 +114,28 @@ def _splash(q_btnh, k_btkh, v_btkh, segment_ids_bt):
     return heads_first(out_bnth)
 
 
+def _splash_sharded(q_btnh, k_btkh, v_btkh, segment_ids_bt):
+    """`_splash` per device under an active mesh: a Pallas call is opaque to XLA's partitioner,
+    which would otherwise run it on inputs gathered whole onto every device. Each device takes its
+    rows (the batch axes) and, where both head counts split alike over `tensor`, its heads; query
+    head i of a shard then still reads that shard's key head i // G. Without a mesh, one call."""
+    mesh = partitioned_mesh()
+    if mesh is None:
+        return _splash(q_btnh, k_btkh, v_btkh, segment_ids_bt)
+    q_spec = logical_to_spec(("batch", "length", "heads", "head_dim"), q_btnh.shape, mesh)
+    kv_spec = logical_to_spec(("batch", "length", "kv_heads", "head_dim"), k_btkh.shape, mesh)
+    if q_spec[2] != kv_spec[2]:  # heads split unlike kv heads: keep every head on every shard
+        q_spec = kv_spec = PartitionSpec(q_spec[0], None, None, None)
+    in_specs = (q_spec, kv_spec, kv_spec, PartitionSpec(q_spec[0], None))
+    return per_device(_splash, mesh, in_specs, q_spec)(q_btnh, k_btkh, v_btkh, segment_ids_bt)
+
+
 def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask: AttentionMask) -> jax.Array:
     """Grouped-query attention of q (B, T, N, H) over k, v (B, S, K, H) under `mask`, by its
     implementation; returns (B, T, N, H) in q's dtype."""
     k_bskh, v_bskh = k_bskh.astype(q_btnh.dtype), v_bskh.astype(q_btnh.dtype)
     if mask.implementation == "splash":
-        return _splash(q_btnh, k_bskh, v_bskh, mask.segment_ids_bt).astype(q_btnh.dtype)
+        return _splash_sharded(q_btnh, k_bskh, v_bskh, mask.segment_ids_bt).astype(q_btnh.dtype)
     if mask.implementation == "cudnn":
         seg_bt = mask.segment_ids_bt
         same_b1ts = (seg_bt[:, :, None] == seg_bt[:, None, :])[:, None]

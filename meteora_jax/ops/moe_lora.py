@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 import pallas_kernels
 from meteora_jax.ops.routing import Routing, RoutingSettings, route
+from meteora_jax.sharding import logical_to_spec, partitioned_mesh, per_device
 from pallas_kernels.grouping import group_metadata, sort_pairs, tile_rows_for, visit_row_mask
 
 BACKENDS = ("auto", "xla", "xla_grouped", "xla_gather", "xla_pairs", "ragged", "pallas")
@@ -209,6 +211,26 @@ def _ragged_delta(x_md, a_ldr, b_lro, routing: Routing, scale_l):
     return y_po[rank_p].reshape(m, k, -1).sum(axis=1)
 
 
+def _pallas_delta(x_md, a_ldr, b_lro, routing: Routing, scale_l):
+    coef_mk = pair_coefficients(routing, scale_l)
+    return pallas_kernels.moe_lora_delta(x_md, a_ldr, b_lro, routing.ids, coef_mk)
+
+
+def _on_row_shards(delta_fn, x_md, a_ldr, b_lro, routing: Routing, scale_l):
+    """`delta_fn` on each device's tokens under a mesh. The sorting backends order all M tokens by
+    adapter, and a Pallas call is opaque to XLA's partitioner: either would otherwise run over
+    the tokens of every data shard gathered onto each device. The adapters go whole to every
+    device (as FSDP gathers weights); their gradients are summed back over the mesh."""
+    mesh = partitioned_mesh()
+    rows = None if mesh is None else logical_to_spec(("batch", None), x_md.shape, mesh)[0]
+    routing = Routing(ids=routing.ids, weights=routing.weights)  # the logits are not needed here
+    if rows is None:
+        return delta_fn(x_md, a_ldr, b_lro, routing, scale_l)
+    row, whole = PartitionSpec(rows, None), PartitionSpec()
+    in_specs = (row, whole, whole, Routing(ids=row, weights=row), whole)
+    return per_device(delta_fn, mesh, in_specs, row)(x_md, a_ldr, b_lro, routing, scale_l)
+
+
 def lora_delta(
     x_md: jax.Array,
     a_ldr: jax.Array,
@@ -234,14 +256,13 @@ def lora_delta(
     if backend == "xla_gather":
         return _gather_delta(x_md, a_ldr, b_lro, routing, scale_l)
     if backend == "xla_grouped":
-        return _grouped_delta(x_md, a_ldr, b_lro, routing, scale_l)
+        return _on_row_shards(_grouped_delta, x_md, a_ldr, b_lro, routing, scale_l)
     if backend == "xla_pairs":
         return _pairs_delta(x_md, a_ldr, b_lro, routing, scale_l)
     if backend == "ragged":
-        return _ragged_delta(x_md, a_ldr, b_lro, routing, scale_l)
+        return _on_row_shards(_ragged_delta, x_md, a_ldr, b_lro, routing, scale_l)
     if backend == "pallas":
-        coef_mk = pair_coefficients(routing, scale_l)
-        return pallas_kernels.moe_lora_delta(x_md, a_ldr, b_lro, routing.ids, coef_mk)
+        return _on_row_shards(_pallas_delta, x_md, a_ldr, b_lro, routing, scale_l)
     return _dense_delta(x_md, a_ldr, b_lro, combine_weights(routing, scale_l, a_ldr.shape[0]))
 
 
