@@ -69,27 +69,33 @@ def _inputs():
     return ids, jnp.asarray(segments)
 
 
+def _logits_and_grads(model, ids, segments):
+    """Logits and the parameter gradient of sum(sin(logits)) over real tokens (segment > 0), jitted."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    weight = jnp.asarray(segments > 0, jnp.float32)[..., None]
+
+    def loss(params):
+        logits = nnx.merge(graphdef, params)(ids, segment_ids=segments).logits
+        return jnp.sum(jnp.sin(logits) * weight), logits
+
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return logits, grads
+
+
+def _assert_agree(logits_x, grads_x, logits_s, grads_s, real):
+    assert float(np.abs(np.asarray(logits_x - logits_s)[real]).max()) <= 1e-5
+    for g_x, g_s in zip(jax.tree.leaves(grads_x), jax.tree.leaves(grads_s), strict=True):
+        assert float(jnp.abs(g_x - g_s).max()) <= 1e-4 * (1 + float(jnp.abs(g_x).max()))
+
+
 def test_splash_matches_xla_on_packed_rows_forward_and_gradient(models):
     """Packed samples and padding (segment ids): logits on every real token and the gradient of
     a loss over real tokens agree; padding positions are not compared (they read nothing real)."""
     ids, segments = _inputs()
     real = np.asarray(segments) > 0
-    weight = jnp.asarray(real, jnp.float32)[..., None]
 
-    def loss_and_logits(model):
-        graphdef, params = nnx.split(model, nnx.Param)
-
-        def loss(params):
-            logits = nnx.merge(graphdef, params)(ids, segment_ids=segments).logits
-            return jnp.sum(jnp.sin(logits) * weight), logits
-
-        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-        return logits, grads
-
-    (logits_x, grads_x), (logits_s, grads_s) = (loss_and_logits(m) for m in models)
-    assert float(np.abs(np.asarray(logits_x - logits_s)[real]).max()) <= 1e-5
-    for g_x, g_s in zip(jax.tree.leaves(grads_x), jax.tree.leaves(grads_s), strict=True):
-        assert float(jnp.abs(g_x - g_s).max()) <= 1e-4 * (1 + float(jnp.abs(g_x).max()))
+    (logits_x, grads_x), (logits_s, grads_s) = (_logits_and_grads(m, ids, segments) for m in models)
+    _assert_agree(logits_x, grads_x, logits_s, grads_s, real)
 
 
 @pytest.mark.parametrize(
@@ -107,7 +113,6 @@ def test_splash_under_a_mesh_runs_per_shard_and_matches_xla_on_one_device(
     ids, segments = _inputs()
     ids, segments = jnp.concatenate([ids, ids[::-1]]), jnp.concatenate([segments, segments[::-1]])
     real = np.asarray(segments) > 0
-    weight = jnp.asarray(real, jnp.float32)[..., None]
     seen = []
 
     def spy(q_btnh, k_btkh, v_btkh, segment_ids_bt):
@@ -117,25 +122,13 @@ def test_splash_under_a_mesh_runs_per_shard_and_matches_xla_on_one_device(
     splash_kernel = attention._splash
     monkeypatch.setattr(attention, "_splash", spy)
 
-    def loss_and_logits(model):
-        graphdef, params = nnx.split(model, nnx.Param)
-
-        def loss(params):
-            logits = nnx.merge(graphdef, params)(ids, segment_ids=segments).logits
-            return jnp.sum(jnp.sin(logits) * weight), logits
-
-        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-        return logits, grads
-
     xla, splash = models
-    logits_x, grads_x = loss_and_logits(xla)
+    logits_x, grads_x = _logits_and_grads(xla, ids, segments)
     with jax.set_mesh(make_mesh(*sizes)):
-        logits_s, grads_s = loss_and_logits(splash)
+        logits_s, grads_s = _logits_and_grads(splash, ids, segments)
     t, h = SPLASH_BLOCK, CONFIG.head_dim
     assert seen and set(seen) == {((rows, t, heads, h), (rows, t, kv_heads, h), (rows, t))}
-    assert float(np.abs(np.asarray(logits_x - logits_s)[real]).max()) <= 1e-5
-    for g_x, g_s in zip(jax.tree.leaves(grads_x), jax.tree.leaves(grads_s), strict=True):
-        assert float(jnp.abs(g_x - g_s).max()) <= 1e-4 * (1 + float(jnp.abs(g_x).max()))
+    _assert_agree(logits_x, grads_x, logits_s, grads_s, real)
 
 
 def test_splash_matches_xla_on_a_left_padded_batch(models):
