@@ -98,6 +98,37 @@ def test_composite_3_layout_response_and_answers(three):
     assert "[INST]" not in line["prompt"]  # the caller wraps it with format_prompt
 
 
+def test_numbered_layout_asks_numbered_questions_without_examples(three, tmp_path):
+    """The compact layout: no few-shot prefix (so no train split is read) and the questions as
+    numbered lines; the response and answers are the reference layout's."""
+    (line,) = build_composite(three, n=3, samples=1, layout="numbered")
+    assert line["prompt"] == (
+        "1. Order: E before F. First?\n2. Answer: blue. Pick the question.\n3. Q: Is fire hot?\nA:"
+    )
+    assert line["answers"] == ["E", "What colour is the sky?", "Yes."]
+    os.remove(os.path.join(three, "strategyqa", "train.jsonl"))
+    write_split(three, "strategyqa", "train", [])
+    assert build_composite(three, n=3, samples=1, layout="numbered") == [line]
+    with pytest.raises(ConfigError, match="layout must be one of reference, numbered, got 'short'"):
+        build_composite(three, n=3, samples=1, layout="short")
+    out = tmp_path / "numbered.jsonl"
+    assert command("--tasks", three, "--n", 3, "--samples", 1, "--layout", "numbered", "--out", out) == 0
+    assert read_composite(out) == [line]
+
+
+def test_labelled_numbered_segments_carry_each_line_s_task():
+    segments = composite.labelled_segments([], ["a: x", "b: y"], ["X", "Y"], ["ta", "tb"], layout="numbered")
+    assert "".join(s["text"] for s in segments) == "[INST] 1. a: x\n2. b: y [/INST]\n1. X\n2. Y"
+    assert [(s["task"], s["text"]) for s in segments] == [
+        ("ta", "[INST] "),
+        ("ta", "1. a: x\n"),
+        ("tb", "2. b: y"),
+        ("ta", " [/INST]\n"),
+        ("ta", "1. X\n"),
+        ("tb", "2. Y"),
+    ]
+
+
 @pytest.fixture
 def four(tmp_path):
     root = str(tmp_path / "tasks")

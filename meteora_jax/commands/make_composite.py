@@ -27,6 +27,13 @@ def register(subparsers) -> None:
     p.add_argument("--subtasks", metavar="A,B,C", help="the sub-tasks, comma-separated, in prompt order")
     p.add_argument("--samples", type=int, default=200, help="prompts to write (default 200)")
     p.add_argument("--seed", type=int, default=0, help="seed of every draw (default 0)")
+    p.add_argument(
+        "--layout",
+        choices=composite.COMPOSITE_LAYOUTS,
+        default=composite.CompositeSettings.layout,
+        help="reference: the few-shot prefix of the MeteoRA reference (for real models); numbered: "
+        "the questions as numbered lines, no prefix (for models trained on that format)",
+    )
     p.add_argument("--out", required=True, metavar="FILE.jsonl", help="the file to write")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=run)
@@ -53,11 +60,13 @@ def run(args: argparse.Namespace) -> None:
     files.check_output_path(args.out, inputs=inputs)
     files.refuse_existing(args.out, force=args.force, setting="--out")
     settings = composite.CompositeSettings(
-        n=args.n, subtasks=_subtasks(args), samples=args.samples, seed=args.seed
+        n=args.n, subtasks=_subtasks(args), samples=args.samples, seed=args.seed, layout=args.layout
     )
     names, how = composite.resolve_subtasks(args.tasks, settings)
     how = f"preset {args.preset}" if args.preset else how
-    lines = composite.build_composite(args.tasks, subtasks=names, samples=settings.samples, seed=args.seed)
+    lines = composite.build_composite(
+        args.tasks, subtasks=names, samples=settings.samples, seed=args.seed, layout=settings.layout
+    )
     out = composite.write_composite(lines, args.out, force=args.force, inputs=inputs, setting="--out")
     over = ", ".join(names)
     print(f"wrote {out}: {len(lines)} composite-{len(names)} prompts over {over} ({how}; seed {args.seed})")

@@ -30,6 +30,10 @@ asking n tasks' questions at once (SPEC section 3). The layout follows the refer
     <test prompt of C>
 
 and a final newline. The model is expected to answer with numbered lines "1. ...", "2. ...".
+
+The "numbered" layout is the compact one for models trained on the format (no few-shot prefix):
+the sub-prompts as numbered lines, "1. <test prompt of A>\n2. <test prompt of B>\n3. <test
+prompt of C>", answered the same way.
 Every prompt and answer is the task file's text as it is (example answers are stripped of
 surrounding whitespace, being one numbered line each). The text is raw: the caller wraps it
 with `meteora_jax.data.prompts.format_prompt` ("[INST] {text} [/INST]\\n") as it wraps any
@@ -97,6 +101,7 @@ PRESETS = {
 INSTRUCTION = "Following the example above, generate answers to the questions below:"
 ANSWER_SEPARATOR = "@@@@\n"  # joins the sub-answers into one reference response, as the reference did
 LINE_KEYS = ("prompt", "response", "subtasks", "answers")
+COMPOSITE_LAYOUTS = ("reference", "numbered")  # few-shot prefix (the reference's) | numbered questions
 NUM_EXAMPLES = 2
 MIN_SUBTASKS = 2
 SPLITS = ("train", "test")
@@ -109,15 +114,19 @@ def _is_int(value) -> bool:
 @dataclasses.dataclass(frozen=True)
 class CompositeSettings:
     """What to build: `n` sub-tasks per prompt, or the explicit `subtasks` (then n is their
-    number; giving both requires they agree), `samples` prompts, and the `seed` of every draw."""
+    number; giving both requires they agree), `samples` prompts, the `seed` of every draw, and
+    the `layout` (`COMPOSITE_LAYOUTS`, module docstring)."""
 
     n: int | None = None
     subtasks: tuple[str, ...] | None = None
     samples: int = 200
     seed: int = 0
+    layout: str = "reference"
 
     def __post_init__(self):
         problems = []
+        if self.layout not in COMPOSITE_LAYOUTS:
+            problems.append(f"layout must be one of {', '.join(COMPOSITE_LAYOUTS)}, got {self.layout!r}")
         subtasks = self.subtasks
         if subtasks is not None:
             if isinstance(subtasks, str) or not all(isinstance(t, str) and t for t in subtasks):
@@ -225,15 +234,25 @@ def _pick_examples(train: list[Sample], rng: random.Random) -> list[Sample]:
 
 
 def composite_pieces(
-    examples: Sequence[Sequence[tuple[str, str]]], questions: Sequence[str]
+    examples: Sequence[Sequence[tuple[str, str]]], questions: Sequence[str], layout: str = "reference"
 ) -> list[tuple[int | None, str]]:
     """The composite prompt text as (sub-task index, text) pieces: each sub-task's prompts and
     example answers carry its index, the template text between them None.
 
     Args:
-        examples: per example, one (prompt, answer) pair per sub-task, in sub-task order.
+        examples: per example, one (prompt, answer) pair per sub-task, in sub-task order (the
+            "numbered" layout has none: pass []).
         questions: one test prompt per sub-task, in sub-task order.
+        layout: one of `COMPOSITE_LAYOUTS`.
     """
+    if layout == "numbered":
+        if examples:
+            raise ConfigError("the numbered composite layout has no few-shot examples")
+        return [
+            (k, f"{k + 1}. {q}" + ("\n" if k + 1 < len(questions) else "")) for k, q in enumerate(questions)
+        ]
+    if layout != "reference":
+        raise ConfigError(f"layout must be one of {', '.join(COMPOSITE_LAYOUTS)}, got {layout!r}")
     pieces: list[tuple[int | None, str]] = []
     for number, pairs in enumerate(examples, 1):
         pieces.append((None, f"Example {number}:\n\n"))
@@ -245,9 +264,11 @@ def composite_pieces(
     return pieces
 
 
-def composite_text(examples: Sequence[Sequence[tuple[str, str]]], questions: Sequence[str]) -> str:
-    """The composite prompt text (layout in the module docstring; arguments as `composite_pieces`)."""
-    return "".join(text for _, text in composite_pieces(examples, questions))
+def composite_text(
+    examples: Sequence[Sequence[tuple[str, str]]], questions: Sequence[str], layout: str = "reference"
+) -> str:
+    """The composite prompt text (layouts in the module docstring; arguments as `composite_pieces`)."""
+    return "".join(text for _, text in composite_pieces(examples, questions, layout))
 
 
 def answer_text(answers: Sequence[str]) -> str:
@@ -260,15 +281,14 @@ def labelled_segments(
     questions: Sequence[str],
     answers: Sequence[str],
     subtasks: Sequence[str],
+    layout: str = "reference",
 ) -> list[dict]:
     """A composite prompt, formatted and answered, as a training sample's `segments`
     ([{"task", "text"}]): every sub-task's prompts and answer lines are labelled with that
-    sub-task, and template text with the sub-task of the labelled piece after it (so the gate
-    learns to switch where the next sub-task begins)."""
+    sub-task, and template text (the chat template's too) with the sub-task of the labelled piece
+    after it (so the gate learns to switch where the next sub-task begins)."""
     before, after = PROMPT_TEMPLATE.split("{input}")
-    pieces = composite_pieces(examples, questions)
-    pieces[0] = (pieces[0][0], before + pieces[0][1])
-    pieces[-1] = (pieces[-1][0], pieces[-1][1] + after)
+    pieces = [(None, before), *composite_pieces(examples, questions, layout), (None, after)]
     lines = answer_text(answers).split("\n")
     pieces += [(k, line + ("\n" if k + 1 < len(lines) else "")) for k, line in enumerate(lines)]
     segments, following = [], None
@@ -284,11 +304,13 @@ def build_composite(
     subtasks: Sequence[str] | None = None,
     samples: int = 200,
     seed: int = 0,
+    layout: str = "reference",
 ) -> list[dict]:
     """`samples` composite prompts over the task folders of `tasks_dir`, the same for a seed.
 
     Sub-tasks: `subtasks` when given, else the preset for `n` when its folders exist, else n
-    drawn (module docstring). Returns lines {"prompt": raw text (the caller wraps it with
+    drawn (module docstring); `layout`: one of `COMPOSITE_LAYOUTS` (the numbered one reads no
+    train split). Returns lines {"prompt": raw text (the caller wraps it with
     `format_prompt`), "response": the sub-answers joined by "@@@@\\n", "subtasks": [names in
     prompt order], "answers": [the reference answer of each numbered line]}.
 
@@ -298,14 +320,15 @@ def build_composite(
             (every short task named at once), or a bad line (file and line number).
     """
     tasks_dir = os.fspath(tasks_dir)
-    settings = CompositeSettings(n=n, subtasks=subtasks, samples=samples, seed=seed)
+    settings = CompositeSettings(n=n, subtasks=subtasks, samples=samples, seed=seed, layout=layout)
+    few_shot = layout == "reference"
     names, _ = resolve_subtasks(tasks_dir, settings)
     examples, tests, problems = [], [], []
     for task in names:
-        train = _split_samples(tasks_dir, task, "train", names)
+        train = _split_samples(tasks_dir, task, "train", names) if few_shot else []
         test = _split_samples(tasks_dir, task, "test", names)
         train_path, test_path = (os.path.join(tasks_dir, task, f"{s}.jsonl") for s in SPLITS)
-        if len(train) < NUM_EXAMPLES:
+        if few_shot and len(train) < NUM_EXAMPLES:
             problems.append(
                 f"task {task}: {train_path} holds {len(train)} prompt / response samples; "
                 f"the {NUM_EXAMPLES} few-shot examples need {NUM_EXAMPLES}"
@@ -315,19 +338,21 @@ def build_composite(
                 f"task {task}: {test_path} holds {len(test)} prompt / response samples; {settings.samples} "
                 "composite prompts use each at most once (lower samples)"
             )
-        if not problems:
+        if not problems and few_shot:
             examples.append(_pick_examples(train, random.Random(f"{seed}:{task}:train")))
+        if not problems:
             tests.append(random.Random(f"{seed}:{task}:test").sample(test, settings.samples))
     raise_problems(ConfigError, f"tasks dir {tasks_dir}", problems)
     shots = [
-        [(per_task[k].prompt, per_task[k].response) for per_task in examples] for k in range(NUM_EXAMPLES)
+        [(per_task[k].prompt, per_task[k].response) for per_task in examples]
+        for k in range(NUM_EXAMPLES if few_shot else 0)
     ]
     lines = []
     for row in zip(*tests, strict=True):
         answers = [s.response for s in row]
         lines.append(
             {
-                "prompt": composite_text(shots, [s.prompt for s in row]),
+                "prompt": composite_text(shots, [s.prompt for s in row], layout),
                 "response": ANSWER_SEPARATOR.join(answers),
                 "subtasks": list(names),
                 "answers": answers,
