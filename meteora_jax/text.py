@@ -7,6 +7,7 @@ cannot decode, stop or show routing differently.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Sequence
 
@@ -15,6 +16,7 @@ import numpy as np
 from meteora_jax import viz
 from meteora_jax.data.prompts import IncrementalDecoder, encode_prompts, pad_token_of, token_texts
 from meteora_jax.generation import GenerateOutput, generate
+from meteora_jax.ops.routing import Routing
 
 
 def stop_ids(model, tokenizer) -> list[int]:
@@ -68,3 +70,33 @@ def routing_rows(out: GenerateOutput, tokenizer, model, prompts: Sequence[str]) 
         for b in range(seq_bt.shape[0])
     ]
     return traces, records
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratedRouting:
+    """How one row's generated tokens were routed: each token's display piece (N of them,
+    concatenating to the response with special tokens shown) and its mean weight per adapter
+    (`viz.adapter_weights`), (N, L)."""
+
+    pieces: tuple[str, ...]
+    weights_nl: np.ndarray
+
+
+def generated_routing(out: GenerateOutput, tokenizer, model) -> list[GeneratedRouting]:
+    """The routing of every row's real new tokens, a final stop token (EOS) left out, of a
+    generation run with `return_routing=True`. Only the new positions leave the device."""
+    p = out.prompt_length
+    new = {key: Routing(ids=r.ids[:, p:], weights=r.weights[:, p:]) for key, r in out.routing.items()}
+    weights_bnl = viz.adapter_weights(new, len(model.adapter_names))
+    seq_bt, mask_bt = np.asarray(out.sequences), np.asarray(out.attention_mask).astype(bool)
+    stops = set(stop_ids(model, tokenizer))
+    rows = []
+    for b in range(seq_bt.shape[0]):
+        # decoded in the prompt's context, so a first token keeps the space it shows in the full text
+        pieces = token_texts(tokenizer, seq_bt[b][mask_bt[b]])[int(mask_bt[b, :p].sum()) :]
+        real_n = mask_bt[b, p:]
+        weights_nl = weights_bnl[b][real_n]
+        if real_n.any() and int(seq_bt[b, p:][real_n][-1]) in stops:
+            pieces, weights_nl = pieces[:-1], weights_nl[:-1]
+        rows.append(GeneratedRouting(tuple(pieces), weights_nl))
+    return rows

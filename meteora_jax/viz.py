@@ -11,6 +11,8 @@ per token to the weight each adapter received, averaged over every layer and pro
   its dominant adapter, its intensity that adapter's weight, with a legend and a tooltip per
   token listing its top adapters;
 - `write_routing_heatmap`: a PNG heatmap (matplotlib, Agg) of adapter weight over positions;
+- `write_answer_routing_png`: a PNG of one composite answer at README width, a block of token
+  cells per sub-answer, each cell the colour of its token's dominant adapter;
 - `routing_record`: the same as JSON-ready data, with the full per-layer routing.
 """
 
@@ -49,6 +51,13 @@ def adapter_weights(routing: Mapping[str, Routing], num_adapters: int) -> np.nda
         part_btl = np.einsum("btk,btkl->btl", w_btk, one_hot_btkl)
         total_btl = part_btl if total_btl is None else total_btl + part_btl
     return total_btl / len(routing)
+
+
+def dominant_adapters(weights_tl: np.ndarray) -> np.ndarray:
+    """(..., T) the adapter with the most weight per token of `adapter_weights`' (..., T, L);
+    -1 where no adapter has any (a token forced to no adapter, padding)."""
+    weights_tl = np.asarray(weights_tl)
+    return np.where(weights_tl.sum(-1) > 0, np.argmax(weights_tl, axis=-1), -1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +255,131 @@ def write_routing_heatmap(path: str | os.PathLike, trace: RoutingTrace, *, dpi: 
         ax.axvline(trace.prompt_length - 0.5, color="white", linewidth=1.5, linestyle="--")
     ax.set_title(f"{_one_line(trace.title)}: adapter weight per token (prompt | generated)", fontsize=10)
     fig.colorbar(image, ax=ax, label="mean weight", fraction=0.03, pad=0.01)
+    path = os.fspath(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=dpi)
+    write_bytes_atomic(path, png.getvalue())
+    return path
+
+
+# ------------------------------------------------------------------------------ PNG answer rows
+
+_FONT_PT = 9  # monospace; DejaVu Sans Mono advances 0.602 em per character
+_ADVANCE_EM = 0.602
+_CELL_CHARS = 12  # a longer token is cut, with an ellipsis
+_LINE_PX, _CELL_GAP_PX, _MARGIN_PX, _LABEL_PX = 22, 2, 10, 190  # pixels
+_NO_ROUTE_RGB = (200, 200, 200)
+
+
+def _cell_text(piece: str) -> str:
+    shown = piece.replace("\n", "\u21b5").replace("\t", "\u21e5")
+    shown = shown if shown.strip() else shown.replace(" ", "\u2423")
+    shown = shown or "\u2205"
+    return shown if len(shown) <= _CELL_CHARS else shown[: _CELL_CHARS - 1] + "\u2026"
+
+
+def _ink(rgb) -> str:
+    luminance = 0.2126 * rgb[0] + 0.7152 * rgb[1] + 0.0722 * rgb[2]
+    return "#ffffff" if luminance < 0.5 * 255 else "#111111"
+
+
+def _wrap(widths: Sequence[float], room: float) -> list[list[int]]:
+    """Indices of cells of the given pixel widths, packed left to right into lines of `room` px."""
+    lines, x = [[]], 0.0
+    for i, w in enumerate(widths):
+        if lines[-1] and x + w > room:
+            lines.append([])
+            x = 0.0
+        lines[-1].append(i)
+        x += w + _CELL_GAP_PX
+    return lines
+
+
+def _answer_blocks(spans, subtasks, n: int) -> list[tuple[str, str | None, range]]:
+    """(label, expected sub-task, tokens) per block of the answer picture: the tokens before the
+    first sub-answer (if any), then each sub-answer in sub-task order."""
+    first = min((span[0] for span in spans if span is not None), default=n)
+    label = "(preamble)" if first < n else "(no numbered line)"
+    blocks = [(label, None, range(first))] if first else []
+    for i, (task, span) in enumerate(zip(subtasks, spans, strict=True), 1):
+        blocks.append((f"{i}. {task}", task, range(*span) if span else range(0)))
+    return blocks
+
+
+def write_answer_routing_png(
+    path: str | os.PathLike,
+    pieces: Sequence[str],
+    weights_nl: np.ndarray,
+    spans: Sequence[tuple[int, int] | None],
+    subtasks: Sequence[str],
+    adapter_names: Sequence[str],
+    *,
+    title: str = "",
+    width_px: int = 960,
+    dpi: int = 100,
+) -> str:
+    """Writes a PNG of one generated composite answer, atomically: a block of rows per sub-answer
+    (labelled "i. <expected sub-task>" beside that adapter's colour), of token cells showing each
+    token's text on the colour of its dominant adapter (grey: none), under a legend.
+
+    pieces / weights_nl (N, L): the display piece and adapter weights of each generated token;
+    spans: the [start, end) tokens of each sub-answer (None: its line is missing), as
+    `evaluation.switching.answer_spans` finds them; tokens before the first get a block of their
+    own. The image is `width_px` wide at `dpi`, as high as its rows need.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415
+    from matplotlib.patches import Rectangle  # noqa: PLC0415
+
+    weights_nl = np.asarray(weights_nl)
+    if weights_nl.shape != (len(pieces), len(adapter_names)):
+        raise MeteoRAError(
+            f"weights_nl has shape {weights_nl.shape}, expected ({len(pieces)}, {len(adapter_names)})"
+        )
+    if len(spans) != len(subtasks):
+        raise MeteoRAError(f"{len(spans)} sub-answer spans for {len(subtasks)} sub-tasks")
+    colors = [np.array(c) / 255 for c in adapter_colors(len(adapter_names))]
+    dominant_n = dominant_adapters(weights_nl)
+    char_px = _FONT_PT * dpi / 72 * _ADVANCE_EM
+    shown_n = [_cell_text(p) for p in pieces]
+    blocks = _answer_blocks(spans, subtasks, len(pieces))
+    legend = _wrap([len(name) * char_px + 28 for name in adapter_names], width_px - 2 * _MARGIN_PX)
+    room = width_px - 2 * _MARGIN_PX - _LABEL_PX
+    rows = [_wrap([len(shown_n[t]) * char_px + 6 for t in tokens], room) for _, _, tokens in blocks]
+    height = 2 * _MARGIN_PX + _LINE_PX * (1 + len(legend)) + sum(_LINE_PX * len(r) + 6 for r in rows)
+    fig = Figure(figsize=(width_px / dpi, height / dpi), dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set(xlim=(0, width_px), ylim=(height, 0))
+    ax.axis("off")
+    text = {"fontsize": _FONT_PT, "family": "monospace", "va": "center", "parse_math": False}
+    y = _MARGIN_PX + _LINE_PX / 2
+    ax.text(_MARGIN_PX, y, _one_line(title or "dominant adapter per generated token", 140), **text)
+    for line in legend:
+        y, x = y + _LINE_PX, _MARGIN_PX
+        for i in line:
+            ax.add_patch(Rectangle((x, y - 7), 14, 14, color=colors[i]))
+            ax.text(x + 18, y, adapter_names[i], **text)
+            x += len(adapter_names[i]) * char_px + 28 + _CELL_GAP_PX
+    y += _LINE_PX / 2
+    label_chars = int((_LABEL_PX - 24) / char_px)
+    for (label, task, tokens), lines in zip(blocks, rows, strict=True):
+        ax.axhline(y + 3, color="#888888", linewidth=0.8)  # the sub-answer boundary
+        top = y + 6
+        if task in adapter_names:
+            swatch = colors[list(adapter_names).index(task)]
+            ax.add_patch(Rectangle((_MARGIN_PX, top + 4), 10, _LINE_PX - 8, color=swatch))
+        label = label if len(label) <= label_chars else label[: label_chars - 1] + "\u2026"
+        ax.text(_MARGIN_PX + 16, top + _LINE_PX / 2, label if len(tokens) else f"{label}: no line", **text)
+        for row, line in enumerate(lines):
+            x, cy = _MARGIN_PX + _LABEL_PX, top + row * _LINE_PX
+            for t in (tokens[j] for j in line):
+                rgb = colors[dominant_n[t]] if dominant_n[t] >= 0 else np.array(_NO_ROUTE_RGB) / 255
+                w = len(shown_n[t]) * char_px + 6
+                ax.add_patch(Rectangle((x, cy + 2), w, _LINE_PX - 4, color=rgb))
+                ax.text(x + 3, cy + _LINE_PX / 2, shown_n[t], color=_ink(255 * rgb), **text)
+                x += w + _CELL_GAP_PX
+        y = top + _LINE_PX * len(lines)
     path = os.fspath(path)
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=dpi)

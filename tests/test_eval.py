@@ -1,5 +1,6 @@
 """`meteora-jax eval` end to end on a tiny model: every mode, composite prompts, the artefacts, the
-modes' meaning checked against direct generation, scoring of known-right answers, bad input."""
+modes' meaning checked against direct generation, scoring of known-right answers, the scoring
+self-check, the composite layout and routing temperature, switch figures, bad input."""
 
 from __future__ import annotations
 
@@ -9,15 +10,18 @@ import shutil
 
 import numpy as np
 import pytest
+from matplotlib import image as mpimg
 
 import meteora_jax as mj
 from meteora_jax.cli import main
 from meteora_jax.data.prompts import format_prompt, load_tokenizer
 from meteora_jax.demo.tasks import write_tiny_setup
+from meteora_jax.evaluation.evaluate import check_scoring
 from meteora_jax.evaluation.registry import load_registry
-from meteora_jax.evaluation.runner import UNIFORM_TEMPERATURE, Answer, EvalItem
+from meteora_jax.evaluation.report import report_markdown
+from meteora_jax.evaluation.runner import UNIFORM_TEMPERATURE, Answer, EvalItem, mode_routing
 from meteora_jax.evaluation.scoring import composite_scores, task_scores
-from meteora_jax.text import generate_texts
+from meteora_jax.text import generate_texts, generated_routing, stop_ids
 
 pytestmark = pytest.mark.filterwarnings("ignore:no gates given")
 MODES = ["meteora", "adapter", "base", "merged"]
@@ -69,7 +73,110 @@ def test_eval_writes_every_artefact(evaluated, setup):
     report = (evaluated / "report.md").read_text()
     assert "| task | metric | meteora | adapter | base | merged |" in report and "## composite-3" in report
     assert "<html" in (evaluated / "routing.html").read_text().lower()
-    assert (evaluated / "routing.png").read_bytes()[:4] == b"\x89PNG"
+    assert mpimg.imread(evaluated / "routing.png").shape[1] == 960  # README width, legible
+
+
+def test_gold_answers_self_check_and_switch_figures_are_recorded(evaluated, setup):
+    """On the task folder every gold answer scores 1.0 (said in the report); the meteora mode's
+    composite answers carry switch figures, per answer and aggregated; other modes do not."""
+    results = json.loads((evaluated / "results.json").read_text())
+    assert results["self_check"] == {**dict.fromkeys(setup.adapters, 1.0), "composite-3": 1.0}
+    report = (evaluated / "report.md").read_text()
+    assert "Scoring self-check: gold answers score 1.0 for every task and composite" in report
+    s = results["settings"]
+    assert s["composite_layout"] == "reference" and s["composite_routing_temperature"] is None
+    switch = results["composite"]["meteora"]["composite-3"]["switch"]
+    assert set(switch) >= {"accuracy", "median_lag", "mean_lag", "sub_answers", "subtasks"}
+    lines = [x for x in _predictions(evaluated) if x["task"] == "composite-3"]
+    judged = [sub for x in lines if x["mode"] == "meteora" for sub in x["switch"] if "left_out" not in sub]
+    assert switch["sub_answers"] == len(judged)
+    assert all("switch" not in x for x in lines if x["mode"] != "meteora")
+    assert all("switch" not in results["composite"][m]["composite-3"] for m in ("base", "merged"))
+    assert "Adapter switching (meteora)" in report
+    if judged:
+        right = sum(sub["right"] for sub in judged) / sum(sub["tokens"] for sub in judged)
+        assert switch["accuracy"] == pytest.approx(right)
+
+
+def test_generated_routing_covers_the_response_tokens(setup):
+    """Per row: one display piece and one (L,) weight row per generated token, EOS left out; the
+    pieces spell the response; every token routed (weights summing to 1)."""
+    fused = mj.load_model(setup.base, adapters=setup.adapters)
+    tokenizer = load_tokenizer(setup.base)
+    prompts = [format_prompt(p) for p in ("upper: abc", "reverse: hgfedcba", "double: ij")]
+    eos = stop_ids(fused, tokenizer)
+    out, responses = generate_texts(fused, tokenizer, prompts, max_new_tokens=12, return_routing=True)
+    rows = generated_routing(out, tokenizer, fused)
+    for b, (row, response) in enumerate(zip(rows, responses, strict=True)):
+        new = np.asarray(out.new_tokens)[b][: int(out.num_new_tokens[b])]
+        assert len(row.pieces) == len(new) - int(new[-1] in eos)
+        assert "".join(row.pieces) == response
+        assert row.weights_nl.shape == (len(row.pieces), 3)
+        np.testing.assert_allclose(row.weights_nl.sum(-1), 1.0, atol=1e-5)
+
+
+def test_a_composite_with_a_multi_line_answer_fails_the_self_check():
+    """A multi-line reference cannot be written as one numbered line: the composite is named
+    below 1.0 (a warning, and a loud line in the report); single-task prompts stay at 1.0."""
+    registry = load_registry()
+    items = [
+        EvalItem("gsm8k", "p", "Half of 8 is 4.\n#### 4"),
+        EvalItem("winowhy", "p", " True\n"),
+        EvalItem("composite-2", "p", "", ("winowhy", "upper"), ("True", "AB")),
+        EvalItem("composite-2", "p", "", ("winowhy", "upper"), ("True", "AB\nCD")),
+    ]
+    with pytest.warns(UserWarning, match=r"below 1.0 for composite-2 \(0.500\)"):
+        scores = check_scoring(items, registry)
+    assert scores == {"gsm8k": 1.0, "winowhy": 1.0, "composite-2": 0.5}
+    settings = {"modes": [], "adapters": [], "max_new_tokens": 1, "routing_temperature": None, "prompts": 4}
+    report = report_markdown({"settings": settings, "self_check": scores, "tasks": {}, "composite": {}})
+    assert (
+        "WARNING: scoring self-check failed: gold answers score below 1.0 for composite-2 (0.500)" in report
+    )
+
+
+def test_composite_routing_temperature_rule():
+    """Composite prompts in meteora mode: --composite-routing-temperature, else --routing-temperature,
+    else the reference's for their n; single-task prompts ignore the composite one."""
+
+    class Model:
+        adapter_names = ("a", "b", "c")
+
+    single, triple = (
+        [EvalItem("a", "p", "r")],
+        [EvalItem("composite-3", "p", "r", ("a", "b", "c"), ("", "", ""))],
+    )
+    assert mode_routing("meteora", Model, triple, None) == {"routing_temperature": 15.0}
+    assert mode_routing("meteora", Model, triple, 2.0) == {"routing_temperature": 2.0}
+    assert mode_routing("meteora", Model, triple, 2.0, composite_temperature=7.0) == {
+        "routing_temperature": 7.0
+    }
+    assert mode_routing("meteora", Model, single, 2.0, composite_temperature=7.0) == {
+        "routing_temperature": 2.0
+    }
+    assert mode_routing("meteora", Model, single, None, composite_temperature=7.0) == {
+        "routing_temperature": None
+    }
+
+
+def test_numbered_layout_and_composite_temperature_flags(setup, tmp_path):
+    """--composite-layout numbered builds numbered-question prompts; the composite routing
+    temperature is recorded in results.json and report.md."""
+    out = tmp_path / "out"
+    args = _args(setup, out, "--limit", "1", "--composite-n", "3", "--composite-samples", "2")
+    args += ["--composite-layout", "numbered", "--composite-routing-temperature", "2.5"]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["composite_layout"] == "numbered"
+    assert results["settings"]["composite_routing_temperature"] == 2.5
+    assert "composite prompts (meteora mode): 2.5" in (out / "report.md").read_text()
+    composite = [x for x in _predictions(out) if x["task"] == "composite-3"]
+    assert (
+        len(composite) == 1
+        and composite[0]["prompt"].startswith("1. ")
+        and "Example 1" not in composite[0]["prompt"]
+    )
+    assert "switch" in composite[0]
 
 
 def test_modes_mean_what_they_say(evaluated, setup):
@@ -161,6 +268,8 @@ def test_bad_input_is_named_and_nothing_is_written(setup, tmp_path, capsys):
     err = _bad(setup, tmp_path, capsys, "--mode", "adapter", "--task", "capitals", tasks=renamed)
     assert "--mode adapter: task capitals has no adapter of that name" in err
     assert "n must be an integer >= 2" in _bad(setup, tmp_path, capsys, "--composite-n", "1")
+    err = _bad(setup, tmp_path, capsys, "--composite-routing-temperature", "0")
+    assert "--composite-routing-temperature must be a finite number > 0, got 0.0" in err
     inside = os.path.join(setup.data, "x")
     err = _bad(setup, tmp_path, capsys, "--out", inside)
     assert "--tasks" in err and not os.path.exists(inside)

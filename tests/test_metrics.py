@@ -66,7 +66,8 @@ def test_accuracy_refusals():
         accuracy(["a", "b"], ["a", "b", "c"])
     with pytest.raises(ValueError, match="no .* pairs"):
         accuracy([], [])
-    with pytest.raises(ValueError, match="'fuzzy' is not one of exact, contains"):
+    assert accuracy(["ABC", "abc", " Ab "], ["ABC", "ABC", "Ab"], mode="exact_cased") == 2 / 3
+    with pytest.raises(ValueError, match="'fuzzy' is not one of exact, contains, exact_cased"):
         accuracy(["a"], ["a"], mode="fuzzy")
 
 
@@ -272,7 +273,9 @@ def test_score_refusals_name_the_task():
 
 
 def test_task_scoring_validation_lists_the_known_names():
-    with pytest.raises(ConfigError, match="unknown metric 'f1'; known metrics: exact, contains, bleu"):
+    with pytest.raises(
+        ConfigError, match="unknown metric 'f1'; known metrics: exact, exact_cased, contains, bleu"
+    ):
         TaskScoring(("exact", "f1"))
     with pytest.raises(
         ConfigError, match="unknown cleaner 'lower'; known cleaners: strip, gsm8k, first_word"

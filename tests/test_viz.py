@@ -168,3 +168,28 @@ def test_chromium_renders_the_page(traces, tmp_path):
     assert len(colors) > 100 and non_white > 0.02, f"blank page? {len(colors)} colours, {non_white:.3f} inked"
     for name, color in zip(NAMES, viz.adapter_colors(len(NAMES)), strict=True):
         assert color in colors, f"legend colour of {name} {color} not drawn"
+
+
+def test_answer_png_has_a_row_of_coloured_token_cells_per_sub_answer(tmp_path):
+    """The composite answer picture is as wide as asked (README width), grows in height with
+    the rows it needs, and draws the colour of every dominant adapter (its cells)."""
+    pieces = ["Sure", ":\n", "1", ". x", "\n2", ". yy", "\n", "3", ". z"]
+    spans = [(2, 4), (4, 7), (7, 9)]
+    dominant = [3, 3, 0, 0, 1, 1, 0, 3, 3]
+    weights_nl = np.eye(len(NAMES))[dominant] * 0.7 + 0.1
+    subtasks = ("math", "code", "chat")
+    path = viz.write_answer_routing_png(tmp_path / "a.png", pieces, weights_nl, spans, subtasks, NAMES)
+    rgb = (mpimg.imread(path)[..., :3] * 255).round().astype(int)
+    assert rgb.shape[1] == 960 and 120 < rgb.shape[0] < 400
+    drawn = {tuple(c) for c in np.unique(rgb.reshape(-1, 3), axis=0)}
+    colors = viz.adapter_colors(len(NAMES))
+    assert all(colors[i] in drawn for i in set(dominant)), "a dominant adapter's cells are missing"
+    long = [f" w{i}" for i in range(120)]
+    narrow = viz.write_answer_routing_png(
+        tmp_path / "b.png", ["1", "."] + long, np.eye(4)[np.arange(122) % 4], [(0, 122)], ["math"], NAMES,
+        width_px=700,
+    )  # fmt: skip
+    shape = mpimg.imread(narrow).shape
+    assert shape[1] == 700 and shape[0] > rgb.shape[0]  # 120 tokens wrap onto many lines
+    with pytest.raises(ValueError, match="2 sub-answer spans for 3 sub-tasks"):
+        viz.write_answer_routing_png(tmp_path / "c.png", pieces, weights_nl, spans[:2], subtasks, NAMES)

@@ -9,6 +9,7 @@ import os
 import sys
 
 from meteora_jax.commands import add_model_flags, model_inputs, model_sources
+from meteora_jax.data.composite import COMPOSITE_LAYOUTS, CompositeSettings
 
 MODE_CHOICES = ("meteora", "adapter", "base", "merged")
 
@@ -35,6 +36,13 @@ def register(subparsers) -> argparse.ArgumentParser:
     composite.add_argument("--composite", metavar="FILE.jsonl", help="composite prompts (make-composite)")
     composite.add_argument("--composite-n", type=int, metavar="N", help="build composite-N prompts of --task")
     data.add_argument("--composite-samples", type=int, default=200, help="prompts built for --composite-n")
+    data.add_argument(
+        "--composite-layout",
+        choices=COMPOSITE_LAYOUTS,
+        default=CompositeSettings.layout,
+        help="how --composite-n prompts are written: reference (the reference's few-shot prefix) or "
+        "numbered (the questions as numbered lines, for models trained on that format)",
+    )
     data.add_argument("--limit", type=int, help="at most N test samples per task (and composite prompts)")
     data.add_argument("--metrics", metavar="FILE.json", help="task -> metrics overrides of the default table")
     gen = p.add_argument_group("generation")
@@ -45,6 +53,12 @@ def register(subparsers) -> argparse.ArgumentParser:
         "--routing-temperature",
         type=float,
         help="gate temperature (default: the model's; composite-3/5/10: the reference's 15/20/30)",
+    )
+    gen.add_argument(
+        "--composite-routing-temperature",
+        type=float,
+        help="gate temperature of composite prompts in meteora mode (default: --routing-temperature "
+        "if given, else the reference's 15/20/30 for composite-3/5/10)",
     )
     gen.add_argument("--seed", type=int, default=0, help="composite prompt sampling (--composite-n)")
     out = p.add_argument_group("output")
@@ -72,12 +86,14 @@ def run(args: argparse.Namespace) -> None:
         composite=args.composite,
         composite_n=args.composite_n,
         composite_samples=args.composite_samples,
+        composite_layout=args.composite_layout,
         seed=args.seed,
         metrics=args.metrics,
         modes=tuple(args.mode),
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         routing_temperature=args.routing_temperature,
+        composite_routing_temperature=args.composite_routing_temperature,
         limit=args.limit,
         out=args.out,
         force=args.force,

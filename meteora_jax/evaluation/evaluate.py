@@ -3,8 +3,13 @@
 The output folder holds `results.json` (per task, per mode, per metric; composite: per sub-task
 plus the share of prompts answered fully right), `report.md` (those tables), `predictions.jsonl`
 (prompt, prediction, reference and scores of every answer: for reading failures) and, with
-composite prompts and the meteora mode, `routing.html` / `routing.png` of the first composite
-prompt. It is written under a temporary name and renamed into place, so a failure leaves nothing.
+composite prompts and the meteora mode, `routing.html` (the first composite prompt, token by
+token) and `routing.png` (its answer, one row of token cells per sub-answer, coloured by the
+dominant adapter). It is written under a temporary name and renamed into place, so a failure
+leaves nothing.
+
+Before anything is generated, the gold answers are scored (`scoring.self_check`); a task or
+composite whose gold answers score below 1.0 is warned about and named in the report.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 
 from meteora_jax import viz
+from meteora_jax.data.composite import COMPOSITE_LAYOUTS, CompositeSettings
 from meteora_jax.errors import ConfigError
 from meteora_jax.evaluation.registry import load_registry
 from meteora_jax.evaluation.report import report_markdown
@@ -26,7 +33,8 @@ from meteora_jax.evaluation.runner import (
     task_items,
     task_names,
 )
-from meteora_jax.evaluation.scoring import answer_record, composite_scores, task_scores
+from meteora_jax.evaluation.scoring import answer_record, composite_scores, self_check, task_scores
+from meteora_jax.evaluation.switching import answer_spans
 from meteora_jax.io.files import check_output_path, refuse_existing, staged_directory, write_text_atomic
 
 RESULTS, REPORT, PREDICTIONS = "results.json", "report.md", "predictions.jsonl"
@@ -48,16 +56,25 @@ class EvalSpec:
     composite: str | None = None
     composite_n: int | None = None
     composite_samples: int = 200
+    composite_layout: str = CompositeSettings.layout  # how --composite-n prompts are written
     seed: int = 0
     metrics: str | None = None
     modes: tuple[str, ...] = ("meteora",)
     batch_size: int = 8
     max_new_tokens: int = 128
     routing_temperature: float | None = None
+    composite_routing_temperature: float | None = None
     limit: int | None = None
     force: bool = False
     progress: bool = True
     inputs: tuple[tuple[str, str], ...] = ()  # (flag, path) the output must not overlap
+
+    def __post_init__(self):
+        if self.composite_layout not in COMPOSITE_LAYOUTS:
+            raise ConfigError(
+                f"--composite-layout must be one of {', '.join(COMPOSITE_LAYOUTS)}, "
+                f"got {self.composite_layout!r}"
+            )
 
     @property
     def settings(self) -> EvalSettings:
@@ -67,20 +84,26 @@ class EvalSpec:
             max_new_tokens=self.max_new_tokens,
             routing_temperature=self.routing_temperature,
             limit=self.limit,
+            composite_routing_temperature=self.composite_routing_temperature,
         )
 
 
 def composite_items(spec: EvalSpec, names: Sequence[str]) -> list[EvalItem]:
-    """The composite prompts of `--composite FILE`, or built from the tasks with `--composite-n`."""
+    """The composite prompts of `--composite FILE`, or built from the tasks with `--composite-n`
+    (in `--composite-layout`)."""
     from meteora_jax.data.composite import build_composite, read_composite  # noqa: PLC0415
 
     if spec.composite is not None:
         lines = read_composite(spec.composite)
     elif spec.composite_n is not None:
         lines = build_composite(
-            spec.tasks_dir, n=spec.composite_n, samples=spec.composite_samples, seed=spec.seed,
+            spec.tasks_dir,
+            n=spec.composite_n,
+            samples=spec.composite_samples,
+            seed=spec.seed,
             subtasks=list(names)[: spec.composite_n] if spec.tasks else None,
-        )  # fmt: skip
+            layout=spec.composite_layout,
+        )
     else:
         return []
     items = [
@@ -95,6 +118,34 @@ def composite_items(spec: EvalSpec, names: Sequence[str]) -> list[EvalItem]:
         for i, line in enumerate(lines)
     ]
     return items[: spec.limit]
+
+
+def check_scoring(items: Sequence[EvalItem], registry) -> dict[str, float]:
+    """`scoring.self_check` of `items`; warns naming every task or composite scoring below 1.0."""
+    scores = self_check(items, registry)
+    low = {name: score for name, score in scores.items() if score < 1.0}
+    if low:
+        named = ", ".join(f"{name} ({score:.3f})" for name, score in low.items())
+        warnings.warn(
+            f"scoring self-check: gold answers score below 1.0 for {named}: the model cannot score "
+            "full marks there (a multi-line reference in a composite prompt? a metric's cleaner?)",
+            stacklevel=2,
+        )
+    return scores
+
+
+def write_answer_picture(path: str, a, adapter_names: Sequence[str]) -> None:
+    """routing.png: the generated answer `a` (composite, with routing), a row per sub-answer."""
+    spans = answer_spans(a.routing.pieces, len(a.item.subtasks))
+    viz.write_answer_routing_png(
+        path,
+        a.routing.pieces,
+        a.routing.weights_nl,
+        spans,
+        a.item.subtasks,
+        adapter_names,
+        title=f"{a.item.task}, {a.item.where}: dominant adapter per generated token",
+    )
 
 
 def evaluate(spec: EvalSpec) -> list[str]:
@@ -116,9 +167,10 @@ def evaluate(spec: EvalSpec) -> list[str]:
     for item in composites:
         for task in item.subtasks:
             registry.scoring(task)  # an unknown metric fails now, not after generation
+    items = [item for task in by_task.values() for item in task] + composites
+    gold = check_scoring(items, registry)
     model = load_model(spec.base, adapters=spec.adapters, gates=spec.gates, dtype=spec.dtype)
     tokenizer = load_tokenizer(spec.tokenizer or spec.base)
-    items = [item for task in by_task.values() for item in task] + composites
     batches = sum(
         -(-len(group) // settings.batch_size) for group in (list(by_task.values()) + [composites]) if group
     )
@@ -143,23 +195,28 @@ def evaluate(spec: EvalSpec) -> list[str]:
             traces = traces or group_traces
         answers[mode] = got
     bar.close()
+    adapters = list(model.adapter_names)
     results = {
         "settings": {
             "modes": list(settings.modes),
             "max_new_tokens": settings.max_new_tokens,
             "routing_temperature": settings.routing_temperature,
+            "composite_routing_temperature": settings.composite_routing_temperature,
+            "composite_layout": spec.composite_layout if spec.composite_n is not None else None,
             "limit": settings.limit,
-            "adapters": list(model.adapter_names),
+            "adapters": adapters,
             "prompts": len(items),
         },
+        "self_check": gold,
         "tasks": {mode: task_scores(answers[mode], registry) for mode in settings.modes},
         "composite": {
-            mode: composite_scores(answers[mode], registry)
+            mode: composite_scores(answers[mode], registry, adapters)
             for mode in settings.modes
             if any(a.item.is_composite for a in answers[mode])
         },
     }
-    records = [answer_record(a, registry) for mode in settings.modes for a in answers[mode]]
+    records = [answer_record(a, registry, adapters) for mode in settings.modes for a in answers[mode]]
+    pictured = next((a for a in answers.get("meteora", []) if a.routing is not None), None)
     with staged_directory(spec.out, force=spec.force) as tmp:
         write_text_atomic(os.path.join(tmp, RESULTS), json.dumps(results, indent=2))
         write_text_atomic(os.path.join(tmp, REPORT), report_markdown(results))
@@ -168,8 +225,10 @@ def evaluate(spec: EvalSpec) -> list[str]:
             viz.write_routing_html(
                 os.path.join(tmp, ROUTING_HTML), traces[:1], subtitle="first composite prompt"
             )
-            viz.write_routing_heatmap(os.path.join(tmp, ROUTING_PNG), traces[0])
+        if pictured is not None:
+            write_answer_picture(os.path.join(tmp, ROUTING_PNG), pictured, adapters)
     out = os.path.abspath(spec.out)
-    written = [RESULTS, REPORT, PREDICTIONS] + ([ROUTING_HTML, ROUTING_PNG] if traces else [])
+    written = [RESULTS, REPORT, PREDICTIONS] + ([ROUTING_HTML] if traces else [])
+    written += [ROUTING_PNG] if pictured is not None else []
     print(report_markdown(results), file=sys.stderr)
     return [os.path.join(out, name) for name in written]

@@ -18,7 +18,7 @@ from decimal import Decimal
 
 import sacrebleu
 
-ACCURACY_MODES = ("exact", "contains")
+ACCURACY_MODES = ("exact", "contains", "exact_cased")
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 # Porter stemming is English-only and off by default in rouge-score (the reference's ROUGE package
 # did not stem either), so "cats" and "cat" are different words here.
@@ -31,6 +31,7 @@ _NUMBER = re.compile(r"(?:(?<![\d.])-)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)
 # lower-cased copy, whose offsets can differ).
 _GSM8K_MARKERS = (re.compile("####"), re.compile("the answer is", re.IGNORECASE))
 _COMPOSITE_LINE = re.compile(r"\s*(\d+)\.(?:[ \t]+(.*)|[ \t]*)")
+_LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # what str.splitlines splits at
 
 
 def _check_pairs(preds: Sequence[str], refs: Sequence[str]) -> None:
@@ -42,7 +43,8 @@ def _check_pairs(preds: Sequence[str], refs: Sequence[str]) -> None:
 
 def accuracy(preds: Sequence[str], refs: Sequence[str], mode: str = "contains") -> float:
     """Fraction in [0, 1] of pairs whose lower-cased, stripped reference equals (`mode="exact"`) or
-    is contained in (`mode="contains"`) the lower-cased, stripped prediction.
+    is contained in (`mode="contains"`) the lower-cased, stripped prediction; `"exact_cased"`:
+    equals it with case kept (for tasks where case is the answer).
 
     An empty reference is right only for an empty prediction in both modes: containment would
     otherwise give every answer a free point. Raises ValueError for unequal lengths, no pairs or
@@ -53,7 +55,11 @@ def accuracy(preds: Sequence[str], refs: Sequence[str], mode: str = "contains") 
     _check_pairs(preds, refs)
     right = 0
     for pred, ref in zip(preds, refs, strict=True):
-        pred, ref = pred.strip().lower(), ref.strip().lower()
+        pred, ref = (
+            (pred.strip(), ref.strip())
+            if mode == "exact_cased"
+            else (pred.strip().lower(), ref.strip().lower())
+        )
         right += (ref in pred) if mode == "contains" and ref else (pred == ref)
     return right / len(preds)
 
@@ -85,6 +91,23 @@ def rouge(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
     return {kind: total / len(preds) for kind, total in totals.items()}
 
 
+def composite_lines(text: str, n: int) -> list[tuple[int, str] | None]:
+    """(character offset in `text` where "{i}." begins, the answer) of answers 1..n of a
+    composite reply, in number order; None where no line holds the answer. The rule is
+    `parse_composite`'s, which this is (it drops the offsets)."""
+    if n < 0:
+        raise ValueError(f"a composite reply has a non-negative number of answers, not {n}")
+    found: dict[str, tuple[int, str]] = {}  # keyed by the digits as written, so "01." is not answer 1
+    offset = 0
+    for line in text.splitlines(keepends=True):
+        # keepends, so offsets count the line breaks; a line holds at most one break ("\r\n" is one)
+        match = _COMPOSITE_LINE.fullmatch(line.rstrip(_LINE_BREAKS))
+        if match:
+            found.setdefault(match.group(1), (offset + match.start(1), (match.group(2) or "").strip()))
+        offset += len(line)
+    return [found.get(str(i)) for i in range(1, n + 1)]
+
+
 def parse_composite(text: str, n: int) -> list[str | None]:
     """The answers 1..n of a composite reply, in number order: answer i is the rest (stripped) of
     the first line that starts, after optional whitespace, with "{i}." and then whitespace or the
@@ -94,14 +117,7 @@ def parse_composite(text: str, n: int) -> list[str | None]:
     answer "" (present but empty, unlike None; both score as the empty answer).
     Lines may come in any order, a repeated number keeps its first line, other text is ignored.
     """
-    if n < 0:
-        raise ValueError(f"a composite reply has a non-negative number of answers, not {n}")
-    found: dict[str, str] = {}  # keyed by the digits as written, so "01." is not answer 1
-    for line in text.splitlines():
-        match = _COMPOSITE_LINE.fullmatch(line)
-        if match:
-            found.setdefault(match.group(1), (match.group(2) or "").strip())
-    return [found.get(str(i)) for i in range(1, n + 1)]
+    return [None if line is None else line[1] for line in composite_lines(text, n)]
 
 
 def clean_strip(text: str) -> str:

@@ -47,6 +47,7 @@ def _accuracy(key: str, mode: str, cleaner: str | None = None) -> Metric:
 
 METRICS: dict[str, Metric] = {
     "exact": _accuracy("exact_match", "exact"),
+    "exact_cased": _accuracy("exact_match_cased", "exact_cased"),
     "contains": _accuracy("accuracy", "contains"),
     "bleu": Metric(lambda p, r: {"bleu": metrics.bleu(p, r)}, ("bleu",)),
     "rouge": Metric(metrics.rouge, metrics.ROUGE_TYPES),

@@ -1,4 +1,5 @@
-"""results.json -> report.md: one table of task metrics by mode, one per composite prompt set."""
+"""results.json -> report.md: the scoring self-check, one table of task metrics by mode, one per
+composite prompt set (with how the gates switched adapters where routing was recorded)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,51 @@ def _rows(by_mode: dict[str, dict], modes: list[str]) -> list[str]:
     return rows
 
 
+def _composite_temperature(s: dict) -> str:
+    if s.get("composite_routing_temperature") is not None:
+        return f"{s['composite_routing_temperature']:g}"
+    if s["routing_temperature"] is not None:
+        return "the routing temperature"
+    return "the reference's (15 / 20 / 30 for composite-3 / 5 / 10)"
+
+
+def _self_check(scores: dict[str, float]) -> str:
+    low = {name: score for name, score in scores.items() if score < 1.0}
+    if not low:
+        return "Scoring self-check: gold answers score 1.0 for every task and composite."
+    named = ", ".join(f"{name} ({score:.3f})" for name, score in low.items())
+    return (
+        f"**WARNING: scoring self-check failed: gold answers score below 1.0 for {named}.** Scores "
+        "there cannot reach 1.0 whatever the model answers (a multi-line reference in a composite "
+        "prompt? a metric's cleaner?)."
+    )
+
+
+def _switch(mode: str, switch: dict) -> list[str]:
+    """The switch figures of one composite set in one mode (`switching.summarize_switch`)."""
+    if not switch["sub_answers"]:
+        lines = ["", f"Adapter switching ({mode}): no sub-answer to judge."]
+    else:
+        lines = [
+            "",
+            f"Adapter switching ({mode}): {_cell(switch['accuracy'])} of the tokens of "
+            f"{switch['sub_answers']} sub-answers have their sub-task's adapter dominant; switch lag "
+            f"(tokens before the first such token) median {switch['median_lag']:g}, mean "
+            f"{switch['mean_lag']:.2f}.",
+            "",
+            "| sub-task | token accuracy | median lag | sub-answers |",
+            "|---|---|---|---|",
+        ]
+        for task, x in switch["subtasks"].items():
+            task_lag = "n/a" if x["median_lag"] is None else f"{x['median_lag']:g}"
+            lines.append(f"| {task} | {_cell(x['accuracy'])} | {task_lag} | {x['sub_answers']} |")
+    if switch["missing_lines"]:
+        lines += ["", f"{switch['missing_lines']} sub-answers had no numbered line and are not counted."]
+    if switch["no_adapter"]:
+        lines += ["", f"Left out (no adapter of that name): {', '.join(switch['no_adapter'])}."]
+    return lines
+
+
 def report_markdown(results: dict) -> str:
     """The report of one evaluation (see `evaluation.evaluate`)."""
     modes = results["settings"]["modes"]
@@ -30,9 +76,11 @@ def report_markdown(results: dict) -> str:
         "# meteora-jax eval",
         "",
         f"Adapters: {', '.join(s['adapters']) or 'none'}; greedy, up to {s['max_new_tokens']} new tokens; "
-        f"routing temperature: {s['routing_temperature'] or 'the model default (composite: the reference)'}; "
-        f"{s['prompts']} prompts.",
+        f"routing temperature: {s['routing_temperature'] or 'the model default'}; "
+        f"composite prompts (meteora mode): {_composite_temperature(s)}; {s['prompts']} prompts"
+        + (f" (composite layout: {s['composite_layout']})." if s.get("composite_layout") else "."),
         "",
+        *([_self_check(results["self_check"]), ""] if "self_check" in results else []),
         "## Tasks",
         "",
         header,
@@ -54,4 +102,7 @@ def report_markdown(results: dict) -> str:
             *_rows(subtasks, list(by_mode)),
             *_rows(fully, list(by_mode)),
         ]
+        for mode, r in by_mode.items():
+            if r.get("switch"):
+                lines += _switch(mode, r["switch"])
     return "\n".join(lines) + "\n"

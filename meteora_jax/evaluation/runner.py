@@ -23,7 +23,7 @@ from meteora_jax.data.prompts import format_prompt
 from meteora_jax.data.tasks import read_task_file
 from meteora_jax.errors import ConfigError
 from meteora_jax.inputs import is_int, is_real
-from meteora_jax.text import generate_texts, routing_rows
+from meteora_jax.text import GeneratedRouting, generate_texts, generated_routing, routing_rows
 
 MODES = ("meteora", "adapter", "base", "merged")
 UNIFORM_TEMPERATURE = 1e30  # gate logits / 1e30 round to 0: every weight is exactly 1 / L
@@ -51,14 +51,16 @@ class EvalItem:
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
     """How prompts are answered: modes, batch size, new-token budget, routing temperature
-    (None: the model's; composite-n prompts default to the reference's 15 / 20 / 30 for n = 3 /
-    5 / 10), and at most `limit` test samples per task (None: all)."""
+    (None: the model's), the routing temperature of composite prompts in meteora mode (None: the
+    routing temperature if given, else the reference's 15 / 20 / 30 for n = 3 / 5 / 10), and at
+    most `limit` test samples per task (None: all)."""
 
     modes: tuple[str, ...] = ("meteora",)
     batch_size: int = 8
     max_new_tokens: int = 128
     routing_temperature: float | None = None
     limit: int | None = None
+    composite_routing_temperature: float | None = None
 
     def __post_init__(self):
         problems = []
@@ -72,9 +74,10 @@ class EvalSettings:
                 )
         if self.limit is not None and (not is_int(self.limit) or self.limit < 1):
             problems.append(f"--limit must be an integer >= 1, got {self.limit!r}")
-        t = self.routing_temperature
-        if t is not None and not (is_real(t) and math.isfinite(t) and t > 0):
-            problems.append(f"--routing-temperature must be a finite number > 0, got {t!r}")
+        for name in ("routing_temperature", "composite_routing_temperature"):
+            t = getattr(self, name)
+            if t is not None and not (is_real(t) and math.isfinite(t) and t > 0):
+                problems.append(f"--{name.replace('_', '-')} must be a finite number > 0, got {t!r}")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -106,9 +109,17 @@ def task_names(tasks_dir: str) -> list[str]:
     )
 
 
-def mode_routing(mode: str, model, items: Sequence[EvalItem], temperature: float | None) -> dict | None:
+def mode_routing(
+    mode: str,
+    model,
+    items: Sequence[EvalItem],
+    temperature: float | None,
+    *,
+    composite_temperature: float | None = None,
+) -> dict | None:
     """The generation routing arguments of `mode` for a batch of `items`; None where the mode
-    does not apply (adapter mode on a composite prompt)."""
+    does not apply (adapter mode on a composite prompt). A composite batch in meteora mode is
+    routed at `composite_temperature`, else `temperature`, else the reference's for its n."""
     names = model.adapter_names
     if mode == "base":
         return {"adapter_ids": [-1] * len(items)} if names else {}
@@ -126,18 +137,23 @@ def mode_routing(mode: str, model, items: Sequence[EvalItem], temperature: float
         return {"adapter_ids": [names.index(item.task) for item in items]}
     if mode == "merged":
         return {"routing_top_k": len(names), "routing_temperature": UNIFORM_TEMPERATURE}
-    if temperature is None and items and items[0].is_composite:
-        temperature = REFERENCE_COMPOSITE_TEMPERATURE.get(len(items[0].subtasks))
+    if items and items[0].is_composite:
+        if composite_temperature is not None:
+            temperature = composite_temperature
+        elif temperature is None:
+            temperature = REFERENCE_COMPOSITE_TEMPERATURE.get(len(items[0].subtasks))
     return {"routing_temperature": temperature}
 
 
 @dataclasses.dataclass
 class Answer:
-    """One generated answer: the item, the mode and the prediction text."""
+    """One generated answer: the item, the mode, the prediction text and, when asked for, how
+    its generated tokens were routed."""
 
     item: EvalItem
     mode: str
     prediction: str
+    routing: GeneratedRouting | None = None
 
 
 def answer(
@@ -151,18 +167,25 @@ def answer(
     want_routing: bool = False,
 ) -> tuple[list[Answer], list]:
     """Greedy answers of `items` in `mode`, a full batch at a time (the last one padded with
-    copies, so every batch has one compiled shape); with `want_routing`, the routing traces of
-    the first batch's rows too. Items the mode does not apply to are left out."""
+    copies, so every batch has one compiled shape); with `want_routing` (and adapters), every
+    answer's routing and the viewer traces of the first batch's rows (prompt included) too.
+    Items the mode does not apply to are left out."""
     answers, traces = [], []
     size = settings.batch_size
     for start in range(0, len(items), size):
         chunk = list(items[start : start + size])
         rows = chunk + [chunk[0]] * (size - len(chunk))
-        routing = mode_routing(mode, model, rows, settings.routing_temperature)
+        routing = mode_routing(
+            mode,
+            model,
+            rows,
+            settings.routing_temperature,
+            composite_temperature=settings.composite_routing_temperature,
+        )
         if routing is None:
             on_batch()
             continue
-        route = want_routing and not traces and bool(model.adapter_names)
+        route = want_routing and bool(model.adapter_names)
         out, responses = generate_texts(
             model,
             tokenizer,
@@ -171,9 +194,13 @@ def answer(
             return_routing=route,
             **routing,
         )
-        if route:
+        routed = generated_routing(out, tokenizer, model) if route else [None] * len(rows)
+        if route and not traces:
             traces, _ = routing_rows(out, tokenizer, model, [item.prompt for item in rows])
             traces = traces[: len(chunk)]
-        answers += [Answer(item, mode, text.strip()) for item, text in zip(chunk, responses, strict=False)]
+        answers += [
+            Answer(item, mode, text.strip(), r)
+            for item, text, r in zip(chunk, responses, routed, strict=False)
+        ]
         on_batch()
     return answers, traces
