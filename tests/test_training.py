@@ -22,6 +22,9 @@ import meteora_jax as mj
 from meteora_jax.cli import main
 from meteora_jax.config import PROJECTIONS, MoELoRAConfig
 from meteora_jax.data.pipeline import DataConfig
+from meteora_jax.data.prompts import load_tokenizer
+from meteora_jax.data.samples import encode_sample
+from meteora_jax.data.tasks import load_tasks
 from meteora_jax.demo.tasks import write_tiny_setup
 from meteora_jax.errors import ConfigError, MeteoRAError
 from meteora_jax.io import checkpoint
@@ -366,12 +369,26 @@ def test_bad_data_fails_at_once_naming_file_and_line(setup, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_truncated_samples_are_counted_in_the_log(setup, tmp_path, capsys):
-    spec = _spec(setup, tmp_path / "run", steps=1, save_every=1)
-    spec = RunSpec(**{**spec.__dict__, "data": DataConfig(seq_len=8, batch_size=8, packing=False)})
-    train(spec)
-    assert re.search(r"step 1: \d+ samples longer than --seq-len 8 were truncated", capsys.readouterr().err)
-    assert _records(tmp_path / "run")[0]["truncated"] > 0
+def test_a_few_long_samples_warn_once_and_every_step_counts_its_cut_ones(setup, tmp_path, capsys):
+    """--seq-len 15 cuts a few samples of each task (every prompt fits): one warning before the run
+    gives their count, and each step's log line and record count the cut samples it held."""
+    tokenizer = load_tokenizer(setup.base)
+    tasks = load_tasks(setup.data, list(setup.adapters))
+    lengths = [len(encode_sample(tokenizer, s)["input_ids"]) for t in tasks.values() for s in t]
+    longer = sum(n > 15 for n in lengths)
+    assert 0 < longer < len(lengths) // 4
+    spec = _spec(setup, tmp_path / "run", steps=8, save_every=8)
+    spec = RunSpec(**{**spec.__dict__, "data": DataConfig(seq_len=15, batch_size=16, packing=False)})
+    with pytest.warns(UserWarning) as caught:
+        train(spec)
+    (warned,) = (str(w.message) for w in caught if "--seq-len 15 cuts" in str(w.message))
+    assert warned.startswith(f"--seq-len 15 cuts {longer} training samples")
+    assert warned.endswith(f"--seq-len {max(lengths)} fits every sample")
+    err = capsys.readouterr().err
+    assert err.count("WARNING: --seq-len 15 cuts") == 1
+    logged = re.findall(r"step (\d+): (\d+) samples longer than --seq-len 15 were truncated", err)
+    recorded = {r["step"]: r["truncated"] for r in _records(tmp_path / "run") if r.get("truncated")}
+    assert logged and {int(step): int(n) for step, n in logged} == recorded
 
 
 def test_bfloat16_compute_with_remat_keeps_float32_gates(setup, tmp_path):

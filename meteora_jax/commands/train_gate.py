@@ -32,6 +32,11 @@ def register(subparsers) -> argparse.ArgumentParser:
         help="a PEFT adapter folder; repeat in gate order (its name matches a task folder)",
     )
     model.add_argument("--train-adapters", action="store_true", help="train the LoRA stacks as well")
+    model.add_argument(
+        "--init-from",
+        metavar="CKPT",
+        help="start from this checkpoint's gates and adapter stacks (its adapters: --adapter, in order)",
+    )
     model.add_argument("--top-k", type=int, default=2, help="adapters per token (default 2)")
     data.add_argument("--data", required=True, metavar="DIR", help="DIR/<task>/train.jsonl (and test.jsonl)")
     data.add_argument("--tasks", nargs="+", metavar="NAME", help="train on these tasks only")
@@ -68,6 +73,7 @@ def spec_from_args(args: argparse.Namespace):
         train=train,
         data=data_config(args, args.task_sampling),
         tasks=args.tasks,
+        init_from=args.init_from,
         **run_settings(args),
     )
 

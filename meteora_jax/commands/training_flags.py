@@ -30,7 +30,12 @@ def add_training_flags(
     model.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help="compute dtype")
     model.add_argument("--remat", default="none", choices=tuple(REMAT_POLICIES), help="decoder-layer remat")
     data = groups["data"]
-    data.add_argument("--seq-len", type=int, default=512, help="slots per row (default 512)")
+    data.add_argument(
+        "--seq-len",
+        type=int,
+        default=512,
+        help="slots per row (default 512); samples it would cut are refused or warned about before training",
+    )
     data.add_argument("--batch-size", type=int, default=8, help="rows of the global batch (default 8)")
     data.add_argument("--no-packing", dest="packing", action="store_false", help="one sample per row")
     data.add_argument(

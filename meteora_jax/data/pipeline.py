@@ -7,7 +7,8 @@ Global row j of every batch has its own stream: elements j, j+B, j+2B, ... of th
 sample sequence (`sampling.sample_sequence`), packed on its own. So row j of step n depends on
 the data and the config only, never on the process count, and host p builds just rows
 [p*B/P, (p+1)*B/P). Packing is grain's `FirstFitPackIterDataset` over `packing_bins` rows of a
-stream at a time; samples longer than S are cut to S before it and counted.
+stream at a time; samples longer than S are cut to S before it and counted (a training run checks
+them all before it starts: `training.truncation`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class DataConfig:
     """How training batches are cut from the task samples.
 
     Attributes:
-        seq_len: S, slots per row; longer samples are truncated (and counted).
+        seq_len: S, slots per row; longer samples are cut to S (and counted).
         batch_size: B, rows of the GLOBAL batch (all hosts together).
         packing: several samples per row (True) or one, right padded.
         lm_loss: "all" (every token, the reference) or "response" (response tokens only).

@@ -11,10 +11,12 @@ from meteora_jax.data.pipeline import DataConfig
 from meteora_jax.data.prompts import load_tokenizer, pad_token_of
 from meteora_jax.data.samples import load_heldout
 from meteora_jax.data.tasks import load_tasks
+from meteora_jax.errors import ConfigError
 from meteora_jax.io import gates as gates_io
 from meteora_jax.training.config import TrainConfig
 from meteora_jax.training.loop import Job, RunResult, prepare_out, run
 from meteora_jax.training.routing_eval import RoutingEvaluation
+from meteora_jax.training.truncation import check_truncation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +31,7 @@ class RunSpec:
     data: DataConfig
     mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
     tasks: Sequence[str] | None = None
+    init_from: str | None = None  # a checkpoint of these adapters: start from its gates and stacks
     backend: str = "xla"
     attention: str = "auto"
     force: bool = False
@@ -40,10 +43,12 @@ def train(spec: RunSpec) -> RunResult:
     """Trains (or resumes, or extends) the gate-training run `spec` describes in `spec.out`."""
     inputs = [("--base", spec.base), ("--data", spec.data_dir)]
     inputs += [(f"--adapter {name}", folder) for name, folder in spec.adapters.items()]
-    prepare_out(spec.out, inputs, force=spec.force)
+    inputs += [("--init-from", spec.init_from)] if spec.init_from is not None else []
     names = list(spec.adapters)
     tokenizer = load_tokenizer(spec.base)
     tasks = load_tasks(spec.data_dir, names, tasks=spec.tasks, split="train")
+    check_truncation(tasks, tokenizer, spec.data.seq_len, command="train-gate")  # before --out is touched
+    prepare_out(spec.out, inputs, force=spec.force)
     evaluation = None
     if any(os.path.isfile(os.path.join(spec.data_dir, t, "test.jsonl")) for t in names):
         heldout = load_heldout(spec.data_dir, names, tokenizer, tasks=spec.tasks, split="test")
@@ -56,9 +61,7 @@ def train(spec: RunSpec) -> RunResult:
         data=spec.data,
         tokenizer=tokenizer,
         tasks=tasks,
-        mixture=lambda: gates_io.fuse(
-            spec.base, dict(spec.adapters), None, spec.train.top_k, seed=spec.train.seed
-        ),
+        mixture=lambda: _mixture(spec),
         mesh=spec.mesh,
         backend=spec.backend,
         attention=spec.attention,
@@ -66,3 +69,18 @@ def train(spec: RunSpec) -> RunResult:
         evaluation=evaluation,
     )
     return run(job)
+
+
+def _mixture(spec: RunSpec):
+    """The run's starting mixture: the adapters with seeded gates, or `init_from`'s gates and
+    (possibly trained) stacks, whose adapters must be the spec's, in its order."""
+    if spec.init_from is None:
+        return gates_io.fuse(spec.base, dict(spec.adapters), None, spec.train.top_k, seed=spec.train.seed)
+    moe, params, infos = gates_io.fuse(spec.base, None, spec.init_from, spec.train.top_k)
+    held = [info.name for info in infos]
+    if held != list(spec.adapters):
+        raise ConfigError(
+            f"--init-from {spec.init_from} holds the adapters {held}; the run names {list(spec.adapters)} "
+            "(the same adapters, in the same order)"
+        )
+    return moe, params, infos

@@ -33,6 +33,7 @@ from meteora_jax.training.config import TrainConfig
 from meteora_jax.training.loop import Job, RunResult, prepare_out, run
 from meteora_jax.training.lora_init import new_adapter, parse_targets
 from meteora_jax.training.task_eval import TaskEvaluation, scored_samples
+from meteora_jax.training.truncation import check_truncation
 
 RUN_SUBDIR = "training"  # OUT/training: the run state beside the PEFT files
 DEFAULT_RANK, DEFAULT_ALPHA, DEFAULT_TARGETS = 8, 16.0, "all-linear"  # LLaMA-Factory's LoRA defaults
@@ -182,11 +183,12 @@ def train_lora(spec: LoRASpec) -> RunResult:
     PEFT folder, `.start_evaluation` the held-out figures before the first step of a new run."""
     out = os.path.abspath(spec.out)
     inputs = [("--base", spec.base), ("--data", spec.data_dir), ("--init-from", spec.lora.init_from)]
-    prepare_out(out, inputs, force=spec.force, run_dir=os.path.join(out, RUN_SUBDIR), command="train-lora")
     name = _adapter_name(spec.data_dir)
-    config = LlamaConfig.from_hf(spec.base)
     tokenizer = load_tokenizer(spec.base)
     tasks = {name: read_task_file(_task_file(spec.data_dir, "train", True), 0, [name])}
+    check_truncation(tasks, tokenizer, spec.data.seq_len, command="train-lora")  # before --out is touched
+    prepare_out(out, inputs, force=spec.force, run_dir=os.path.join(out, RUN_SUBDIR), command="train-lora")
+    config = LlamaConfig.from_hf(spec.base)
     test = _task_file(spec.data_dir, "test", False)
     evaluation = None
     if test is not None:
