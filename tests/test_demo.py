@@ -18,7 +18,10 @@ from meteora_jax.errors import ConfigError
 
 FAST = DemoSettings.fast()
 TASKS = sorted(FAST.base.tasks)
-STAGES = ["base", *(f"lora-{t}" for t in FAST.base.tasks), "gate", "eval-peft", "eval-meteora"]
+LORAS = [f"lora-{t}" for t in FAST.base.tasks]
+EVALS = ["eval-peft", "eval-meteora", "eval-meteora-composite"]
+STAGES = ["base", "composite", *LORAS, "gate", "gate-composite", *EVALS]
+ROWS = ["base", "adapter", "meteora", "meteora-labelled", "merged"]
 
 
 @pytest.fixture(scope="module")
@@ -30,29 +33,42 @@ def demo(tmp_path_factory):
 
 def test_results_json_has_the_issue_shape(demo):
     results = json.loads((demo / "report" / "results.json").read_text())
-    assert set(results) == {"tasks", "composite", "seconds"}
+    assert set(results) == {"tasks", "composite", "routing", "self_check", "seconds"}
     assert sorted(results["tasks"]) == TASKS
     for row in results["tasks"].values():
-        assert set(row) == {"base", "adapter", "meteora", "merged"}
+        assert list(row) == ROWS
         assert all(0.0 <= v <= 1.0 for v in row.values())
-    composite = results["composite"]
-    assert composite["n"] == 3 and set(composite) == {"n", "meteora", "merged", "base"}
-    assert all(0.0 <= composite[k] <= 1.0 for k in ("meteora", "merged", "base"))
+    assert list(results["composite"]) == ["composite-3", "composite-5"]
+    for composite in results["composite"].values():
+        assert list(composite["fully_correct"]) == ["base", "meteora", "meteora-labelled", "merged"]
+        assert all(0.0 <= v <= 1.0 for v in composite["fully_correct"].values())
+        assert (
+            set(composite["switch_accuracy"])
+            == set(composite["switch_lag"])
+            == {"meteora", "meteora-labelled"}
+        )
+    for figures in results["routing"].values():
+        assert 0.0 <= figures["dominant_accuracy"] <= 1.0 and figures["per_projection"]
+    assert set(results["self_check"]) == {*TASKS, "composite-3", "composite-5"}
+    assert set(results["self_check"].values()) == {1.0}  # the scoring can reach full marks
     assert list(results["seconds"]) == STAGES and all(s >= 0 for s in results["seconds"].values())
 
 
 def test_report_folder_holds_the_tables_routing_view_and_curves(demo):
     report = demo / "report"
     text = (report / "report.md").read_text()
-    assert "| task | base | adapter | meteora | merged |" in text
+    assert "| task | base | adapter | meteora | meteora-labelled | merged |" in text
     assert "| fully correct |" in text and all(f"| sub-task {t} |" in text for t in TASKS)
-    assert "Composite-3 prompts" in text and "## Targets" in text and "## Seconds per stage" in text
+    assert "composite-3 prompts" in text and "composite-5 prompts" in text and "| switch accuracy |" in text
+    assert "## Targets" in text and "## Seconds per stage" in text and "| layer 0 |" in text
+    assert "Scoring self-check: the gold answers score 1.0" in text
     for task in TASKS:
         assert f"| {task} |" in text
     assert "<html" in (report / "routing.html").read_text().lower()
-    assert (report / "routing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for picture in ("routing.png", "routing-labelled.png"):
+        assert (report / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     curves = sorted(os.listdir(report / "curves"))
-    assert curves == sorted(["gate.png", *(f"lora-{t}.png" for t in TASKS)])
+    assert curves == sorted(["gate.png", "gate-composite.png", *(f"lora-{t}.png" for t in TASKS)])
     assert all((report / "curves" / c).read_bytes()[:4] == b"\x89PNG" for c in curves)
 
 
@@ -60,6 +76,10 @@ def test_the_stages_wrote_a_peft_adapter_per_task_and_a_gate_checkpoint(demo):
     for task in TASKS:
         assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(demo / "lora" / task))
     assert (demo / "setup" / "base" / "config.json").is_file()
+    assert (demo / "gate-composite" / "metrics.jsonl").is_file()
+    lines = (demo / "composite" / "composite.jsonl").read_text().splitlines()
+    assert len(lines) == 2 * FAST.composite_sets * FAST.composite_samples
+    assert all(json.loads(line)["prompt"].startswith("1. ") for line in lines)  # the numbered layout
     records = {s: json.loads((demo / "stages" / f"{s}.json").read_text()) for s in STAGES}
     assert all(r["done"] for r in records.values())
 
@@ -108,29 +128,32 @@ def test_bad_settings_are_named():
         DemoSettings(lora_steps=0)
     with pytest.raises(ConfigError, match=r"gate_lr=nan \(a number > 0\)"):
         DemoSettings(gate_lr=float("nan"))
-    with pytest.raises(ConfigError, match=r"composite_samples=8 .* eval_limit=4"):
-        dataclasses.replace(FAST, composite_samples=8)
-    with pytest.raises(ConfigError, match=r"composite-3 prompts need 3"):
-        DemoSettings(base=dataclasses.replace(FAST.base, tasks=("reverse", "upper")))
+    with pytest.raises(ConfigError, match=r"composite_samples=9 is above the 8 test samples"):
+        dataclasses.replace(FAST, composite_samples=9)
+    with pytest.raises(ConfigError, match=r"composite-5 prompts need 5 tasks"):
+        DemoSettings(base=dataclasses.replace(FAST.base, tasks=("reverse", "upper", "sort", "shift")))
 
 
 def test_an_unfinished_stage_resumes_and_what_reads_it_reruns(demo, capsys):
     """A gate record left unfinished (as a kill leaves it): the gate run resumes in its folder (here
-    from its last checkpoint), and the MeteoRA evaluation, which reads it, runs again."""
+    from its last checkpoint), and what reads it (the labelled recipe and both MeteoRA
+    evaluations) runs again."""
     record = demo / "stages" / "gate.json"
     record.write_text(json.dumps({**json.loads(record.read_text()), "done": False}))
     run_demo(os.fspath(demo), FAST, progress=False)
     err = capsys.readouterr().err
     assert "] gate: resuming" in err and "] eval-meteora: gate ran again, rebuilding" in err
-    assert {s for s in STAGES if f"] {s}: cached" in err} == set(STAGES) - {"gate", "eval-meteora"}
+    assert "] gate-composite: gate ran again, rebuilding" in err
+    rerun = {"gate", "gate-composite", "eval-meteora", "eval-meteora-composite"}
+    assert {s for s in STAGES if f"] {s}: cached" in err} == set(STAGES) - rerun
     assert json.loads(record.read_text())["done"]
 
 
 def test_a_changed_setting_reruns_only_what_depends_on_it(demo, capsys):
-    """More gate steps: the base and adapters stay cached; the gate and both evaluations rerun
-    (the PEFT evaluation does not read the gates, so it stays cached too)."""
+    """More gate steps: the base, composites and adapters stay cached; both gate recipes and their
+    evaluations rerun (the PEFT evaluation does not read the gates, so it stays cached too)."""
     run_demo(os.fspath(demo), dataclasses.replace(FAST, gate_steps=FAST.gate_steps + 2), progress=False)
     err = capsys.readouterr().err
     cached = {s for s in STAGES if f"] {s}: cached" in err}
-    assert cached == {"base", *(f"lora-{t}" for t in TASKS), "eval-peft"}
+    assert cached == {"base", "composite", *(f"lora-{t}" for t in TASKS), "eval-peft"}
     assert json.loads((demo / "stages" / "gate.json").read_text())["done"]

@@ -8,9 +8,11 @@ from meteora_jax.data.composite import answer_text, composite_text
 from meteora_jax.data.prompts import format_prompt
 from meteora_jax.demo.tasks import (
     COPY_CHARACTERS,
+    PRETRAIN_TASKS,
     TASKS,
-    composite_copy_samples,
     labelled_composite_samples,
+    numbered_task_samples,
+    pretraining_samples,
     task_samples,
 )
 
@@ -43,46 +45,55 @@ def test_samples_are_seeded_and_say_the_task():
     assert set("".join(s["response"] for s in copies)) == set(COPY_CHARACTERS)
 
 
-def test_composite_copy_samples_are_answered_as_numbered_lines():
-    for s in composite_copy_samples(20, np.random.default_rng(0)):
-        questions = [q for q in s["prompt"].split("\n") if q.startswith("copy: ")][-3:]
-        lines = s["response"].split("\n")
-        assert 2 <= len(lines) <= 3 and lines == [
-            f"{i}. {q[6:]}" for i, q in enumerate(questions[-len(lines) :], 1)
-        ]
+def test_no_task_input_is_its_own_answer():
+    """Inputs a task leaves unchanged (a palindrome to reverse, a sorted word to sort) are drawn
+    again, so a base that copies scores 0 on every task."""
+    for task in TASKS:
+        for s in task_samples(task, 300, np.random.default_rng(0)):
+            assert s["response"] != s["prompt"].split(": ", 1)[1], task
+
+
+def test_numbered_samples_ask_and_answer_in_numbered_lines():
+    for s in numbered_task_samples("sort", 30, np.random.default_rng(2)):
+        questions = s["prompt"].split("\n")
+        assert 2 <= len(questions) <= 5
+        words = [q.split(". sort: ")[1] for q in questions]
+        assert questions == [f"{i}. sort: {w}" for i, w in enumerate(words, 1)]
+        assert s["response"] == answer_text(["".join(sorted(w)) for w in words])
+
+
+def test_pretraining_samples_answer_each_keyword_in_both_formats():
+    samples = pretraining_samples(400, np.random.default_rng(0), numbered=0.5)
+    numbered = [s for s in samples if s["prompt"].startswith("1. ")]
+    assert 150 < len(numbered) < 250
+    keywords = set()
+    for s in samples:
+        questions = s["prompt"].split("\n") if s in numbered else [s["prompt"]]
+        pairs = [q.split(". ", 1)[-1].split(": ", 1) for q in questions]
+        keywords |= {k for k, _ in pairs}
+        answers = [PRETRAIN_TASKS[k].answer(text) for k, text in pairs]
+        assert s["response"] == (answer_text(answers) if s in numbered else answers[0])
+    assert keywords == set(PRETRAIN_TASKS) == {"copy", "lower"}
+    assert not keywords & set(TASKS)  # the tasks' keywords stay unseen by the base
 
 
 def test_labelled_composites_label_each_sub_task_and_switch_at_its_start():
-    """The segments join to the formatted composite prompt plus its numbered answer; every
-    question and answer line carries its own task, and template text the task that follows it."""
+    """The segments join to the formatted numbered composite prompt plus its numbered answer;
+    every question and answer line carries its own task, and template text the task that
+    follows it."""
     tasks = ("reverse", "upper", "sort", "shift")
-    for sample in labelled_composite_samples(tasks, 10, np.random.default_rng(1)):
+    for sample in labelled_composite_samples(tasks, 10, np.random.default_rng(1), counts=(3,)):
         segments = sample["segments"]
         text = "".join(s["text"] for s in segments)
         prompt, answer = text.split(" [/INST]\n")
-        questions = [q.strip() for q in prompt.split(":\n\n")[-1].split("\n\n")]
+        questions = [q.split(". ", 1)[1] for q in prompt.removeprefix("[INST] ").split("\n")]
         names = [q.split(":")[0] for q in questions]
         assert len(set(names)) == 3 and set(names) <= set(tasks)
         answers = [TASKS[n].answer(q.split(": ")[1]) for n, q in zip(names, questions, strict=True)]
         assert answer == answer_text(answers)
-        assert text.startswith(format_prompt("Example 1:")[: len("[INST] Example 1:")])
+        assert text == format_prompt(composite_text([], questions, layout="numbered")) + answer_text(answers)
         for s in segments:
-            words = s["text"].split(": ")
-            if words[0] in TASKS:  # a question: its own task
-                assert s["task"] == words[0]
-            elif s["text"][:2] in ("1.", "2.", "3."):  # an answer line: its question's task
-                assert s["task"] == names[int(s["text"][0]) - 1]
+            line = s["text"].removeprefix("[INST] ")
+            if line[:2] in ("1.", "2.", "3."):  # a question or an answer line: its question's task
+                assert s["task"] == names[int(line[0]) - 1]
         assert segments[0]["task"] == names[0] and segments[-1]["task"] == names[-1]
-        assert text == format_prompt(composite_text(_shots(segments), questions)) + answer_text(answers)
-
-
-def _shots(segments):
-    """The two few-shot examples of a labelled composite, read back from its segments."""
-    text = "".join(s["text"] for s in segments)
-    shots = []
-    for block in text.split("Example ")[1:]:
-        body = block.split(":\n\n", 1)[1].split("\n\n\n")[0]
-        asked, answered = body.rsplit("\n\n", 1)
-        prompts = asked.split("\n\n")
-        shots.append([(p, a.split(". ", 1)[1]) for p, a in zip(prompts, answered.split("\n"), strict=True)])
-    return shots

@@ -205,16 +205,52 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     return prompts
 
 
-def train_tiny_tokenizer(texts: Sequence[str], out_dir: str | os.PathLike, vocab_size: int = 200):
+def round_trip_problems(tokenizer, texts: Iterable[str]) -> list[str]:
+    """The texts the tokenizer cannot write, each with why: an unknown token in its encoding, or
+    a decoding that differs from it (`decode(encode(text)) != text`)."""
+    unk = tokenizer.unk_token_id
+    problems = []
+    for text in dict.fromkeys(texts):
+        ids = _text_ids(tokenizer, text)
+        back = tokenizer.decode(ids, skip_special_tokens=False)
+        if unk is not None and unk in ids:
+            missing = sorted({c for c in text if unk in _text_ids(tokenizer, c)})
+            problems.append(f"{text!r} holds characters the tokenizer lacks: {''.join(missing)!r}")
+        elif back != text:
+            problems.append(f"{text!r} decodes as {back!r}")
+    return problems
+
+
+def check_round_trip(tokenizer, texts: Iterable[str], what: str) -> None:
+    """Raises ConfigError naming the first texts of `what` that the tokenizer cannot write (see
+    `round_trip_problems`): a model can never produce, nor learn from, such text."""
+    problems = round_trip_problems(tokenizer, texts)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ConfigError(
+            f"{what}: {len(problems)} texts do not survive the tokenizer round trip: "
+            + "; ".join(problems[:3])
+            + more
+        )
+
+
+def train_tiny_tokenizer(
+    texts: Sequence[str], out_dir: str | os.PathLike, vocab_size: int | None = 200, words: Sequence[str] = ()
+):
     """A small LLaMA-style BPE tokenizer trained on `texts`, saved as a transformers folder.
 
     For tests and demos that must run without downloads: ids 0, 1, 2 are <unk>, <s>, </s>
     (LLaMA's), BOS is added to every encoding, and spaces are kept as "▁" (sentencepiece style)
-    so decoding gives the text back. Returns the loaded `PreTrainedTokenizerFast`.
+    so decoding gives the text back. `vocab_size` None: one token per character of `texts` and
+    no merges, so every text's characters are tokens whatever their neighbours (string tasks
+    need that). `words`: strings that are one token each wherever they occur (template pieces,
+    keywords). Returns the loaded `PreTrainedTokenizerFast`.
     """
     import tokenizers  # noqa: PLC0415
     import transformers  # noqa: PLC0415
 
+    if vocab_size is None:
+        vocab_size = 3 + len({c for t in texts for c in t.replace(" ", "▁")})
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
     tok.normalizer = tokenizers.normalizers.Replace(" ", "▁")
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Split("▁", behavior="merged_with_next")
@@ -223,6 +259,7 @@ def train_tiny_tokenizer(texts: Sequence[str], out_dir: str | os.PathLike, vocab
         vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
     )
     tok.train_from_iterator(texts, trainer)
+    tok.add_tokens(list(words))
     tok.post_processor = tokenizers.processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
     )

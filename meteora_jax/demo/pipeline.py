@@ -1,11 +1,15 @@
 """`meteora-jax demo`: MeteoRA's experiment end to end on the embedded tasks, cached by stage.
 
 Stages, each in its own folder under OUT:
-  setup/          the base (a tiny LLaMA pre-trained on copy samples) and the task folders;
-  lora/<task>/    one PEFT adapter per task (`train-lora`);
-  gate/           the gates, trained with the adapter stacks on single-task samples (`train-gate`);
+  setup/          the base (a tiny LLaMA pre-trained on copying) and the task folders;
+  composite/      composite-3 and composite-5 prompts over the test splits (numbered layout), and
+                  the task folders plus labelled composite samples (the second gate recipe's data);
+  lora/<task>/    one PEFT adapter per task (`train-lora`), trained on its own task's samples;
+  gate/           the paper's recipe: gates and adapter stacks trained on single-task samples;
+  gate-composite/ the labelled recipe: from gate/, the gates alone trained on single-task and
+                  labelled composite samples (each sub-task's tokens carry its own label);
   eval/peft/      base, each task's own adapter and the averaged adapters (the PEFT adapters);
-  eval/meteora/   the fused model routed by its gates;
+  eval/meteora/, eval/meteora-composite/   the fused model routed by each recipe's gates;
   report/         report.md, results.json, the routing view of a composite prompt, the curves.
 
 A stage records its key (a hash of the spec it runs, paths taken relative to OUT, and of the keys
@@ -28,10 +32,11 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 
+from meteora_jax.data.composite import build_composite, write_composite
 from meteora_jax.data.pipeline import DataConfig
 from meteora_jax.demo.pretrain import PretrainSettings
 from meteora_jax.demo.report import write_report
-from meteora_jax.demo.setup import DemoBaseSettings, build_demo_base
+from meteora_jax.demo.setup import DemoBaseSettings, build_demo_base, write_labelled_composite_data
 from meteora_jax.errors import ConfigError, OutputExistsError
 from meteora_jax.evaluation.evaluate import EvalSpec, evaluate
 from meteora_jax.inputs import is_int, is_real
@@ -41,12 +46,17 @@ from meteora_jax.training.train_gate import RunSpec, train
 from meteora_jax.training.train_lora import LoRASettings, LoRASpec, lora_train_config, train_lora
 
 STAGES_DIR = "stages"
-COMPOSITE_N = 3
+COMPOSITE_SIZES = (3, 5)  # composite-n prompts evaluated (and, for the labelled recipe, trained on)
+COMPOSITE_FILE, METRICS_FILE = "composite.jsonl", "metrics.json"
+# Every demo task is scored by exact match with case kept (the default lower-cases, which would let
+# a copy of "upper: abc" pass as "ABC").
+DEMO_METRICS = {"*": {"metrics": ["exact_cased"]}}
 # Report row -> (the eval stage that measured it, the eval mode), in table order.
 ROWS = {
     "base": ("eval-peft", "base"),
     "adapter": ("eval-peft", "adapter"),
     "meteora": ("eval-meteora", "meteora"),
+    "meteora-labelled": ("eval-meteora-composite", "meteora"),
     "merged": ("eval-peft", "merged"),
 }
 
@@ -55,13 +65,15 @@ ROWS = {
 _CHECKS = (
     (
         ("batch_size", "seq_len", "save_every", "lora_steps", "lora_rank", "gate_steps", "top_k")
-        + ("eval_limit", "composite_samples", "max_new_tokens", "eval_batch_size"),
+        + ("eval_limit", "composite_samples", "composite_sets", "max_new_tokens", "eval_batch_size")
+        + ("labelled_steps", "labelled_samples"),
         lambda v: is_int(v) and v >= 1,
         "an integer >= 1",
     ),
     (("lora_warmup_steps",), lambda v: is_int(v) and v >= 0, "an integer >= 0"),
     (
-        ("lora_lr", "lora_alpha", "gate_lr", "routing_temperature"),
+        ("lora_lr", "lora_alpha", "gate_lr", "labelled_lr", "routing_temperature")
+        + ("composite_routing_temperature",),
         lambda v: is_real(v) and math.isfinite(v) and v > 0,
         "a number > 0",
     ),
@@ -77,33 +89,41 @@ _CHECKS = (
 class DemoSettings:
     """The demo's sizes and recipe (`fast()`: a tiny version for tests and a quick look).
 
-    Adapters: `train-lora` at `lora_lr` for `lora_steps`. Gates: `train-gate` at `gate_lr` for
-    `gate_steps`, training the adapter stacks with them (as the reference did) on the LM loss of
-    the responses plus `gate_loss_weight` x the gate term. Both runs clip at `clip_norm` and save
-    a checkpoint every `save_every` steps (what a killed run resumes from). Evaluation: greedy,
-    `eval_limit` test samples per task and `composite_samples` composite-3 prompts, routed at
-    `routing_temperature` (1: the gates as trained; the reference's 15 for composite-3 flattens
-    the top-2 weights of these gates)."""
+    Adapters: `train-lora` at `lora_lr` for `lora_steps`, each on its own task's samples. Gates,
+    the paper's recipe: `train-gate` at `gate_lr` for `gate_steps` on single-task samples,
+    training the adapter stacks with them (as the reference did) on the LM loss of the responses
+    plus `gate_loss_weight` x the gate term. The labelled recipe: from those gates and stacks,
+    the gates alone for `labelled_steps` at `labelled_lr` on the single-task samples plus
+    `labelled_samples` labelled composite samples. Training clips at `clip_norm` and saves every
+    `save_every` steps (what a killed run resumes from). Evaluation: greedy, `eval_limit` test
+    samples per task, and per composite size `composite_sets` task lists (drawn with seeds 0,
+    1, ...) of `composite_samples` prompts each, routed at `composite_routing_temperature`
+    (single-task prompts at `routing_temperature`)."""
 
     base: DemoBaseSettings = DemoBaseSettings()
-    batch_size: int = 16
-    seq_len: int = 64
+    batch_size: int = 8
+    seq_len: int = 192
     clip_norm: float = 1.0
     save_every: int = 100
-    lora_steps: int = 500
+    lora_steps: int = 250
     lora_warmup_steps: int = 10
     lora_lr: float = 3e-3
     lora_rank: int = 8
     lora_alpha: float = 16.0
-    gate_steps: int = 900
-    gate_lr: float = 1e-3
+    gate_steps: int = 300
+    gate_lr: float = 3e-3
     gate_loss_weight: float = 50.0
+    labelled_steps: int = 200
+    labelled_lr: float = 1e-3
+    labelled_samples: int = 1024
     top_k: int = 2
     eval_limit: int = 64
-    composite_samples: int = 32
-    max_new_tokens: int = 40
+    composite_sets: int = 4
+    composite_samples: int = 8
+    max_new_tokens: int = 96
     eval_batch_size: int = 16
     routing_temperature: float = 1.0
+    composite_routing_temperature: float = 1.0
 
     def __post_init__(self):
         bad = [
@@ -114,28 +134,63 @@ class DemoSettings:
         ]
         if bad:
             raise ConfigError("demo settings: " + ", ".join(bad))
-        if len(self.base.tasks) < COMPOSITE_N:
+        if len(self.base.tasks) < max(COMPOSITE_SIZES):
             raise ConfigError(
-                f"demo settings: tasks={list(self.base.tasks)}: composite-{COMPOSITE_N} prompts need "
-                f"{COMPOSITE_N} tasks"
+                f"demo settings: tasks={list(self.base.tasks)}: composite-{max(COMPOSITE_SIZES)} prompts "
+                "need "
+                f"{max(COMPOSITE_SIZES)} tasks"
             )
-        # the composite prompts are cut from the test splits, and the eval limit applies to them too
-        if self.composite_samples > min(self.base.test, self.eval_limit):
+        # the composite prompts are cut from the test splits, each test sample used once per list
+        if self.composite_samples > self.base.test:
             raise ConfigError(
                 f"demo settings: composite_samples={self.composite_samples} is above the {self.base.test} "
-                f"test samples per task or eval_limit={self.eval_limit}"
+                "test samples per task"
             )
 
     @classmethod
     def fast(cls) -> DemoSettings:
         base = DemoBaseSettings(
-            tasks=("reverse", "upper", "shift"), train=32, test=8, copies=64, layers=2, hidden=32,
-            pretrain=PretrainSettings(steps=8, batch_size=8, seq_len=48, lr=3e-3),
+            tasks=("upper", "sort", "shift", "rotate", "double"), train=32, numbered=8, test=8,
+            pretrain_samples=64, layers=2, hidden=32,
+            pretrain=PretrainSettings(steps=8, batch_size=8, seq_len=160, lr=3e-3),
         )  # fmt: skip
         return cls(
-            base=base, batch_size=8, seq_len=48, lora_steps=4, gate_steps=4, eval_limit=4,
-            composite_samples=2, max_new_tokens=8, eval_batch_size=4,
+            base=base, batch_size=8, seq_len=160, lora_steps=4, gate_steps=4, labelled_steps=4,
+            labelled_samples=16, eval_limit=4, composite_sets=1, composite_samples=2, max_new_tokens=8,
+            eval_batch_size=4,
         )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class CompositeSpec:
+    """The composite stage: prompts over DATA's test splits and the labelled recipe's data."""
+
+    data: str
+    out: str
+    sizes: tuple[int, ...]
+    sets: int
+    samples: int
+    labelled_samples: int
+    seed: int
+    metrics: dict  # the metrics file's table
+
+
+def build_composites(spec: CompositeSpec) -> None:
+    """OUT/composite.jsonl: per size n, `sets` task lists (seeds 0, 1, ...) of `samples` numbered
+    composite-n prompts; OUT/data/: DATA's task folders plus labelled composite samples;
+    OUT/metrics.json: the scoring of the demo's tasks (`spec.metrics`)."""
+    lines = [
+        line
+        for n in spec.sizes
+        for seed in range(spec.sets)
+        for line in build_composite(spec.data, n=n, samples=spec.samples, seed=seed, layout="numbered")
+    ]
+    write_composite(lines, os.path.join(spec.out, COMPOSITE_FILE), force=True)
+    write_text_atomic(os.path.join(spec.out, METRICS_FILE), json.dumps(spec.metrics))
+    write_labelled_composite_data(
+        spec.data, os.path.join(spec.out, "data"), samples=spec.labelled_samples, counts=spec.sizes,
+        seed=spec.seed,
+    )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +232,12 @@ class DemoRun:
 
     def _stages(self) -> list[Stage]:
         """Every stage in run order."""
+        s = self.settings
+        composite = CompositeSpec(
+            data=self.data, out=self.path("composite"), sizes=COMPOSITE_SIZES, sets=s.composite_sets,
+            samples=s.composite_samples, labelled_samples=s.labelled_samples, seed=s.base.seed,
+            metrics=DEMO_METRICS,
+        )  # fmt: skip
         loras = [
             self._stage(f"lora-{t}", self._lora_spec(t), ("base",), train_lora, resumes=True)
             for t in self.tasks
@@ -186,14 +247,25 @@ class DemoRun:
         gate = self._stage(
             "gate", self._gate_spec(adapters, "gate"), ("base", *lora_names), train, resumes=True
         )
+        labelled = self._stage(
+            "gate-composite",
+            self._labelled_spec(adapters, gate.folder, os.path.join(composite.out, "data")),
+            ("composite", gate.name),
+            train,
+            resumes=True,
+        )
         peft = self._eval_spec("peft", ("base", "adapter", "merged"), adapters=adapters)
         meteora = self._eval_spec("meteora", ("meteora",), gates=gate.folder)
+        meteora_labelled = self._eval_spec("meteora-composite", ("meteora",), gates=labelled.folder)
         return [
-            Stage("base", self.setup, dataclasses.asdict(self.settings.base), (), self._base),
+            Stage("base", self.setup, dataclasses.asdict(s.base), (), self._base),
+            self._stage("composite", composite, ("base",), build_composites),
             *loras,
             gate,
-            self._stage("eval-peft", peft, ("base", *lora_names), _evaluate_without_gates),
-            self._stage("eval-meteora", meteora, ("base", gate.name), evaluate),
+            labelled,
+            self._stage("eval-peft", peft, ("composite", *lora_names), _evaluate_without_gates),
+            self._stage("eval-meteora", meteora, ("composite", gate.name), evaluate),
+            self._stage("eval-meteora-composite", meteora_labelled, ("composite", labelled.name), evaluate),
         ]
 
     def _stage(
@@ -254,6 +326,24 @@ class DemoRun:
             progress=self.progress,
         )
 
+    def _labelled_spec(self, adapters: dict[str, str], init_from: str, data: str) -> RunSpec:
+        s = self.settings
+        config = TrainConfig(
+            steps=s.labelled_steps, lr=s.labelled_lr, clip_norm=s.clip_norm,
+            gate_loss_weight=s.gate_loss_weight, train_adapters=False, top_k=s.top_k,
+            save_every=min(s.save_every, s.labelled_steps), log_every=max(1, s.labelled_steps // 100),
+        )  # fmt: skip
+        return RunSpec(
+            base=self.base,
+            adapters=adapters,
+            data_dir=data,
+            out=self.path("gate-composite"),
+            train=config,
+            data=self._data(),
+            init_from=init_from,
+            progress=self.progress,
+        )
+
     def _eval_spec(self, folder: str, modes: tuple[str, ...], **model) -> EvalSpec:
         s = self.settings
         return EvalSpec(
@@ -261,11 +351,12 @@ class DemoRun:
             tasks_dir=self.data,
             out=self.path("eval", folder),
             modes=modes,
-            composite_n=COMPOSITE_N,
-            composite_samples=s.composite_samples,
+            composite=self.path("composite", COMPOSITE_FILE),
+            metrics=self.path("composite", METRICS_FILE),
             batch_size=s.eval_batch_size,
             max_new_tokens=s.max_new_tokens,
             routing_temperature=s.routing_temperature,
+            composite_routing_temperature=s.composite_routing_temperature,
             limit=s.eval_limit,
             force=True,  # an eval stage that runs replaces its folder
             progress=self.progress,
@@ -371,8 +462,16 @@ def run_demo(
     prepare(out, force=force)
     stages = demo.run()
     rows = {row: (demo.stage_folder(stage), mode) for row, (stage, mode) in ROWS.items()}
-    curves = {"gate": demo.path("gate", "curves.png")}
+    curves = {name: demo.path(name, "curves.png") for name in ("gate", "gate-composite")}
     curves |= {f"lora-{t}": demo.path("lora", t, "training", "curves.png") for t in demo.tasks}
     return write_report(
-        demo.path("report"), rows, routing=rows["meteora"][0], curves=curves, stages=stages, n=COMPOSITE_N
+        demo.path("report"),
+        rows,
+        routing={
+            "meteora": demo.stage_folder("gate"),
+            "meteora-labelled": demo.stage_folder("gate-composite"),
+        },
+        pictures={"routing.png": rows["meteora"][0], "routing-labelled.png": rows["meteora-labelled"][0]},
+        curves=curves,
+        stages=stages,
     )

@@ -76,57 +76,88 @@ TASKS = {
     "cipher": Task(_word, lambda word: "".join(CIPHER[c] for c in word)),
 }
 TINY_TASKS = ("reverse", "upper", "double")  # the tests' three-task setup
-COPY_CHARACTERS = LETTERS + LETTERS.upper() + "0123456789"
+COPY_CHARACTERS = LETTERS + LETTERS.upper()  # every character a task reads or writes
+QUESTION_COUNTS = (2, 3, 4, 5)  # questions of a numbered sample
 
 
 def _any_text(rng: np.random.Generator) -> str:
     return "".join(rng.choice(list(COPY_CHARACTERS), int(rng.integers(2, 9))))
 
 
-# The demo base's pre-training: the answer format over every character the tasks use, no skill.
-COPY = Task(_any_text, lambda text: text)
+# The demo base's pre-training: the answer formats over every character the tasks use, and two
+# keywords whose answers differ at every character (`copy`, `lower`), so the base learns to carry a
+# question's keyword into its answer line, which is what lets a gate see, at each answer token,
+# which question it answers. None is a task's skill, and the tasks' keywords stay unseen
+# (untrained embeddings). Measured: a base that copied under every task keyword carried no trace
+# of the keyword (gates right for 29% of single-task prompts); one that copied under `copy` alone
+# routed single-task prompts (99.7%) but not the answer lines of composite prompts (39%).
+PRETRAIN_TASKS = {"copy": Task(_any_text, lambda text: text), "lower": Task(_any_text, str.lower)}
+
+
+def _question(task: str, rng: np.random.Generator) -> tuple[str, str]:
+    """One (prompt, answer) of `task` (`TASKS` or `PRETRAIN_TASKS`). An input a task would leave
+    as it is (a palindrome to reverse, a sorted word to sort) is drawn again: copying never
+    scores."""
+    spec = PRETRAIN_TASKS.get(task) or TASKS[task]
+    while True:
+        text = spec.make_input(rng)
+        answer = spec.answer(text)
+        if task in PRETRAIN_TASKS or answer != text:
+            return f"{task}: {text}", answer
 
 
 def task_samples(task: str, count: int, rng: np.random.Generator) -> list[dict]:
-    """`count` {"prompt", "response"} samples of one task (`TASKS`, or "copy")."""
-    spec = COPY if task == "copy" else TASKS[task]
+    """`count` {"prompt", "response"} samples of one task (`TASKS` or `PRETRAIN_TASKS`)."""
+    return [dict(zip(("prompt", "response"), _question(task, rng), strict=True)) for _ in range(count)]
+
+
+def numbered_sample(pairs: Sequence[tuple[str, str]]) -> dict:
+    """Several questions as one sample in the numbered composite layout, answered as numbered lines."""
+    return {
+        "prompt": composite_text([], [q for q, _ in pairs], layout="numbered"),
+        "response": answer_text([a for _, a in pairs]),
+    }
+
+
+def numbered_task_samples(
+    task: str, count: int, rng: np.random.Generator, counts: Sequence[int] = QUESTION_COUNTS
+) -> list[dict]:
+    """`count` numbered samples of 2-5 questions of one task: an adapter learns its task in the
+    composite answer format from its own task alone."""
+    return [
+        numbered_sample([_question(task, rng) for _ in range(int(rng.choice(counts)))]) for _ in range(count)
+    ]
+
+
+def pretraining_samples(
+    count: int, rng: np.random.Generator, *, numbered: float = 0.5, counts: Sequence[int] = QUESTION_COUNTS
+) -> list[dict]:
+    """The base's pre-training: `count` samples of `PRETRAIN_TASKS` questions, a share `numbered`
+    of them numbered samples of 2-5 questions (each its own keyword), the others one question."""
+    names = list(PRETRAIN_TASKS)
     out = []
     for _ in range(count):
-        text = spec.make_input(rng)
-        out.append({"prompt": f"{task}: {text}", "response": spec.answer(text)})
-    return out
-
-
-def _pair(sample: dict) -> tuple[str, str]:
-    return sample["prompt"], sample["response"]
-
-
-def composite_copy_samples(count: int, rng: np.random.Generator, sizes=(2, 3)) -> list[dict]:
-    """`count` composite prompts of copy questions (two few-shot examples, then n in `sizes`
-    questions), answered as numbered lines: the composite format, with no task skill in it."""
-    out = []
-    for _ in range(count):
-        n = int(rng.choice(sizes))
-        examples = [[_pair(s) for s in task_samples("copy", n, rng)] for _ in range(2)]
-        questions = task_samples("copy", n, rng)
-        answer = answer_text([s["response"] for s in questions])
-        out.append({"prompt": composite_text(examples, [s["prompt"] for s in questions]), "response": answer})
+        k = int(rng.choice(counts)) if rng.random() < numbered else 1
+        pairs = [_question(str(rng.choice(names)), rng) for _ in range(k)]
+        out.append(
+            numbered_sample(pairs) if k > 1 else dict(zip(("prompt", "response"), pairs[0], strict=True))
+        )
     return out
 
 
 def labelled_composite_samples(
-    tasks: Sequence[str], count: int, rng: np.random.Generator, n: int = 3
+    tasks: Sequence[str], count: int, rng: np.random.Generator, counts: Sequence[int] = (3,)
 ) -> list[dict]:
-    """`count` answered composite-n prompts over n of `tasks` (drawn per prompt, in a random
-    order, with fresh examples) as segments samples whose tokens carry their own sub-task's label
+    """`count` answered numbered composite prompts over n (drawn from `counts`) of `tasks`, in a
+    random order, as segments samples whose tokens carry their own sub-task's label
     (`labelled_segments`): training material for gates that switch inside a prompt."""
     out = []
     for _ in range(count):
+        n = int(rng.choice(counts))
         names = [str(t) for t in rng.permutation(list(tasks))[:n]]
-        examples = [[_pair(task_samples(t, 1, rng)[0]) for t in names] for _ in range(2)]
-        questions = [task_samples(t, 1, rng)[0] for t in names]
+        pairs = [_question(t, rng) for t in names]
         segments = labelled_segments(
-            examples, [q["prompt"] for q in questions], [q["response"] for q in questions], names
+            [], [q for q, _ in pairs], [a for _, a in pairs], names, layout="numbered"
         )
         out.append({"segments": segments})
     return out
