@@ -38,7 +38,7 @@ def test_results_json_has_the_issue_shape(demo):
     for row in results["tasks"].values():
         assert list(row) == ROWS
         assert all(0.0 <= v <= 1.0 for v in row.values())
-    assert list(results["composite"]) == ["composite-3", "composite-5"]
+    assert list(results["composite"]) == [f"composite-{n}" for n in FAST.composite_sizes]
     for composite in results["composite"].values():
         assert list(composite["fully_correct"]) == ["base", "meteora", "meteora-labelled", "merged"]
         assert all(0.0 <= v <= 1.0 for v in composite["fully_correct"].values())
@@ -49,7 +49,7 @@ def test_results_json_has_the_issue_shape(demo):
         )
     for figures in results["routing"].values():
         assert 0.0 <= figures["dominant_accuracy"] <= 1.0 and figures["per_projection"]
-    assert set(results["self_check"]) == {*TASKS, "composite-3", "composite-5"}
+    assert set(results["self_check"]) == {*TASKS, *(f"composite-{n}" for n in FAST.composite_sizes)}
     assert set(results["self_check"].values()) == {1.0}  # the scoring can reach full marks
     assert list(results["seconds"]) == STAGES and all(s >= 0 for s in results["seconds"].values())
 
@@ -59,7 +59,9 @@ def test_report_folder_holds_the_tables_routing_view_and_curves(demo):
     text = (report / "report.md").read_text()
     assert "| task | base | adapter | meteora | meteora-labelled | merged |" in text
     assert "| fully correct |" in text and all(f"| sub-task {t} |" in text for t in TASKS)
-    assert "composite-3 prompts" in text and "composite-5 prompts" in text and "| switch accuracy |" in text
+    assert (
+        all(f"composite-{n} prompts" in text for n in FAST.composite_sizes) and "| switch accuracy |" in text
+    )
     assert "## Targets" in text and "## Seconds per stage" in text and "| layer 0 |" in text
     assert "Scoring self-check: the gold answers score 1.0" in text
     for task in TASKS:
@@ -78,7 +80,7 @@ def test_the_stages_wrote_a_peft_adapter_per_task_and_a_gate_checkpoint(demo):
     assert (demo / "setup" / "base" / "config.json").is_file()
     assert (demo / "gate-composite" / "metrics.jsonl").is_file()
     lines = (demo / "composite" / "composite.jsonl").read_text().splitlines()
-    assert len(lines) == 2 * FAST.composite_sets * FAST.composite_samples
+    assert len(lines) == len(FAST.composite_sizes) * FAST.composite_sets * FAST.composite_samples
     assert all(json.loads(line)["prompt"].startswith("1. ") for line in lines)  # the numbered layout
     records = {s: json.loads((demo / "stages" / f"{s}.json").read_text()) for s in STAGES}
     assert all(r["done"] for r in records.values())
@@ -132,6 +134,8 @@ def test_bad_settings_are_named():
         dataclasses.replace(FAST, composite_samples=9)
     with pytest.raises(ConfigError, match=r"composite-5 prompts need 5 tasks"):
         DemoSettings(base=dataclasses.replace(FAST.base, tasks=("reverse", "upper", "sort", "shift")))
+    with pytest.raises(ConfigError, match=r"composite_sizes=\(3, 1\) \(distinct integers >= 2\)"):
+        dataclasses.replace(FAST, composite_sizes=(3, 1))
 
 
 def test_an_unfinished_stage_resumes_and_what_reads_it_reruns(demo, capsys):

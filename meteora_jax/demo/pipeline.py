@@ -46,7 +46,6 @@ from meteora_jax.training.train_gate import RunSpec, train
 from meteora_jax.training.train_lora import LoRASettings, LoRASpec, lora_train_config, train_lora
 
 STAGES_DIR = "stages"
-COMPOSITE_SIZES = (3, 5)  # composite-n prompts evaluated (and, for the labelled recipe, trained on)
 COMPOSITE_FILE, METRICS_FILE = "composite.jsonl", "metrics.json"
 # Every demo task is scored by exact match with case kept (the default lower-cases, which would let
 # a copy of "upper: abc" pass as "ABC").
@@ -96,9 +95,9 @@ class DemoSettings:
     the gates alone for `labelled_steps` at `labelled_lr` on the single-task samples plus
     `labelled_samples` labelled composite samples. Training clips at `clip_norm` and saves every
     `save_every` steps (what a killed run resumes from). Evaluation: greedy, `eval_limit` test
-    samples per task, and per composite size `composite_sets` task lists (drawn with seeds 0,
-    1, ...) of `composite_samples` prompts each, routed at `composite_routing_temperature`
-    (single-task prompts at `routing_temperature`)."""
+    samples per task and, for each n of `composite_sizes`, `composite_sets` task lists (drawn
+    with seeds 0, 1, ...) of `composite_samples` composite-n prompts, routed at
+    `composite_routing_temperature` (single-task prompts at `routing_temperature`)."""
 
     base: DemoBaseSettings = DemoBaseSettings()
     batch_size: int = 8
@@ -118,6 +117,7 @@ class DemoSettings:
     labelled_samples: int = 1024
     top_k: int = 2
     eval_limit: int = 64
+    composite_sizes: tuple[int, ...] = (3, 5)
     composite_sets: int = 4
     composite_samples: int = 8
     max_new_tokens: int = 96
@@ -134,11 +134,13 @@ class DemoSettings:
         ]
         if bad:
             raise ConfigError("demo settings: " + ", ".join(bad))
-        if len(self.base.tasks) < max(COMPOSITE_SIZES):
+        sizes = self.composite_sizes
+        if not sizes or not all(is_int(n) and n >= 2 for n in sizes) or len(set(sizes)) != len(sizes):
+            raise ConfigError(f"demo settings: composite_sizes={sizes!r} (distinct integers >= 2)")
+        if len(self.base.tasks) < max(sizes):
             raise ConfigError(
-                f"demo settings: tasks={list(self.base.tasks)}: composite-{max(COMPOSITE_SIZES)} prompts "
-                "need "
-                f"{max(COMPOSITE_SIZES)} tasks"
+                f"demo settings: tasks={list(self.base.tasks)}: composite-{max(sizes)} prompts need "
+                f"{max(sizes)} tasks"
             )
         # the composite prompts are cut from the test splits, each test sample used once per list
         if self.composite_samples > self.base.test:
@@ -150,14 +152,14 @@ class DemoSettings:
     @classmethod
     def fast(cls) -> DemoSettings:
         base = DemoBaseSettings(
-            tasks=("upper", "sort", "shift", "rotate", "double"), train=32, numbered=8, test=8,
+            tasks=("upper", "sort", "shift"), train=32, numbered=8, test=8,
             pretrain_samples=64, layers=2, hidden=32,
             pretrain=PretrainSettings(steps=8, batch_size=8, seq_len=160, lr=3e-3),
         )  # fmt: skip
         return cls(
             base=base, batch_size=8, seq_len=160, lora_steps=4, gate_steps=4, labelled_steps=4,
-            labelled_samples=16, eval_limit=4, composite_sets=1, composite_samples=2, max_new_tokens=8,
-            eval_batch_size=4,
+            labelled_samples=16, eval_limit=4, composite_sizes=(3,), composite_sets=1, composite_samples=2,
+            max_new_tokens=8, eval_batch_size=4,
         )  # fmt: skip
 
 
@@ -234,7 +236,7 @@ class DemoRun:
         """Every stage in run order."""
         s = self.settings
         composite = CompositeSpec(
-            data=self.data, out=self.path("composite"), sizes=COMPOSITE_SIZES, sets=s.composite_sets,
+            data=self.data, out=self.path("composite"), sizes=s.composite_sizes, sets=s.composite_sets,
             samples=s.composite_samples, labelled_samples=s.labelled_samples, seed=s.base.seed,
             metrics=DEMO_METRICS,
         )  # fmt: skip
