@@ -211,6 +211,22 @@ def test_sigkill_between_saves_then_rerun_equals_an_uninterrupted_run(setup, uni
     assert checkpoint.checkpoint_steps(out)[-1] == STEPS
 
 
+def test_init_from_starts_at_a_checkpoint_and_refuses_other_adapters(setup, uninterrupted, tmp_path):
+    """--init-from: the run starts from the checkpoint's gates (one step at lr 1e-12 keeps them);
+    a checkpoint of the adapters in another order is refused by name before --out is touched."""
+    spec = _spec(setup, tmp_path / "run", steps=1, save_every=1)
+    spec = RunSpec(**{**spec.__dict__, "init_from": os.fspath(uninterrupted)})
+    spec = RunSpec(**{**spec.__dict__, "train": TrainConfig(steps=1, lr=1e-12, save_every=1)})
+    train(spec)
+    got, want = _gates(tmp_path / "run"), _gates(uninterrupted)
+    assert max(max_abs(got[p], want[p]) for p in want) < 1e-6
+    reordered = dict(reversed(list(setup.adapters.items())))
+    bad = RunSpec(**{**spec.__dict__, "adapters": reordered, "out": os.fspath(tmp_path / "other")})
+    with pytest.raises(ConfigError, match=r"--init-from .* holds the adapters \[.*\]; the run names \["):
+        train(bad)
+    assert not (tmp_path / "other").exists()
+
+
 def test_run_folder_is_an_ordinary_checkpoint(setup, uninterrupted, tmp_path):
     """load_model(base, gates=OUT) and (base, adapters, gates=OUT) give the trained gates; the run
     folder has metrics.jsonl (one record per step) and curves.png."""

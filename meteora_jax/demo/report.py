@@ -9,6 +9,7 @@ import shutil
 import statistics
 from collections.abc import Mapping, Sequence
 
+from meteora_jax.evaluation.report import self_check_line
 from meteora_jax.io.files import staged_directory, write_text_atomic
 
 METRIC = "exact_match_cased"  # every demo task is scored by exact match, case kept
@@ -188,16 +189,7 @@ def report_markdown(results: dict, cached: Mapping[str, bool]) -> str:
         "first token until that adapter dominates.",
     ]
     lines += _routing_lines(results["routing"])
-    low = {k: v for k, v in results["self_check"].items() if v < 1.0}
-    lines += [
-        "",
-        "Scoring self-check: "
-        + (
-            f"the gold answers score 1.0 for every task and composite ({len(results['self_check'])} checked)."
-            if not low
-            else "gold answers score below 1.0 for " + ", ".join(f"{k} ({v:.3f})" for k, v in low.items())
-        ),
-    ]
+    lines += ["", self_check_line(results["self_check"])]
     lines += ["", "## Targets", ""]
     for what, met, figures in targets(results):
         lines.append(f"- {'met' if met else 'MISSED'}: {what}: {figures}")

@@ -30,7 +30,8 @@ def _composite_temperature(s: dict) -> str:
     return "the reference's (15 / 20 / 30 for composite-3 / 5 / 10)"
 
 
-def _self_check(scores: dict[str, float]) -> str:
+def self_check_line(scores: dict[str, float]) -> str:
+    """The report line of `scoring.self_check`'s scores: all 1.0, or a warning naming the rest."""
     low = {name: score for name, score in scores.items() if score < 1.0}
     if not low:
         return "Scoring self-check: gold answers score 1.0 for every task and composite."
@@ -80,7 +81,7 @@ def report_markdown(results: dict) -> str:
         f"composite prompts (meteora mode): {_composite_temperature(s)}; {s['prompts']} prompts"
         + (f" (composite layout: {s['composite_layout']})." if s.get("composite_layout") else "."),
         "",
-        *([_self_check(results["self_check"]), ""] if "self_check" in results else []),
+        *([self_check_line(results["self_check"]), ""] if "self_check" in results else []),
         "## Tasks",
         "",
         header,

@@ -12,6 +12,7 @@ from meteora_jax.data.prompts import load_tokenizer, pad_token_of
 from meteora_jax.data.samples import load_heldout
 from meteora_jax.data.tasks import load_tasks
 from meteora_jax.errors import ConfigError
+from meteora_jax.io import checkpoint
 from meteora_jax.io import gates as gates_io
 from meteora_jax.training.config import TrainConfig
 from meteora_jax.training.loop import Job, RunResult, prepare_out, run
@@ -48,6 +49,8 @@ def train(spec: RunSpec) -> RunResult:
     tokenizer = load_tokenizer(spec.base)
     tasks = load_tasks(spec.data_dir, names, tasks=spec.tasks, split="train")
     check_truncation(tasks, tokenizer, spec.data.seq_len, command="train-gate")  # before --out is touched
+    if spec.init_from is not None:
+        _check_init(spec)
     prepare_out(spec.out, inputs, force=spec.force)
     evaluation = None
     if any(os.path.isfile(os.path.join(spec.data_dir, t, "test.jsonl")) for t in names):
@@ -73,14 +76,18 @@ def train(spec: RunSpec) -> RunResult:
 
 def _mixture(spec: RunSpec):
     """The run's starting mixture: the adapters with seeded gates, or `init_from`'s gates and
-    (possibly trained) stacks, whose adapters must be the spec's, in its order."""
+    (possibly trained) stacks (its adapters checked by `_check_init`)."""
     if spec.init_from is None:
         return gates_io.fuse(spec.base, dict(spec.adapters), None, spec.train.top_k, seed=spec.train.seed)
-    moe, params, infos = gates_io.fuse(spec.base, None, spec.init_from, spec.train.top_k)
-    held = [info.name for info in infos]
-    if held != list(spec.adapters):
+    return gates_io.fuse(spec.base, None, spec.init_from, spec.train.top_k)
+
+
+def _check_init(spec: RunSpec) -> None:
+    """Refuses an `init_from` checkpoint whose adapters are not the spec's, in its order (reads
+    only its metadata)."""
+    _, meta = checkpoint.read_meta(spec.init_from)
+    if list(meta.adapter_names) != list(spec.adapters):
         raise ConfigError(
-            f"--init-from {spec.init_from} holds the adapters {held}; the run names {list(spec.adapters)} "
-            "(the same adapters, in the same order)"
+            f"--init-from {spec.init_from} holds the adapters {list(meta.adapter_names)}; the run names "
+            f"{list(spec.adapters)} (the same adapters, in the same order)"
         )
-    return moe, params, infos
