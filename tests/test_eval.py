@@ -273,3 +273,14 @@ def test_bad_input_is_named_and_nothing_is_written(setup, tmp_path, capsys):
     inside = os.path.join(setup.data, "x")
     err = _bad(setup, tmp_path, capsys, "--out", inside)
     assert "--tasks" in err and not os.path.exists(inside)
+
+
+def test_an_unknown_composite_layout_is_named_by_the_python_api(tmp_path):
+    from meteora_jax.errors import ConfigError
+    from meteora_jax.evaluation.evaluate import EvalSpec
+
+    with pytest.raises(
+        ConfigError, match="--composite-layout must be one of reference, numbered, got 'short'"
+    ):
+        EvalSpec(base="b", tasks_dir="t", out=os.fspath(tmp_path / "o"), composite_layout="short")
+    assert not (tmp_path / "o").exists()
