@@ -40,7 +40,13 @@ def test_results_json_has_the_issue_shape(demo):
         assert all(0.0 <= v <= 1.0 for v in row.values())
     assert list(results["composite"]) == [f"composite-{n}" for n in FAST.composite_sizes]
     for composite in results["composite"].values():
-        assert list(composite["fully_correct"]) == ["base", "meteora", "meteora-labelled", "merged"]
+        assert list(composite["fully_correct"]) == [
+            "base",
+            "adapter",
+            "meteora",
+            "meteora-labelled",
+            "merged",
+        ]
         assert all(0.0 <= v <= 1.0 for v in composite["fully_correct"].values())
         assert (
             set(composite["switch_accuracy"])

@@ -53,20 +53,20 @@ def _predictions(out) -> list[dict]:
 
 
 def test_eval_writes_every_artefact(evaluated, setup):
-    """results.json (every task x mode; composite per sub-task, fully-correct rate, adapter mode
-    not applicable), report.md, predictions.jsonl (one line per answer) and the routing view."""
+    """results.json (every task x mode; composite per sub-task and fully-correct rate, for every
+    mode), report.md, predictions.jsonl (one line per answer) and the routing view."""
     results = json.loads((evaluated / "results.json").read_text())
     tasks = sorted(setup.adapters)
     assert set(results["tasks"]) == set(MODES)
     for mode in MODES:
         assert sorted(results["tasks"][mode]) == tasks
         assert all(results["tasks"][mode][t]["samples"] == 6 for t in tasks)
-    assert sorted(results["composite"]) == ["base", "merged", "meteora"]
+    assert sorted(results["composite"]) == sorted(MODES)
     composite = results["composite"]["meteora"]["composite-3"]
     assert composite["samples"] == 3 and 0.0 <= composite["fully_correct"] <= 1.0
     assert sorted(composite["subtasks"]) == tasks
     lines = _predictions(evaluated)
-    assert len(lines) == 4 * 3 * 6 + 3 * 3
+    assert len(lines) == 4 * 3 * 6 + 4 * 3
     assert {line["mode"] for line in lines} == set(MODES)
     first_composite = next(line for line in lines if line["task"] == "composite-3")
     assert len(first_composite["answers"]) == 3 and "right" in first_composite
@@ -194,6 +194,18 @@ def test_modes_mean_what_they_say(evaluated, setup):
         fused, tokenizer, prompts, max_new_tokens=8, adapter_ids=[upper] * len(prompts)
     )
     assert [x["prediction"] for x in lines if x["mode"] == "adapter"] == [p.strip() for p in forced]
+    composite = [x for x in _predictions(evaluated) if x["task"] == "composite-3" and x["mode"] == "adapter"]
+    assert composite
+    for x in composite:  # the oracle: each line by its own sub-task's adapter, after the lines before
+        lines = []
+        for task in (a["subtask"] for a in x["answers"]):
+            text = format_prompt(x["prompt"]) + "".join(line + "\n" for line in lines)
+            _, (line,) = generate_texts(
+                fused, tokenizer, [text], max_new_tokens=8,
+                adapter_ids=[list(fused.adapter_names).index(task)],
+            )  # fmt: skip
+            lines.append(line.split("\n", 1)[0].rstrip())
+        assert x["prediction"] == "\n".join(lines).strip()
     ids = np.asarray([[1, 5, 9, 14, 3, 7]], np.int32)
     out = fused(ids, return_routing=True, top_k=3, temperature=UNIFORM_TEMPERATURE)
     for routing in out.routing.values():

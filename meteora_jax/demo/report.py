@@ -186,7 +186,8 @@ def report_markdown(results: dict, cached: Mapping[str, bool]) -> str:
         "",
         "Switch accuracy: the share of answer tokens whose dominant adapter (the most routing weight over "
         "layers and projections) is the sub-answer's own task; switch lag: tokens from a sub-answer's "
-        "first token until that adapter dominates.",
+        "first token until that adapter dominates. The composite `adapter` column is the oracle routing: "
+        "each numbered line written by its own sub-task's adapter alone, a line at a time.",
     ]
     lines += _routing_lines(results["routing"])
     lines += ["", self_check_line(results["self_check"])]

@@ -4,7 +4,9 @@ then scored by the task registry.
 Modes (the paper's comparisons, on one loaded model):
 - `meteora`: the gates route every token (top-k, the routing temperature);
 - `adapter`: every row uses its own task's adapter alone (adapter and task share a name): the
-  upper bound MeteoRA should match on single-task prompts; not defined for composite prompts;
+  upper bound MeteoRA should match on single-task prompts. A composite prompt is answered a line
+  at a time, each numbered line written with its own sub-task's adapter alone: the oracle
+  routing, what perfect per-line switching would score;
 - `base`: no adapter at all;
 - `merged`: every adapter at weight 1/L on every token, which is the uniform average of the
   adapters (LoRA merging, the baseline): top-L routing at a temperature so high that the
@@ -23,7 +25,7 @@ from meteora_jax.data.prompts import format_prompt
 from meteora_jax.data.tasks import read_task_file
 from meteora_jax.errors import ConfigError
 from meteora_jax.inputs import is_int, is_real
-from meteora_jax.text import GeneratedRouting, generate_texts, generated_routing, routing_rows
+from meteora_jax.text import GeneratedRouting, generate_texts, generated_routing, routing_rows, stop_ids
 
 MODES = ("meteora", "adapter", "base", "merged")
 UNIFORM_TEMPERATURE = 1e30  # gate logits / 1e30 round to 0: every weight is exactly 1 / L
@@ -117,8 +119,8 @@ def mode_routing(
     *,
     composite_temperature: float | None = None,
 ) -> dict | None:
-    """The generation routing arguments of `mode` for a batch of `items`; None where the mode
-    does not apply (adapter mode on a composite prompt). A composite batch in meteora mode is
+    """The generation routing arguments of `mode` for a batch of `items`; None for adapter mode
+    on composite prompts, which `answer_by_line` answers. A composite batch in meteora mode is
     routed at `composite_temperature`, else `temperature`, else the reference's for its n."""
     names = model.adapter_names
     if mode == "base":
@@ -128,13 +130,7 @@ def mode_routing(
     if mode == "adapter":
         if any(item.is_composite for item in items):
             return None
-        missing = sorted({item.task for item in items if item.task not in names})
-        if missing:
-            raise ConfigError(
-                f"--mode adapter: task {missing[0]} has no adapter of that name "
-                f"(adapters: {', '.join(names)})"
-            )
-        return {"adapter_ids": [names.index(item.task) for item in items]}
+        return {"adapter_ids": own_adapters(names, [item.task for item in items])}
     if mode == "merged":
         return {"routing_top_k": len(names), "routing_temperature": UNIFORM_TEMPERATURE}
     if items and items[0].is_composite:
@@ -143,6 +139,46 @@ def mode_routing(
         elif temperature is None:
             temperature = REFERENCE_COMPOSITE_TEMPERATURE.get(len(items[0].subtasks))
     return {"routing_temperature": temperature}
+
+
+def own_adapters(names: Sequence[str], tasks: Sequence[str]) -> list[int]:
+    """The index of each task's adapter (adapter and task share a name) for `--mode adapter`."""
+    missing = sorted({t for t in tasks if t not in names})
+    if missing:
+        raise ConfigError(
+            f"--mode adapter: task {missing[0]} has no adapter of that name (adapters: {', '.join(names)})"
+        )
+    return [list(names).index(t) for t in tasks]
+
+
+def newline_ids(tokenizer) -> list[int]:
+    """Every token id whose text holds a line break: where a line-at-a-time answer stops."""
+    ids = range(len(tokenizer))
+    return [
+        i for i, text in zip(ids, tokenizer.batch_decode([[i] for i in ids]), strict=True) if "\n" in text
+    ]
+
+
+def answer_by_line(model, tokenizer, rows: Sequence[EvalItem], max_new_tokens: int) -> list[str]:
+    """Composite prompts answered one numbered line at a time, line k generated (greedy, up to
+    `max_new_tokens`) after the prompt and lines 1..k-1 with sub-task k's adapter forced: the
+    answer perfect per-line routing would give. Returns the lines joined by newlines."""
+    stops = stop_ids(model, tokenizer) + newline_ids(tokenizer)
+    lines: list[list[str]] = [[] for _ in rows]
+    for k in range(max(len(item.subtasks) for item in rows)):
+        texts = [
+            format_prompt(item.prompt) + "".join(f"{line}\n" for line in done)
+            for item, done in zip(rows, lines, strict=True)
+        ]
+        tasks = [item.subtasks[min(k, len(item.subtasks) - 1)] for item in rows]
+        _, responses = generate_texts(
+            model, tokenizer, texts, max_new_tokens=max_new_tokens, eos_token_id=stops,
+            adapter_ids=own_adapters(model.adapter_names, tasks),
+        )  # fmt: skip
+        for item, done, text in zip(rows, lines, responses, strict=True):
+            if k < len(item.subtasks):
+                done.append(text.split("\n", 1)[0].rstrip())
+    return ["\n".join(done) for done in lines]
 
 
 @dataclasses.dataclass
@@ -168,8 +204,8 @@ def answer(
 ) -> tuple[list[Answer], list]:
     """Greedy answers of `items` in `mode`, a full batch at a time (the last one padded with
     copies, so every batch has one compiled shape); with `want_routing` (and adapters), every
-    answer's routing and the viewer traces of the first batch's rows (prompt included) too.
-    Items the mode does not apply to are left out."""
+    answer's routing and the viewer traces of the first batch's rows (prompt included) too
+    (none for composite prompts in adapter mode, whose routing is forced line by line)."""
     answers, traces = [], []
     size = settings.batch_size
     for start in range(0, len(items), size):
@@ -182,7 +218,11 @@ def answer(
             settings.routing_temperature,
             composite_temperature=settings.composite_routing_temperature,
         )
-        if routing is None:
+        if routing is None:  # adapter mode on composite prompts: the line-at-a-time oracle
+            predictions = answer_by_line(model, tokenizer, rows, settings.max_new_tokens)
+            answers += [
+                Answer(item, mode, text.strip()) for item, text in zip(chunk, predictions, strict=False)
+            ]
             on_batch()
             continue
         route = want_routing and bool(model.adapter_names)
