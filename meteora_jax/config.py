@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from meteora_jax.errors import ConfigError, MissingFileError
-from meteora_jax.inputs import validate_routing
+from meteora_jax.inputs import is_int, validate_routing
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
@@ -159,10 +159,6 @@ class LlamaConfig:
 _REQUIRED = object()
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _positive_real(value: Any) -> bool:
     return (
         isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
@@ -180,7 +176,7 @@ def _field(raw: dict, key: str, where: str, default: Any, valid, kind: str) -> A
 
 
 def _positive_int_field(raw: dict, key: str, where: str, default: Any = _REQUIRED) -> int:
-    return _field(raw, key, where, default, lambda v: _is_int(v) and v > 0, "a positive integer")
+    return _field(raw, key, where, default, lambda v: is_int(v) and v > 0, "a positive integer")
 
 
 def _real_field(raw: dict, key: str, where: str, default: Any) -> float:
@@ -191,7 +187,7 @@ def _token_ids(raw: dict, key: str, where: str, default: Any) -> tuple[int, ...]
     """A token id field: an integer >= 0, a list of them, or null (no ids)."""
     value = raw.get(key, default)
     ids = value if isinstance(value, list) else [] if value is None else [value]
-    if not all(_is_int(i) and i >= 0 for i in ids):
+    if not all(is_int(i) and i >= 0 for i in ids):
         raise ConfigError(
             f"{where}: {key} must be a token id (an integer >= 0), a list of them or null, got {value!r}"
         )
@@ -232,9 +228,9 @@ def _from_dict(raw: dict[str, Any], where: str) -> LlamaConfig:
 
     rope_theta, rope_scaling = _rope_from_dict(raw, where)
     bos, pad = raw.get("bos_token_id", 1), raw.get("pad_token_id")
-    if bos is not None and not (_is_int(bos) and bos >= 0):
+    if bos is not None and not (is_int(bos) and bos >= 0):
         raise ConfigError(f"{where}: bos_token_id must be a token id (an integer >= 0) or null, got {bos!r}")
-    if pad is not None and not _is_int(pad):  # some early LLaMA conversions say -1
+    if pad is not None and not is_int(pad):  # some early LLaMA conversions say -1
         raise ConfigError(f"{where}: pad_token_id must be an integer or null, got {pad!r}")
     tie = raw.get("tie_word_embeddings", False)
     if not isinstance(tie, bool):
@@ -284,7 +280,7 @@ def _rope_from_dict(raw: dict[str, Any], where: str) -> tuple[float, RopeScaling
     original = scaling.get("original_max_position_embeddings")
     if rope_type == "llama3" and original is None:
         original = raw.get("max_position_embeddings")  # transformers' fallback
-    if original is not None and not (_is_int(original) and original > 0):
+    if original is not None and not (is_int(original) and original > 0):
         raise ConfigError(
             f"{inner}: original_max_position_embeddings must be a positive integer, got {original!r}"
         )

@@ -19,6 +19,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from meteora_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
+DEFAULT_MESH = {"data": 1, "fsdp": -1, "tensor": 1}  # every device on fsdp: the training runs' default
 
 # logical axis -> mesh axes it is split over (in order), or None for replicated.
 LOGICAL_RULES: dict[str, tuple[str, ...] | None] = {

@@ -1,8 +1,18 @@
-"""The `meteora-jax` command: its error path (the demo itself: tests/test_demo.py)."""
+"""The `meteora-jax` command: its error path and shared training flags (the demo itself:
+tests/test_demo.py)."""
+
+import argparse
+import dataclasses
 
 import pytest
 
 from meteora_jax.cli import main
+from meteora_jax.commands.training_flags import add_training_flags, run_settings
+from meteora_jax.sharding import DEFAULT_MESH
+from meteora_jax.training.config import TRAIN_BACKEND
+from meteora_jax.training.loop import Job
+from meteora_jax.training.train_gate import RunSpec
+from meteora_jax.training.train_lora import LoRASpec
 
 
 def test_unknown_command_is_refused():
@@ -14,3 +24,27 @@ def test_a_user_error_is_one_line_and_exit_code_2(tmp_path, capsys):
     assert main(["demo", "--fast", "--no-progress", "--out", "."]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("meteora-jax demo: error: --out .") and "\n" not in err
+
+
+@pytest.mark.parametrize("command", ["train-gate", "train-lora"])
+def test_closed_sets_are_refused_at_parse_time(command, tmp_path, capsys):
+    """--backend names one of the MoE-LoRA backends; a typo is refused before any file is read."""
+    argv = [command, "--base", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "o")]
+    argv += ["--adapter", str(tmp_path)] if command == "train-gate" else []
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--backend", "palas"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--backend: invalid choice: 'palas'" in err and "'pallas'" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_training_defaults_are_declared_once():
+    """With no --mesh / --backend, a run gets the specs' own defaults (one declaration each)."""
+    parser = argparse.ArgumentParser()
+    add_training_flags(parser, lr=1e-3, clip_norm=1.0, lm_loss="all", eval_what="eval")
+    settings = run_settings(parser.parse_args(["--base", "b"], argparse.Namespace(out="o")))
+    for spec in (RunSpec, LoRASpec, Job):
+        fields = {f.name: f for f in dataclasses.fields(spec)}
+        assert settings["mesh"] == fields["mesh"].default_factory() == DEFAULT_MESH
+        assert settings["backend"] == fields["backend"].default == TRAIN_BACKEND

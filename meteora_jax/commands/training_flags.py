@@ -9,8 +9,9 @@ from meteora_jax.data.pipeline import DataConfig
 from meteora_jax.data.samples import LM_LOSSES
 from meteora_jax.modeling.attention import IMPLEMENTATIONS
 from meteora_jax.modeling.llama import REMAT_POLICIES
-from meteora_jax.sharding import parse_mesh
-from meteora_jax.training.config import COMPUTE_DTYPES
+from meteora_jax.ops.moe_lora import BACKENDS
+from meteora_jax.sharding import DEFAULT_MESH, parse_mesh
+from meteora_jax.training.config import COMPUTE_DTYPES, TRAIN_BACKEND
 
 
 def add_training_flags(
@@ -64,8 +65,14 @@ def add_training_flags(
     run.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     run.add_argument("--eval-every", type=int, default=0, help=f"{eval_what} every N steps (0: at the end)")
     run.add_argument("--log-every", type=int, default=1)
-    run.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1", metavar="data=N,fsdp=N,tensor=N")
-    run.add_argument("--backend", default="xla", help="MoE-LoRA backend (default xla: the dense path)")
+    mesh = ",".join(f"{axis}={size}" for axis, size in DEFAULT_MESH.items())
+    run.add_argument("--mesh", default=mesh, metavar="data=N,fsdp=N,tensor=N", help=f"(default {mesh})")
+    run.add_argument(
+        "--backend",
+        default=TRAIN_BACKEND,
+        choices=BACKENDS,
+        help=f"MoE-LoRA backend (default {TRAIN_BACKEND})",
+    )
     run.add_argument(
         "--attention",
         default="auto",

@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import numbers
 import os
 import random
 from collections.abc import Iterable, Sequence
@@ -68,6 +67,7 @@ from collections.abc import Iterable, Sequence
 from meteora_jax.data.prompts import PROMPT_TEMPLATE
 from meteora_jax.data.tasks import Sample, read_task_file
 from meteora_jax.errors import ConfigError, MissingFileError
+from meteora_jax.inputs import is_int
 from meteora_jax.io.files import (
     API_SETTING,
     check_output_path,
@@ -107,10 +107,6 @@ MIN_SUBTASKS = 2
 SPLITS = ("train", "test")
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 @dataclasses.dataclass(frozen=True)
 class CompositeSettings:
     """What to build: `n` sub-tasks per prompt, or the explicit `subtasks` (then n is their
@@ -141,15 +137,15 @@ class CompositeSettings:
         n = self.n
         if n is None:
             problems.append("give n (the number of sub-tasks per prompt) or the subtasks list")
-        elif not _is_int(n) or n < MIN_SUBTASKS:
+        elif not is_int(n) or n < MIN_SUBTASKS:
             problems.append(
                 f"n must be an integer >= {MIN_SUBTASKS} (a composite of several tasks), got {n!r}"
             )
         elif subtasks is not None and len(subtasks) != n:
             problems.append(f"n is {n} but subtasks names {len(subtasks)} tasks ({', '.join(subtasks)})")
-        if not _is_int(self.samples) or self.samples < 1:
+        if not is_int(self.samples) or self.samples < 1:
             problems.append(f"samples must be an integer >= 1, got {self.samples!r}")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             problems.append(f"seed must be an integer, got {self.seed!r}")
         if problems:
             raise ConfigError("; ".join(problems))

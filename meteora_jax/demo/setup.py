@@ -34,7 +34,7 @@ from meteora_jax.errors import ConfigError
 from meteora_jax.io.files import write_text_atomic
 from meteora_jax.io.hf import save_llama
 from meteora_jax.modeling.llama import LlamaForCausalLM
-from meteora_jax.sharding import make_mesh
+from meteora_jax.sharding import DEFAULT_MESH, make_mesh
 
 # Tried and left out, their adapters missing 90% exact match at the demo's budget: reverse (89% at
 # 300 steps), count (31%), add (8%), cipher (100% on one base, 8-17% on two others).
@@ -123,7 +123,7 @@ def build_demo_base(
         len(tokenizer), layers=settings.layers, hidden=settings.hidden, max_positions=settings.max_positions
     )
     model = LlamaForCausalLM(config, rngs=nnx.Rngs(settings.seed))
-    mesh = make_mesh(data=1, fsdp=-1, tensor=1, devices=jax.devices())
+    mesh = make_mesh(**DEFAULT_MESH, devices=jax.devices())
     samples = {"pretrain": tuple(Sample(0, prompt=s["prompt"], response=s["response"]) for s in copies)}
     losses = pretrain(model, tokenizer, samples, settings.pretrain, mesh, progress=progress)
     base = os.path.join(root, "base")

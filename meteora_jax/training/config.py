@@ -10,6 +10,7 @@ from meteora_jax.inputs import is_int, is_real
 from meteora_jax.modeling.llama import REMAT_POLICIES
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+TRAIN_BACKEND = "xla"  # the MoE-LoRA backend training runs use unless told: the dense path
 GATE_LOSS_GRADS = ("gates", "all")
 
 # Settings that shape the saved optimizer state: a run cannot resume under other values. (The

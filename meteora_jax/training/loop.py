@@ -35,14 +35,14 @@ from meteora_jax.io import checkpoint, checksums, files
 from meteora_jax.io.hf import load_llama
 from meteora_jax.io.stacking import AdapterInfo, Path
 from meteora_jax.modeling.attention import check_training_length
-from meteora_jax.sharding import MESH_AXES, host_to_global, make_mesh
+from meteora_jax.sharding import DEFAULT_MESH, MESH_AXES, host_to_global, make_mesh
 from meteora_jax.training import run_lock
 from meteora_jax.training.checkpointing import (
     RunCheckpoints,
     flat_state,
     set_aside,
 )
-from meteora_jax.training.config import SHAPE_SETTINGS, TrainConfig
+from meteora_jax.training.config import SHAPE_SETTINGS, TRAIN_BACKEND, TrainConfig
 from meteora_jax.training.curves import write_curves
 from meteora_jax.training.state import TrainState, cast_frozen, split_for_training, trainable_kinds
 from meteora_jax.training.step import batch_sharding, make_train_step
@@ -82,8 +82,8 @@ class Job:
     tokenizer: Any
     tasks: Mapping[str, Sequence[Sample]]  # training samples by task, labelled by adapter index
     mixture: Callable[[], Mixture]
-    mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
-    backend: str = "xla"
+    mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_MESH))
+    backend: str = TRAIN_BACKEND
     attention: str = "auto"
     progress: bool = True
     evaluation: Evaluation | None = None

@@ -14,7 +14,8 @@ from meteora_jax.data.tasks import load_tasks
 from meteora_jax.errors import ConfigError
 from meteora_jax.io import checkpoint
 from meteora_jax.io import gates as gates_io
-from meteora_jax.training.config import TrainConfig
+from meteora_jax.sharding import DEFAULT_MESH
+from meteora_jax.training.config import TRAIN_BACKEND, TrainConfig
 from meteora_jax.training.loop import Job, RunResult, prepare_out, run
 from meteora_jax.training.routing_eval import RoutingEvaluation
 from meteora_jax.training.truncation import check_truncation
@@ -30,10 +31,10 @@ class RunSpec:
     out: str
     train: TrainConfig
     data: DataConfig
-    mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
+    mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_MESH))
     tasks: Sequence[str] | None = None
     init_from: str | None = None  # a checkpoint of these adapters: start from its gates and stacks
-    backend: str = "xla"
+    backend: str = TRAIN_BACKEND
     attention: str = "auto"
     force: bool = False
     progress: bool = True

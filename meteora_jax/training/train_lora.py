@@ -29,7 +29,8 @@ from meteora_jax.io import checkpoint, checksums
 from meteora_jax.io.peft import LoRAAdapter, read_adapter
 from meteora_jax.io.peft_write import update_adapter_files
 from meteora_jax.io.stacking import AdapterInfo, init_gates, moe_config_for, stack_adapters, unstack_adapters
-from meteora_jax.training.config import TrainConfig
+from meteora_jax.sharding import DEFAULT_MESH
+from meteora_jax.training.config import TRAIN_BACKEND, TrainConfig
 from meteora_jax.training.loop import Job, RunResult, prepare_out, run
 from meteora_jax.training.lora_init import new_adapter, parse_targets
 from meteora_jax.training.task_eval import TaskEvaluation, scored_samples
@@ -76,8 +77,8 @@ class LoRASpec:
     train: TrainConfig
     data: DataConfig
     lora: LoRASettings = LoRASettings()
-    mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
-    backend: str = "xla"
+    mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_MESH))
+    backend: str = TRAIN_BACKEND
     attention: str = "auto"
     force: bool = False
     progress: bool = True
