@@ -130,6 +130,14 @@ def test_sample_labels_and_lm_targets():
         assert enc["input_ids"].tolist() == [BOS, *chars("abc"), EOS]
         assert enc["gate_labels"].tolist() == [1, 1, 1, 0, 0]  # BOS with the first segment, EOS the last
         assert enc["target_mask"].tolist() == [1] * 5
+    # A labelled composite: the response (LM targets under "response") follows the segment that
+    # closes the chat template.
+    chat = Sample(label=0, segments=((1, HEAD + "q"), (0, TAIL), (1, "o"), (0, "k")))
+    assert encode_sample(tok, chat)["target_mask"].tolist() == [1] * 21
+    enc = encode_sample(tok, chat, lm_loss="response")
+    assert enc["input_ids"].tolist() == encode_sample(tok, sample)["input_ids"].tolist()
+    assert enc["gate_labels"].tolist() == [1] * (1 + len(HEAD) + 1) + [0] * len(TAIL) + [1, 0, 0]
+    assert enc["target_mask"].tolist() == [0] * 18 + [1, 1, 1]  # as the prompt / response sample
 
 
 # ------------------------------------------------------------------------------ rows

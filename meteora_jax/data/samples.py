@@ -12,11 +12,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from meteora_jax.data.prompts import encode_example, encode_segments
+from meteora_jax.data.prompts import PROMPT_TEMPLATE, encode_example, encode_segments
 from meteora_jax.data.tasks import Sample, load_tasks
 from meteora_jax.errors import ConfigError
 
 LM_LOSSES = ("all", "response")
+
+
+TEMPLATE_CLOSE = PROMPT_TEMPLATE.split("{input}")[1]  # " [/INST]\n": where a response begins
 
 
 def encode_sample(tokenizer, sample: Sample, *, lm_loss: str = "all") -> dict[str, np.ndarray]:
@@ -24,8 +27,9 @@ def encode_sample(tokenizer, sample: Sample, *, lm_loss: str = "all") -> dict[st
 
     `gate_labels` is the adapter index of every token (a segments sample: its segment's).
     `target_mask[t]` is 1 where token t counts as an LM target: every token for `lm_loss="all"`
-    (the reference), the response tokens and EOS for `"response"`; a segments sample has no
-    prompt, so all its tokens count.
+    (the reference), the response tokens and EOS for `"response"`. A segments sample's response is
+    what follows its last segment ending the chat template (`" [/INST]\n"`, as `labelled_segments`
+    writes it); without one, all its tokens count.
     """
     if lm_loss not in LM_LOSSES:
         raise ConfigError(f"lm_loss must be one of {LM_LOSSES}, got {lm_loss!r}")
@@ -36,9 +40,13 @@ def encode_sample(tokenizer, sample: Sample, *, lm_loss: str = "all") -> dict[st
         if lm_loss == "response":
             target_t[:num_prompt] = 0
     else:
-        ids, lengths = encode_segments(tokenizer, [text for _, text in sample.segments])
+        texts = [text for _, text in sample.segments]
+        ids, lengths = encode_segments(tokenizer, texts)
         labels_t = np.repeat(np.asarray([label for label, _ in sample.segments], np.int32), lengths)
         target_t = np.ones(len(ids), np.int32)
+        closing = [i for i, text in enumerate(texts) if text.endswith(TEMPLATE_CLOSE)]
+        if lm_loss == "response" and closing:
+            target_t[: sum(lengths[: closing[-1] + 1])] = 0
     return {"input_ids": np.asarray(ids, np.int32), "gate_labels": labels_t, "target_mask": target_t}
 
 
