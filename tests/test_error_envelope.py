@@ -121,6 +121,17 @@ def test_missing_inputs_are_one_line(capsys, world, tmp_path):
     one_line_error(capsys, argv, "nobase")
 
 
+def test_prompt_files_the_codecs_reject_are_one_line(capsys, world, tmp_path):
+    """generate --prompts: a byte that is not UTF-8, or a lone surrogate, names the file and line."""
+    for name, data, says in (
+        ("bytes.jsonl", b'{"prompt": "a"}\n{"prompt": "\xc3("}\n', "line 2: not UTF-8 text (byte 0xc3"),
+        ("surrogate.jsonl", b'{"prompt": "\\udfff"}\n', "line 1: a string holds a lone surrogate"),
+    ):
+        path = tmp_path / name
+        path.write_bytes(data)
+        one_line_error(capsys, ["generate", "--base", world["base"], "--prompts", path], f"{path} {says}")
+
+
 def test_os_errors_from_below_are_one_line_too(capsys):
     def denied(_):
         raise PermissionError(13, "Permission denied", "/somewhere/out.json")

@@ -75,6 +75,7 @@ from meteora_jax.io.files import (
     refuse_existing,
     write_text_atomic,
 )
+from meteora_jax.io.jsonl import read_jsonl
 
 PRESETS = {
     "composite-3": ("logical_deduction", "question_selection", "strategyqa"),
@@ -428,17 +429,7 @@ def read_composite(path: str | os.PathLike) -> list[dict]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise MissingFileError(f"composite file {path} does not exist")
-    lines = []
-    with open(path, encoding="utf-8") as f:
-        for number, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{where}: not valid JSON ({e})") from None
-            lines.append(_check_line(record, where))
+    lines = [_check_line(record, where) for where, record in read_jsonl(path)]
     if not lines:
         raise ConfigError(f"{path}: holds no composite prompts")
     return lines

@@ -9,13 +9,13 @@ one function `encode_prompt`, so the two cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from meteora_jax.errors import ConfigError, MissingFileError
+from meteora_jax.io.jsonl import read_jsonl
 
 PROMPT_TEMPLATE = "[INST] {input} [/INST]\n"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -25,6 +25,15 @@ _REPLACEMENT = "\ufffd"  # what a decoder shows for an incomplete UTF-8 sequence
 def format_prompt(text: str) -> str:
     """`text` in the MeteoRA instruction format: "[INST] {text} [/INST]\\n"."""
     return PROMPT_TEMPLATE.format(input=text)
+
+
+def unformat_prompt(text: str) -> str | None:
+    """The input of a prompt already in the instruction format (as the MeteoRA reference stores
+    its task files), or None for a raw prompt."""
+    head, tail = PROMPT_TEMPLATE.split("{input}")
+    if text.startswith(head) and text.endswith(tail) and len(text) >= len(head) + len(tail):
+        return text[len(head) : len(text) - len(tail)]
+    return None
 
 
 def load_tokenizer(base_dir: str | os.PathLike):
@@ -189,17 +198,10 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     """The "prompt" field of every line of a JSONL file (task files also carry "response")."""
     path = os.fspath(path)
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path} line {number}: not valid JSON ({e})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ConfigError(f'{path} line {number}: expected an object with a string "prompt"')
-            prompts.append(record["prompt"])
+    for where, record in read_jsonl(path):
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ConfigError(f'{where}: expected an object with a string "prompt"')
+        prompts.append(record["prompt"])
     if not prompts:
         raise ConfigError(f"{path} holds no prompts")
     return prompts

@@ -10,11 +10,13 @@ one-line `ConfigError` naming the file and line (or the folders) at fault.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import warnings
 from collections.abc import Sequence
 
+from meteora_jax.data.prompts import PROMPT_TEMPLATE, unformat_prompt
 from meteora_jax.errors import ConfigError
+from meteora_jax.io.jsonl import read_jsonl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,11 +102,7 @@ def _parse_segments(segments, where: str, adapters: list[str]) -> tuple[tuple[in
     return tuple(parsed)
 
 
-def _parse_line(line: str, where: str, label: int, adapters: list[str]) -> Sample:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{where}: not valid JSON ({e})") from None
+def _parse_line(record, where: str, label: int, adapters: list[str]) -> Sample:
     if not isinstance(record, dict):
         raise ConfigError(f'{where}: expected an object with "prompt" and "response", or "segments"')
     if "segments" in record:
@@ -118,14 +116,28 @@ def _parse_line(line: str, where: str, label: int, adapters: list[str]) -> Sampl
 def read_task_file(path: str, label: int, adapter_names: Sequence[str]) -> tuple[Sample, ...]:
     """The samples of one split file (blank lines skipped), each labelled `label`."""
     adapters = list(adapter_names)
-    samples = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                samples.append(_parse_line(line, f"{path} line {number}", label, adapters))
+    samples = [_parse_line(record, where, label, adapters) for where, record in read_jsonl(path)]
     if not samples:
         raise ConfigError(f"{path}: task {adapters[label]!r} holds no samples")
-    return tuple(samples)
+    return _unformatted(samples, path)
+
+
+def _unformatted(samples: list[Sample], path: str) -> tuple[Sample, ...]:
+    """`samples` with prompts already in the instruction format (the reference's task files)
+    read as their input, so training, generation and evaluation wrap them once; said once."""
+    raw = [None if s.prompt is None else unformat_prompt(s.prompt) for s in samples]
+    count = sum(r is not None for r in raw)
+    if count:
+        warnings.warn(
+            f"{path}: {count} of {len(samples)} prompts are already in the instruction format "
+            f"({PROMPT_TEMPLATE!r}); they are read as the text inside it, which training and "
+            "evaluation wrap once",
+            UserWarning,
+            stacklevel=3,
+        )
+    return tuple(
+        s if r is None else dataclasses.replace(s, prompt=r) for s, r in zip(samples, raw, strict=True)
+    )
 
 
 def load_tasks(
