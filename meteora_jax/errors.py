@@ -5,6 +5,10 @@ API callers catch one class. The file errors also derive from the builtin they r
 `except FileNotFoundError` / `except FileExistsError` keep working.
 """
 
+import errno
+import os
+import re
+
 
 class MeteoRAError(ValueError):
     """Base class for problems with user-supplied configs, files and inputs."""
@@ -33,3 +37,37 @@ class OutputPathError(MeteoRAError):
 
 class TrainingError(MeteoRAError):
     """A run that cannot go on: a non-finite loss, a folder it may not use."""
+
+
+# Errors of the machine the user points us at, not of our code: a full disk or quota, a read-only
+# file system. Libraries that write in the background (Orbax) raise them wrapped in their own.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+# tensorstore (under Orbax) reports a failed write as a ValueError whose status text ends with
+# `[os_error_code='28']` and names the file in quotes: the only place its errno is given.
+_TENSORSTORE_ERRNO = re.compile(r"\[os_error_code='(\d+)'\]")
+_TENSORSTORE_PATH = re.compile(r'"(/[^"]+)"')
+
+
+def storage_error(exc: BaseException) -> OSError | None:
+    """The full-disk / read-only `OSError` behind `exc` (itself, or one it was raised from or
+    during, or a tensorstore write error carrying such an errno), or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+            return exc
+        code = _TENSORSTORE_ERRNO.search(str(exc)) if isinstance(exc, ValueError) else None
+        if code is not None and int(code.group(1)) in STORAGE_ERRNOS:
+            paths = _TENSORSTORE_PATH.findall(str(exc))
+            number = int(code.group(1))
+            return OSError(number, os.strerror(number), paths[-1] if paths else None)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def describe_os_error(exc: OSError) -> str:
+    """`exc` as "PATH: what happened" (the strerror, as the shell says it)."""
+    what = exc.strerror or str(exc)
+    return f"{exc.filename}: {what}" if exc.filename else what

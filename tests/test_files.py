@@ -3,6 +3,7 @@ and the writers built on them (`save_llama`, the safetensors writer)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import pathlib
 
@@ -13,7 +14,7 @@ import safetensors
 from flax import nnx
 
 from meteora_jax.config import LlamaConfig
-from meteora_jax.errors import CheckpointError
+from meteora_jax.errors import CheckpointError, describe_os_error, storage_error
 from meteora_jax.io import files
 from meteora_jax.io.files import raise_problems, staged_directory, write_bytes_atomic, write_text_atomic
 from meteora_jax.io.hf import load_llama, save_llama
@@ -241,3 +242,38 @@ def test_raise_problems_message_shape():
     assert str(info.value) == "where: " + "; ".join(problems[:12]) + "; and 8 more"
     with pytest.raises(ValueError, match=r"^where: p0; p1; p2; and 17 more$"):
         files.raise_problems(ValueError, "where", problems, max_shown=3)
+
+
+def test_a_refused_temporary_twin_names_the_output_asked_for(tmp_path, monkeypatch):
+    """Creating the hidden temporary file / folder fails (read-only, no permission): the error
+    names the user's path, never the temporary one."""
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".out.tmp-x1y2"))
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(files.tempfile, "mkdtemp", denied)
+    with pytest.raises(PermissionError) as info:
+        files.write_text_atomic(tmp_path / "out.json", "{}")
+    assert info.value.filename == str(tmp_path / "out.json")
+    with pytest.raises(PermissionError) as info, files.staged_directory(tmp_path / "folder"):
+        pass
+    assert info.value.filename == str(tmp_path / "folder") and not os.listdir(tmp_path)
+
+
+def test_storage_errors_are_found_behind_library_wrappers():
+    """A full disk or read-only file system behind another error, or in tensorstore's status
+    text (how Orbax reports a failed write), is recognised with its path; others are not."""
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device", "/run/8/opt")
+    except OSError as e:
+        wrapped = RuntimeError("save failed")
+        wrapped.__cause__ = e
+    assert storage_error(wrapped).filename == "/run/8/opt"
+    text = 'RESOURCE_EXHAUSTED: Error writing local file "/run/4/x": Failed writing: "/run/4/x.__lock": ' + (
+        "Failed to write 5576 bytes to file 6: No space left on device [os_error_code='28']"
+    )
+    found = storage_error(ValueError(text))
+    assert (found.errno, found.filename) == (errno.ENOSPC, "/run/4/x.__lock")
+    assert describe_os_error(found) == "/run/4/x.__lock: No space left on device"
+    assert storage_error(ValueError("os_error_code='2'")) is None and storage_error(KeyError("x")) is None

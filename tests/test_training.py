@@ -6,9 +6,12 @@ random adapters and three string tasks; every run is a few seconds on 8 simulate
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -31,8 +34,10 @@ from meteora_jax.io import checkpoint
 from meteora_jax.modeling.llama import LlamaForCausalLM
 from meteora_jax.sharding import make_mesh
 from meteora_jax.training import run_lock
+from meteora_jax.training.checkpointing import RunCheckpoints
 from meteora_jax.training.config import TrainConfig
 from meteora_jax.training.loop import TrainingError
+from meteora_jax.training.routing_eval import RoutingEvaluation
 from meteora_jax.training.state import shardings_of, split_for_training
 from meteora_jax.training.step import batch_sharding, make_gradients
 from meteora_jax.training.train_gate import RunSpec, train
@@ -268,6 +273,131 @@ def test_a_larger_steps_extends_a_finished_run_and_the_log_says_the_schedule_cha
     assert again.step == 8 and "nothing to do" in capsys.readouterr().err
 
 
+def _set(args: list[str], flag: str, value: str) -> list[str]:
+    """`args` with `flag`'s value replaced."""
+    i = args.index(flag)
+    return [*args[: i + 1], value, *args[i + 2 :]]
+
+
+def _folder_bytes(folder) -> dict[str, bytes]:
+    return {
+        os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+        for d, _, files in os.walk(folder)
+        for f in files
+    }
+
+
+def test_changed_data_or_batch_size_is_refused_and_the_run_kept_until_new_data(setup, tmp_path, capsys):
+    """A finished run rerun with another --batch-size, or after lines were appended to a task file,
+    is refused naming what changed, leaving every file as it was (no step set aside, no output
+    rewritten); --new-data goes on from the last step with the data stream from its start."""
+    data = tmp_path / "data"
+    shutil.copytree(setup.data, data)
+    out = tmp_path / "run"
+    args = [a if a != setup.data else os.fspath(data) for a in _cli_args(setup, out, 4, 4)]
+    assert main(args) == 0
+    before = _folder_bytes(out)
+    capsys.readouterr()
+    longer = _set(args, "--steps", "8")
+    assert main(_set(longer, "--batch-size", "4")) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"cannot resume {out} at step 4" in err and "batch_size: saved 8, now 4" in err
+    assert "--new-data" in err and "\n" not in err
+    assert _folder_bytes(out) == before
+    task = sorted(os.listdir(data))[0]
+    with open(data / task / "train.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"prompt": "upper: abc", "response": "ABC"}) + "\n")
+    assert main(longer) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "tasks: saved" in err and "samples: saved" in err
+    assert _folder_bytes(out) == before
+    assert main([*longer, "--new-data"]) == 0
+    err = capsys.readouterr().err
+    assert "step 4: the data changed (samples, tasks); going on with it" in err
+    assert checkpoint.checkpoint_steps(out) == [4, 8] and not any(
+        n.startswith(".bad-step") for n in os.listdir(out)
+    )
+    assert [r["step"] for r in _records(out) if "loss" in r] == list(range(1, 9))
+
+
+def test_a_huge_held_out_prompt_is_left_out_naming_its_line(setup, tmp_path):
+    """A 64 KB prompt in a test split is left out of the held-out evaluation with one warning
+    naming its file and line; the run trains and evaluates the others."""
+    data = tmp_path / "data"
+    shutil.copytree(setup.data, data)
+    task = sorted(os.listdir(data))[0]
+    with open(data / task / "test.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"prompt": f"{task}: " + "a" * 65536, "response": "x"}) + "\n")
+    lines = (data / task / "test.jsonl").read_text().count("\n")
+    spec = dataclasses.replace(
+        _spec(setup, tmp_path / "run", steps=2, save_every=2), data_dir=os.fspath(data)
+    )
+    with pytest.warns(
+        UserWarning, match=rf"1 held-out samples are longer than --seq-len 64 .*test.jsonl line {lines}"
+    ):
+        result = train(spec)
+    prompts = sum((data / t / "test.jsonl").read_text().count("\n") for t in os.listdir(data))
+    assert result.step == 2 and result.evaluation["prompts"] == prompts - 1
+
+
+def test_a_failing_evaluation_loses_no_step(setup, tmp_path, monkeypatch):
+    """The last step is saved before the end-of-run evaluation: when that evaluation fails, a
+    rerun finds the run finished."""
+
+    def broken(self, model, mesh):
+        raise MemoryError("evaluation ran out of memory")
+
+    monkeypatch.setattr(RoutingEvaluation, "__call__", broken)
+    out = tmp_path / "run"
+    with pytest.raises(MemoryError):
+        train(_spec(setup, out, steps=3, save_every=2))
+    assert checkpoint.checkpoint_steps(out) == [2, 3]
+
+
+def test_a_full_disk_is_one_line_naming_the_path_and_the_last_good_step(setup, tmp_path, monkeypatch, capsys):
+    """A save that hits ENOSPC (raised as Orbax does, wrapped in its own error) ends the command
+    with one line naming the path, the cause and the last good checkpoint (exit 2); the rerun
+    resumes from that step and equals an uninterrupted run."""
+    out = tmp_path / "run"
+    real_save = RunCheckpoints.save
+
+    def save(self, step, *args, **kwargs):
+        if step == 8:
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device", os.fspath(out / "8" / "opt"))
+            except OSError as e:
+                raise RuntimeError("could not write the checkpoint") from e
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(RunCheckpoints, "save", save)
+    args = _cli_args(setup, out, 12, 4)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert (
+        f"{out}/8/opt: No space left on device: training stopped; the last good checkpoint is step 4" in err
+    )
+    monkeypatch.setattr(RunCheckpoints, "save", real_save)
+    assert main(args) == 0
+    assert checkpoint.checkpoint_steps(out) == [4, 8, 12]
+    assert [r["step"] for r in _records(out) if "loss" in r] == list(range(1, 13))
+
+
+def test_out_holding_a_converted_checkpoint_is_refused_and_left_untouched(setup, tmp_path, capsys):
+    """A `convert` checkpoint has steps but no run state: refused as what it is, before the lock
+    file (or anything else) is written into it."""
+    converted = tmp_path / "converted"
+    adapters = [a for name, folder in setup.adapters.items() for a in ("--adapter", f"{name}={folder}")]
+    assert main(["convert", "--base", setup.base, *adapters, "--out", os.fspath(converted)]) == 0
+    before = _folder_bytes(converted)
+    capsys.readouterr()
+    assert main(_cli_args(setup, converted, 2, 2)) == 2
+    err = capsys.readouterr().err
+    assert f"--out {converted} holds a checkpoint without run state (as `convert` writes)" in err
+    assert _folder_bytes(converted) == before and not (converted / run_lock.LOCK_FILE).exists()
+
+
 def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(setup, tmp_path):
     """lr 1e38 sends the gate logits past float32 after the first update: the run stops at the first step
     whose loss is not finite, and the checkpoint saved before it stays."""
@@ -368,20 +498,26 @@ def test_gates_learn_to_route_held_out_prompts(setup, tmp_path):
     assert result.evaluation["last_layer_accuracy"] >= 0.85
 
 
-def test_bad_data_fails_at_once_naming_file_and_line(setup, tmp_path, capsys):
-    """A malformed JSONL line ends the command (exit 2) with one line naming the file and line,
-    before the model is loaded; nothing is written to --out."""
-    import shutil
-
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        (b'{"prompt": "upper: abc"\n', "not valid JSON"),
+        (b'{"prompt": "upper: ab\xff", "response": "AB"}\n', "not UTF-8 text (byte 0xff at column 22)"),
+        (b'{"prompt": "upper: \\ud800", "response": "X"}\n', "lone surrogate ('\\ud800')"),
+    ],
+)
+def test_bad_data_fails_at_once_naming_file_and_line(setup, tmp_path, capsys, line, says):
+    """A malformed line, a byte that is not UTF-8 or a lone surrogate ends the command (exit 2)
+    with one line naming the file and line, before the model is loaded; nothing is written."""
     data = tmp_path / "data"
     shutil.copytree(setup.data, data)
-    with open(data / "upper" / "train.jsonl", "a", encoding="utf-8") as f:
-        f.write('{"prompt": "upper: abc"\n')
+    with open(data / "upper" / "train.jsonl", "ab") as f:
+        f.write(line)
     args = _cli_args(setup, tmp_path / "run", 2, 2)
     args[args.index("--data") + 1] = os.fspath(data)
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "upper/train.jsonl line 65" in err[0]
+    assert len(err) == 1 and "upper/train.jsonl line 65: " in err[0] and says in err[0], err
     assert not (tmp_path / "run").exists()
 
 

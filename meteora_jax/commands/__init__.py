@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from meteora_jax.errors import ConfigError, MeteoRAError, MissingFileError
+from meteora_jax.errors import ConfigError, MeteoRAError, MissingFileError, describe_os_error, storage_error
 from meteora_jax.inputs import validate_adapter_name
 
 # OS errors a user causes (a path that is missing, taken, of the wrong kind or not theirs): reported
@@ -23,10 +23,19 @@ def run_reporting(args: argparse.Namespace) -> int:
     try:
         args.func(args)
     except (MeteoRAError, *USER_OS_ERRORS) as e:
-        message = " ".join(str(e).split("\n"))
-        print(f"meteora-jax {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        return _report(args.command, str(e))
+    except Exception as e:
+        storage = storage_error(e)
+        if storage is None:
+            raise
+        return _report(args.command, describe_os_error(storage))
     return 0
+
+
+def _report(command: str, message: str) -> int:
+    message = " ".join(message.split("\n"))
+    print(f"meteora-jax {command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 def adapter_specs(specs: list[str], option: str = "--adapter") -> dict[str, str]:

@@ -65,6 +65,12 @@ def add_training_flags(
     run.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     run.add_argument("--eval-every", type=int, default=0, help=f"{eval_what} every N steps (0: at the end)")
     run.add_argument("--log-every", type=int, default=1)
+    run.add_argument(
+        "--new-data",
+        action="store_true",
+        help="resume a run whose data or data settings changed: weights and optimizer go on, the data "
+        "stream starts afresh",
+    )
     mesh = ",".join(f"{axis}={size}" for axis, size in DEFAULT_MESH.items())
     run.add_argument("--mesh", default=mesh, metavar="data=N,fsdp=N,tensor=N", help=f"(default {mesh})")
     run.add_argument(
@@ -104,6 +110,7 @@ def train_settings(args: argparse.Namespace) -> dict:
         "keep": args.keep,
         "eval_every": args.eval_every,
         "log_every": args.log_every,
+        "new_data": args.new_data,
     }
 
 

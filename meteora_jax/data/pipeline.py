@@ -16,6 +16,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 
 import grain
@@ -138,6 +140,15 @@ def _stack_rows(rows: tuple) -> tuple[dict[str, np.ndarray], BatchStats]:
     return {k: batch[k] for k in BATCH_KEYS}, stats
 
 
+class DataStateMismatch(ConfigError):
+    """A saved data position belongs to other data or data settings: `changes` names them."""
+
+    def __init__(self, changes: dict[str, tuple]):
+        self.changes = changes
+        said = "; ".join(f"{k}: saved {saved!r}, now {now!r}" for k, (saved, now) in changes.items())
+        super().__init__(f"the data position was saved with other data or settings ({said})")
+
+
 class TrainBatches(grain.DatasetIterator):
     """This host's rows of every global batch, without end.
 
@@ -177,14 +188,24 @@ class TrainBatches(grain.DatasetIterator):
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
             raise ConfigError(f"data iterator state is not a version-{_STATE_VERSION} TrainBatches state")
         if state["layout"] != self.layout:
-            changed = sorted(k for k in self.layout if state["layout"].get(k) != self.layout[k])
-            saved = {k: state["layout"].get(k) for k in changed}
-            now = {k: self.layout[k] for k in changed}
-            raise ConfigError(f"data iterator state was saved with other settings: saved {saved}, now {now}")
+            saved = state["layout"] if isinstance(state["layout"], dict) else {}
+            keys = sorted(set(self.layout) | set(saved))
+            raise DataStateMismatch(
+                {k: (saved.get(k), self.layout.get(k)) for k in keys if saved.get(k) != self.layout.get(k)}
+            )
         self._parent.set_state(state["rows"])
         self.steps = state["steps"]
         self.total_truncated = state["total_truncated"]
         self.last_stats = None
+
+
+def samples_fingerprint(tasks: Mapping[str, Sequence[Sample]]) -> str:
+    """A short hash of every task's samples (text and labels, in order): a saved data position
+    is only good for the same data."""
+    digest = hashlib.sha256()
+    for name, samples in tasks.items():
+        digest.update(json.dumps([name, [dataclasses.astuple(s)[:4] for s in samples]]).encode())
+    return digest.hexdigest()[:16]
 
 
 def train_batches(
@@ -233,6 +254,7 @@ def train_batches(
         "process_index": process_index,
         "process_count": process_count,
         "tasks": {name: len(samples) for name, samples in tasks.items()},
+        "samples": samples_fingerprint(tasks),
     }
     batches = grain_exp.ZipIterDataset(streams).map(_stack_rows)
     if prefetch:

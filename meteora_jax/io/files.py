@@ -105,6 +105,15 @@ def refuse_existing(out_dir: str | os.PathLike, *, force: bool = False, setting:
 
 
 @contextlib.contextmanager
+def _naming(path: str) -> Iterator[None]:
+    """An OS error of creating `path`'s temporary twin names `path`, the output the user asked for."""
+    try:
+        yield
+    except OSError as e:
+        raise type(e)(e.errno, e.strerror, path) from None
+
+
+@contextlib.contextmanager
 def staged_directory(out_dir: str | os.PathLike, *, force: bool = False) -> Iterator[str]:
     """Yields a fresh temporary folder next to `out_dir` that becomes `out_dir` when the block succeeds.
 
@@ -117,8 +126,9 @@ def staged_directory(out_dir: str | os.PathLike, *, force: bool = False) -> Iter
     refuse_existing(out_dir, force=force)
     out_dir = os.path.abspath(os.fspath(out_dir))
     parent, name = os.path.split(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name[:_NAME_IN_PREFIX]}.tmp-", dir=parent)
+    with _naming(out_dir):
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{name[:_NAME_IN_PREFIX]}.tmp-", dir=parent)
     try:
         os.chmod(tmp, 0o755)
         yield tmp
@@ -168,7 +178,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
     check_output_path(path, setting=API_SETTING)
     path = os.path.abspath(os.fspath(path))
     folder, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name[:_NAME_IN_PREFIX]}.tmp-", dir=folder)
+    with _naming(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{name[:_NAME_IN_PREFIX]}.tmp-", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f

@@ -23,6 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from meteora_jax.data.pipeline import DataStateMismatch
 from meteora_jax.errors import CheckpointError
 from meteora_jax.io import checkpoint
 from meteora_jax.io.checkpoint import CorruptCheckpointError
@@ -92,13 +93,17 @@ class RunCheckpoints:
 
     def restore(self, step: int, opt_template: dict, batches) -> tuple[checkpoint.Checkpoint, dict]:
         """(params and metadata, restored optimizer arrays) of `step`; moves `batches` to the
-        step's data position. Raises CheckpointError for anything unreadable or corrupt."""
+        step's data position (None: leaves them at their start). Raises DataStateMismatch when
+        the position belongs to other data or settings, CheckpointError for anything unreadable
+        or corrupt."""
         ckpt = checkpoint.restore(self.directory, step, extra_items={OPT_ITEM: opt_template})
+        if batches is None:
+            return ckpt, ckpt.extra[OPT_ITEM]
         try:
             self.manager.restore(
                 step, args=ocp.args.Composite(**{DATA_ITEM: grain.checkpoint.CheckpointRestore(batches)})
             )
-        except CheckpointError:
+        except (CheckpointError, DataStateMismatch):
             raise
         except Exception as e:  # noqa: BLE001
             raise CorruptCheckpointError(

@@ -48,6 +48,9 @@ class TrainConfig:
         save_every / keep: checkpoint period and how many recent steps to keep.
         eval_every: held-out routing evaluation period (0: only at the end).
         log_every: metrics period (every step is still checked for a finite loss).
+        new_data: resume a run whose data or data settings changed since its last step: the
+            weights and optimizer go on, the data stream starts afresh (without it such a
+            resume is refused, naming what changed).
     """
 
     steps: int
@@ -69,6 +72,7 @@ class TrainConfig:
     keep: int = 3
     eval_every: int = 0
     log_every: int = 1
+    new_data: bool = False
 
     def __post_init__(self):
         problems = []
@@ -94,7 +98,7 @@ class TrainConfig:
                 problems.append(f"{name} must be a finite number >= 0, got {value!r}")
         if is_real(self.lr) and self.lr == 0:
             problems.append("lr must be > 0")
-        for name in ("train_gates", "train_adapters"):
+        for name in ("train_gates", "train_adapters", "new_data"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.train_gates is False and self.train_adapters is False:

@@ -28,20 +28,16 @@ from jax.sharding import Mesh
 
 from meteora_jax.api import DTYPES, MeteoRAModel
 from meteora_jax.config import MoELoRAConfig
-from meteora_jax.data.pipeline import BATCH_KEYS, DataConfig, train_batches
+from meteora_jax.data.pipeline import BATCH_KEYS, DataConfig, DataStateMismatch, train_batches
 from meteora_jax.data.tasks import Sample
-from meteora_jax.errors import ConfigError, TrainingError
+from meteora_jax.errors import ConfigError, TrainingError, describe_os_error, storage_error
 from meteora_jax.io import checkpoint, checksums, files
 from meteora_jax.io.hf import load_llama
 from meteora_jax.io.stacking import AdapterInfo, Path
 from meteora_jax.modeling.attention import check_training_length
 from meteora_jax.sharding import DEFAULT_MESH, MESH_AXES, host_to_global, make_mesh
 from meteora_jax.training import run_lock
-from meteora_jax.training.checkpointing import (
-    RunCheckpoints,
-    flat_state,
-    set_aside,
-)
+from meteora_jax.training.checkpointing import RUN_ITEM, RunCheckpoints, flat_state, set_aside
 from meteora_jax.training.config import SHAPE_SETTINGS, TRAIN_BACKEND, TrainConfig
 from meteora_jax.training.curves import write_curves
 from meteora_jax.training.state import TrainState, cast_frozen, split_for_training, trainable_kinds
@@ -117,10 +113,14 @@ def log(command: str, message: str) -> None:
 
 
 def is_run_folder(directory: str) -> bool:
-    """Whether `directory` holds step folders of a meteora-jax training run, or only its logs or
-    its lock (a run killed before it logged anything)."""
+    """Whether `directory` holds step folders of a meteora-jax training run (a checkpoint written
+    by `convert` has steps but no run state), or only its logs or its lock (a run killed before
+    it logged anything)."""
+    steps = checkpoint.checkpoint_steps(directory)
+    if steps:
+        return any(os.path.isdir(os.path.join(directory, str(step), RUN_ITEM)) for step in steps)
     ours = (os.path.join(directory, name) for name in (METRICS_FILE, run_lock.LOCK_FILE))
-    return bool(checkpoint.checkpoint_steps(directory)) or any(map(os.path.isfile, ours))
+    return any(map(os.path.isfile, ours))
 
 
 def prepare_out(
@@ -143,8 +143,13 @@ def prepare_out(
     if os.path.isdir(out) and is_run_folder(run_dir) and not force:
         return  # resume (or extend) it
     if not force:
+        what = (
+            "a checkpoint without run state (as `convert` writes), not"
+            if checkpoint.checkpoint_steps(run_dir)
+            else "something other than"
+        )
         raise TrainingError(
-            f"--out {out} holds something other than a meteora-jax {command} run: choose another folder, "
+            f"--out {out} holds {what} a meteora-jax {command} run: choose another folder, "
             "or pass --force to replace it"
         )
     if _is_main():
@@ -283,14 +288,14 @@ class _Run:
                 continue
             _check_same_model(meta, self.moe, self.infos, self.job.base, where)
             changes = _check_settings(run, self.cfg, where)
-            template = flat_state(self.state.opt)
+            template = jax.tree.map(checksums.host_array, flat_state(self.state.opt))
             try:
-                ckpt, opt = checkpoints.restore(
-                    step, jax.tree.map(checksums.host_array, template), self.batches
-                )
+                ckpt, opt = checkpoints.restore(step, template, self.batches)
             except checkpoint.CorruptCheckpointError as e:
                 self._set_aside(step, str(e), checkpoints)
                 continue
+            except DataStateMismatch as e:
+                ckpt, opt = self._resume_with_new_data(step, e, checkpoints, template)
             self._place(ckpt.params, opt)
             self.records = self._read_records(step)
             horizon = run.get("train", {}).get("decay_steps") or run.get("train", {}).get("steps")
@@ -305,6 +310,23 @@ class _Run:
             self.log(f"resumed {self.out} at step {step}")
             return step
         return 0
+
+    def _resume_with_new_data(
+        self, step: int, mismatch: DataStateMismatch, checkpoints: RunCheckpoints, template: dict
+    ):
+        """Step `step`'s weights and optimizer with the data stream from its start, when the run
+        allows it (`new_data`); otherwise the refusal, naming what changed and the ways on."""
+        changed = ", ".join(mismatch.changes)
+        if not self.cfg.new_data:
+            raise ConfigError(
+                f"cannot resume {self.out} at step {step}: its data or data settings changed ({mismatch}). "
+                f"Nothing was changed. Pass --new-data to go on from step {step} with them (the data "
+                "stream starts afresh), or another --out for a new run"
+            )
+        self.log(
+            f"step {step}: the data changed ({changed}); going on with it, the data stream from its start"
+        )
+        return checkpoints.restore(step, template, None)
 
     def _set_aside(self, step: int, reason: str, checkpoints: RunCheckpoints) -> None:
         if _is_main():
@@ -351,6 +373,19 @@ class _Run:
         try:
             with run_lock.hold(self.out, self.job.command):
                 return self._run_locked()
+        except Exception as e:
+            storage = storage_error(e)
+            if storage is None:
+                raise
+            kept = checkpoint.checkpoint_steps(self.out)
+            raise TrainingError(
+                f"{describe_os_error(storage)}: training stopped; "
+                + (
+                    f"the last good checkpoint is step {kept[-1]} in {self.out}"
+                    if kept
+                    else "nothing was saved"
+                )
+            ) from None
         finally:
             self.batches.close()
 
@@ -413,10 +448,10 @@ class _Run:
             ):
                 last = self._finish(pending, bar, clock)
                 pending, clock = None, time.perf_counter()
+            if done % cfg.save_every == 0 or done == cfg.steps:
+                self.save(checkpoints, done)  # before any evaluation: a failing one loses no step
             if cfg.eval_every and done % cfg.eval_every == 0 or done == cfg.steps:
                 evaluation = self.evaluate(done)
-            if done % cfg.save_every == 0 or done == cfg.steps:
-                self.save(checkpoints, done)
         if bar is not None:
             bar.close()
         return last, evaluation

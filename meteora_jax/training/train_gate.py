@@ -18,7 +18,7 @@ from meteora_jax.sharding import DEFAULT_MESH
 from meteora_jax.training.config import TRAIN_BACKEND, TrainConfig
 from meteora_jax.training.loop import Job, RunResult, prepare_out, run
 from meteora_jax.training.routing_eval import RoutingEvaluation
-from meteora_jax.training.truncation import check_truncation
+from meteora_jax.training.truncation import check_truncation, heldout_within
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,12 @@ def train(spec: RunSpec) -> RunResult:
     evaluation = None
     if any(os.path.isfile(os.path.join(spec.data_dir, t, "test.jsonl")) for t in names):
         heldout = load_heldout(spec.data_dir, names, tokenizer, tasks=spec.tasks, split="test")
-        evaluation = RoutingEvaluation(heldout, pad_token_of(tokenizer), spec.eval_batch_size)
+        heldout = {
+            task: heldout_within(s, [len(x.input_ids) for x in s], spec.data.seq_len, "train-gate")
+            for task, s in heldout.items()
+        }
+        if any(heldout.values()):
+            evaluation = RoutingEvaluation(heldout, pad_token_of(tokenizer), spec.eval_batch_size)
     job = Job(
         command="train-gate",
         base=spec.base,

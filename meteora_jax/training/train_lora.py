@@ -34,7 +34,7 @@ from meteora_jax.training.config import TRAIN_BACKEND, TrainConfig
 from meteora_jax.training.loop import Job, RunResult, prepare_out, run
 from meteora_jax.training.lora_init import new_adapter, parse_targets
 from meteora_jax.training.task_eval import TaskEvaluation, scored_samples
-from meteora_jax.training.truncation import check_truncation
+from meteora_jax.training.truncation import check_truncation, heldout_within
 
 RUN_SUBDIR = "training"  # OUT/training: the run state beside the PEFT files
 DEFAULT_RANK, DEFAULT_ALPHA, DEFAULT_TARGETS = 8, 16.0, "all-linear"  # LLaMA-Factory's LoRA defaults
@@ -194,7 +194,9 @@ def train_lora(spec: LoRASpec) -> RunResult:
     evaluation = None
     if test is not None:
         samples = scored_samples(tokenizer, read_task_file(test, 0, [name]))
-        evaluation = TaskEvaluation(samples, pad_token_of(tokenizer), spec.eval_batch_size)
+        samples = heldout_within(samples, [len(s.ids) for s in samples], spec.data.seq_len, "train-lora")
+        if samples:
+            evaluation = TaskEvaluation(samples, pad_token_of(tokenizer), spec.eval_batch_size)
     adapter = initial_adapter(spec.lora, config, name, spec.train.seed)
     infos = [AdapterInfo.of(adapter)]
 

@@ -99,3 +99,20 @@ def check_truncation(
     if jax.process_index() == 0:
         print(f"meteora-jax {command}: WARNING: {message}", file=sys.stderr, flush=True)
     return counts
+
+
+def heldout_within(samples: Sequence, lengths: Sequence[int], seq_len: int, command: str) -> list:
+    """The held-out `samples` (each with a `where`) of at most `seq_len` tokens (`lengths`): the
+    evaluation pads a batch to its longest sample, so one huge test prompt would need memory no
+    training step does. The others are left out with one warning naming the first of them."""
+    kept = [s for s, n in zip(samples, lengths, strict=True) if n <= seq_len]
+    long = [(s, n) for s, n in zip(samples, lengths, strict=True) if n > seq_len]
+    if long:
+        first, n = long[0]
+        warnings.warn(
+            f"{command}: {len(long)} held-out samples are longer than --seq-len {seq_len} and are left out "
+            f"of the held-out evaluation (the first: {first.where}, {n} tokens)",
+            UserWarning,
+            stacklevel=2,
+        )
+    return kept
