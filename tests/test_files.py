@@ -4,6 +4,7 @@ and the writers built on them (`save_llama`, the safetensors writer)."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import pathlib
 
@@ -277,3 +278,18 @@ def test_storage_errors_are_found_behind_library_wrappers():
     assert (found.errno, found.filename) == (errno.ENOSPC, "/run/4/x.__lock")
     assert describe_os_error(found) == "/run/4/x.__lock: No space left on device"
     assert storage_error(ValueError("os_error_code='2'")) is None and storage_error(KeyError("x")) is None
+
+
+def test_orbax_reports_of_a_storage_failure_are_dropped_during_a_run(caplog):
+    """While a run lives, absl records of a full-disk write (the run says it once itself) are
+    dropped; other records still pass, and after the run nothing is filtered."""
+    from meteora_jax.training.checkpointing import storage_failures_reported_once
+
+    logger = logging.getLogger("absl")
+    full = "RESOURCE_EXHAUSTED: Failed writing: \"/r/4/x\": No space left on device [os_error_code='28']"
+    with caplog.at_level(logging.ERROR, logger="absl"):
+        with storage_failures_reported_once():
+            logger.error("_SignalingThread.run() raised an exception: %s", full)
+            logger.error("something else went wrong")
+        logger.error("after the run: %s", full)
+    assert [r.getMessage()[:20] for r in caplog.records] == ["something else went ", "after the run: RESOU"]

@@ -527,7 +527,7 @@ def _read_error(error: Exception, path: str, step: int) -> CheckpointError:
     CorruptCheckpointError. Anything else (a restore target that does not fit) stays a plain
     CheckpointError, so `restore_latest_good` does not skip a good step for a caller's mistake.
     """
-    _quiet_orbax_teardown()
+    quiet_orbax_teardown()
     text = (str(error).strip().splitlines() or [type(error).__name__])[0]
     folder, array = _FOLDER_IN_ERROR.search(text), _ARRAY_IN_ERROR.search(text)
     if folder:
@@ -555,8 +555,8 @@ def _drop_closed_loop_reports(previous, report) -> None:
     previous(report)
 
 
-def _quiet_orbax_teardown() -> None:
-    """Silences the tracebacks tensorstore prints after a failed Orbax restore.
+def quiet_orbax_teardown() -> None:
+    """Silences the tracebacks tensorstore prints after a failed Orbax restore or save.
 
     Orbax closes its event loop as soon as one read fails; the completion callbacks of the
     reads still in flight then hit the closed loop, and Python prints each as an "unraisable"

@@ -37,7 +37,13 @@ from meteora_jax.io.stacking import AdapterInfo, Path
 from meteora_jax.modeling.attention import check_training_length
 from meteora_jax.sharding import DEFAULT_MESH, MESH_AXES, host_to_global, make_mesh
 from meteora_jax.training import run_lock
-from meteora_jax.training.checkpointing import RUN_ITEM, RunCheckpoints, flat_state, set_aside
+from meteora_jax.training.checkpointing import (
+    RUN_ITEM,
+    RunCheckpoints,
+    flat_state,
+    set_aside,
+    storage_failures_reported_once,
+)
 from meteora_jax.training.config import SHAPE_SETTINGS, TRAIN_BACKEND, TrainConfig
 from meteora_jax.training.curves import write_curves
 from meteora_jax.training.state import TrainState, cast_frozen, split_for_training, trainable_kinds
@@ -371,7 +377,7 @@ class _Run:
         """Trains while holding the run folder's lock (taken only now: a run refused while
         setting up leaves no folder behind)."""
         try:
-            with run_lock.hold(self.out, self.job.command):
+            with run_lock.hold(self.out, self.job.command), storage_failures_reported_once():
                 return self._run_locked()
         except Exception as e:
             storage = storage_error(e)
