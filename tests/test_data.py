@@ -13,6 +13,7 @@ from meteora_jax.data.samples import encode_sample, load_heldout
 from meteora_jax.data.sampling import sample_sequence
 from meteora_jax.data.tasks import Sample, load_tasks
 from meteora_jax.errors import ConfigError
+from meteora_jax.io.jsonl import read_jsonl
 
 BOS, EOS = 1, 2
 HEAD = "[INST] "  # format_prompt(p) = HEAD + p + TAIL
@@ -500,3 +501,14 @@ def test_batch_size_must_divide_over_processes(tmp_path):
     assert "process_index" in error_of(
         train_batches, tasks, CharTokenizer(), DataConfig(16, 4), process_index=2, process_count=2
     )
+
+
+def test_jsonl_lines_with_a_byte_order_mark_and_crlf_read_as_written(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(
+        b'\xef\xbb\xbf{"prompt": "a", "response": "b"}\r\n\r\n{"prompt": "c", "response": "d"}\r\n'
+    )
+    assert list(read_jsonl(path)) == [
+        (f"{path} line 1", {"prompt": "a", "response": "b"}),
+        (f"{path} line 3", {"prompt": "c", "response": "d"}),
+    ]
