@@ -92,6 +92,16 @@ def record_error(record_property):
     return record
 
 
+def pytest_configure(config):
+    """One on-disk cache of compiled programs for the test session (under .pytest_cache): the
+    many small training runs, evaluations and generations that build the same program from fresh
+    closures compile it once. Programs are keyed by their content, so a hit is the same binary."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(config.cache.mkdir("jax-compilation-cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def pytest_terminal_summary(terminalreporter):
     rows = []
     for reports in terminalreporter.stats.values():
