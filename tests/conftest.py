@@ -118,7 +118,7 @@ def pytest_terminal_summary(terminalreporter):
 
 
 # ---------------------------------------------------------------------------------------------
-# PEFT adapters and a torch statement of the MeteoRA layer (SPEC section 1), independent of
+# PEFT adapters and a torch statement of the MeteoRA layer (docs/method.md), independent of
 # meteora_jax's own readers: adapters are read back through PEFT itself.
 
 PROJECTION_BLOCKS = {
@@ -167,7 +167,7 @@ def peft_experts(base_dir: str, adapter_dir: str) -> dict[tuple[int, str], tuple
 
 
 class TorchMeteoRA(torch.nn.Module):
-    """SPEC section 1 written plainly: base(x) + sum over adapters of w_i * s_i * x A_i^T B_i^T."""
+    """docs/method.md written plainly: base(x) + sum over adapters of w_i * s_i * x A_i^T B_i^T."""
 
     def __init__(
         self, base: torch.nn.Linear, gate_in_l: torch.Tensor, experts: list, top_k: int, temperature

@@ -1,4 +1,4 @@
-"""The fused MeteoRA model end to end against PEFT and a torch statement of SPEC section 1.
+"""The fused MeteoRA model end to end against PEFT and a torch statement of docs/method.md.
 
 One tiny GQA base, six PEFT adapters that between them use every adapter feature we read
 (plain, rsLoRA, rank/alpha patterns, regex targets, layer subsets, all-linear, mixed ranks),

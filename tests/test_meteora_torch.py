@@ -2,7 +2,7 @@
 
 Reference files are written here by a small torch writer that lays the state dict out as
 MeteoRA's `PeftModel` saves it (gate rows random), loaded with `load_model(gates=FILE)`, and
-checked against a torch statement of SPEC section 1 hooked into transformers' projections.
+checked against a torch statement of docs/method.md hooked into transformers' projections.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def save(sd, path) -> str:
 
 
 def torch_statement(base_dir, gates, experts, top_k=2, temperature=1.0):
-    """transformers' LLaMA with every gated projection replaced by SPEC section 1 (a loop over adapters)."""
+    """transformers' LLaMA with every gated projection replaced by docs/method.md (a loop over adapters)."""
     model = transformers.LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     for (layer, proj), gate in gates.items():
         block = getattr(model.model.layers[layer], PROJECTION_BLOCKS[proj])

@@ -1,4 +1,4 @@
-"""The MoE-LoRA op: every backend against the jnp reference and a torch statement of SPEC section 1."""
+"""The MoE-LoRA op: every backend against the jnp reference and a torch statement of docs/method.md."""
 
 import importlib
 
@@ -114,7 +114,7 @@ def test_sorting_backends_run_per_data_shard_under_a_mesh(backend, monkeypatch):
 
 
 def torch_meteora(x, w, gate, a_list, b_list, scales, k, temperature):
-    """SPEC section 1 in torch, a loop over adapters (torch layouts: A_i (r, in), B_i (out, r))."""
+    """docs/method.md in torch, a loop over adapters (torch layouts: A_i (r, in), B_i (out, r))."""
     z = x @ gate
     top_z, top_i = torch.topk(z, k, dim=-1)
     weights = torch.softmax(top_z / temperature, dim=-1)

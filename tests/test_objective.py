@@ -1,6 +1,6 @@
 """The training objective stated on its own and compared with what the jitted step optimises.
 
-SPEC section 2: loss = LM CE (mean over the weighted next-token targets) + lambda * gate CE,
+docs/method.md: loss = LM CE (mean over the weighted next-token targets) + lambda * gate CE,
 where the gate CE is ONE mean, over every (layer, adapted projection, labelled token), of the
 softmax cross-entropy of the raw gate logits x @ G against the token's task label. Here it is
 computed in float64 torch (conftest's transformers LLaMA whose adapted projections are the plain

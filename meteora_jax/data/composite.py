@@ -1,7 +1,7 @@
 """Composite-n prompts: the test questions of n tasks bundled in one prompt after a two-example prefix.
 
 MeteoRA's claim is that one model switches adapters mid-prompt; a composite-n prompt tests it by
-asking n tasks' questions at once (SPEC section 3). The layout follows the reference
+asking n tasks' questions at once (docs/method.md). The layout follows the reference
 (NJUDeepEngine/meteora `data/create_composite.py`), for n = 3 sub-tasks A, B, C:
 
     Example 1:

@@ -1,6 +1,6 @@
 """Text in, text out: the base model's tokenizer, the MeteoRA prompt format, the token rules.
 
-The reference formats every task prompt as `"[INST] {input} [/INST]\\n"` (SPEC section 3) and
+The reference formats every task prompt as `"[INST] {input} [/INST]\\n"` (docs/method.md) and
 its LLaMA tokenizer adds BOS; we do both by default, at generation as at training: generation
 (`encode_prompts`) and training (`encode_example`, `encode_segments`) encode prompts through the
 one function `encode_prompt`, so the two cannot drift apart.

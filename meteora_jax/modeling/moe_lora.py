@@ -48,7 +48,7 @@ def gate_stats(logits_ml: jax.Array, labels_m: jax.Array) -> GateStats:
     """GateStats of gate logits (M, L) against labels (M,) int32, -1 = unlabelled (padding).
 
     The MeteoRA gate term pairs the gate logits at token t with the task label of token t (the
-    reference shifted them like the LM loss, pairing t with t + 1; SPEC section 2).
+    reference shifted them like the LM loss, pairing t with t + 1; docs/method.md).
     """
     logits_ml = logits_ml.astype(jnp.float32)
     labelled_m = labels_m >= 0
@@ -78,7 +78,7 @@ class ForwardContext:
 
 
 class MoELoRALinear(nnx.Module):
-    """y = x @ W + sum over the top-k adapters of w_j * s_j * (x @ A_j) @ B_j (SPEC section 1)."""
+    """y = x @ W + sum over the top-k adapters of w_j * s_j * (x @ A_j) @ B_j (docs/method.md)."""
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""The MoE-LoRA layer stated as plainly as possible (SPEC section 1); the oracle for every path.
+"""The MoE-LoRA layer stated as plainly as possible (docs/method.md); the oracle for every path.
 
 Dimensions: M tokens, D in, O out, L adapters, R rank, k chosen. The delta is
 `pallas_kernels.reference.delta_reference` (the one statement of the delta math, shared with the

@@ -37,8 +37,8 @@ class TrainConfig:
         gate_loss_grad: what the gate term's gradient reaches. "gates": each gate only (its
             input hidden state is held constant), so the classification term cannot reshape the
             adapters or earlier layers to make tokens easier to classify, and the LM loss alone
-            trains the adapters; "all": everything upstream too, as in the reference (trained
-            jointly with the adapters, it wrecked them in the demo: own-task exact match 100% -> 0%).
+            trains the adapters; "all": everything upstream too, as in the reference (with the
+            adapters training, the classification term then reshapes them as well).
         train_gates: train the gates (False: `train-lora`, where the one adapter alone trains).
         train_adapters: train the LoRA stacks (with the gates, or alone).
         remat: what each decoder layer keeps for the backward pass ("none" | "dots" | "full").
