@@ -98,6 +98,8 @@ def pytest_configure(config):
     closures compile it once. Programs are keyed by their content, so a hit is the same binary."""
     import jax
 
+    if getattr(config, "cache", None) is None:  # `-p no:cacheprovider`: compile as usual
+        return
     jax.config.update("jax_compilation_cache_dir", str(config.cache.mkdir("jax-compilation-cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
