@@ -159,11 +159,13 @@ def newline_ids(tokenizer) -> list[int]:
     ]
 
 
-def answer_by_line(model, tokenizer, rows: Sequence[EvalItem], max_new_tokens: int) -> list[str]:
+def answer_by_line(
+    model, tokenizer, rows: Sequence[EvalItem], max_new_tokens: int, stops: Sequence[int]
+) -> list[str]:
     """Composite prompts answered one numbered line at a time, line k generated (greedy, up to
-    `max_new_tokens`) after the prompt and lines 1..k-1 with sub-task k's adapter forced: the
-    answer perfect per-line routing would give. Returns the lines joined by newlines."""
-    stops = stop_ids(model, tokenizer) + newline_ids(tokenizer)
+    `max_new_tokens`, ending at a token of `stops`: EOS or a line break) after the prompt and
+    lines 1..k-1 with sub-task k's adapter forced: the answer perfect per-line routing would
+    give. Returns the lines joined by newlines."""
     lines: list[list[str]] = [[] for _ in rows]
     for k in range(max(len(item.subtasks) for item in rows)):
         texts = [
@@ -172,7 +174,7 @@ def answer_by_line(model, tokenizer, rows: Sequence[EvalItem], max_new_tokens: i
         ]
         tasks = [item.subtasks[min(k, len(item.subtasks) - 1)] for item in rows]
         _, responses = generate_texts(
-            model, tokenizer, texts, max_new_tokens=max_new_tokens, eos_token_id=stops,
+            model, tokenizer, texts, max_new_tokens=max_new_tokens, eos_token_id=list(stops),
             adapter_ids=own_adapters(model.adapter_names, tasks),
         )  # fmt: skip
         for item, done, text in zip(rows, lines, responses, strict=True):
@@ -207,6 +209,7 @@ def answer(
     answer's routing and the viewer traces of the first batch's rows (prompt included) too
     (none for composite prompts in adapter mode, whose routing is forced line by line)."""
     answers, traces = [], []
+    line_stops: list[int] = []  # EOS and line breaks, found once (a whole-vocabulary decode)
     size = settings.batch_size
     for start in range(0, len(items), size):
         chunk = list(items[start : start + size])
@@ -219,7 +222,8 @@ def answer(
             composite_temperature=settings.composite_routing_temperature,
         )
         if routing is None:  # adapter mode on composite prompts: the line-at-a-time oracle
-            predictions = answer_by_line(model, tokenizer, rows, settings.max_new_tokens)
+            line_stops = line_stops or stop_ids(model, tokenizer) + newline_ids(tokenizer)
+            predictions = answer_by_line(model, tokenizer, rows, settings.max_new_tokens, line_stops)
             answers += [
                 Answer(item, mode, text.strip()) for item, text in zip(chunk, predictions, strict=False)
             ]
