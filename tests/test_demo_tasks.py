@@ -12,7 +12,9 @@ from meteora_jax.demo.tasks import (
     TASKS,
     labelled_composite_samples,
     numbered_task_samples,
+    pretraining_keywords,
     pretraining_samples,
+    sample_text,
     task_samples,
 )
 
@@ -63,18 +65,36 @@ def test_numbered_samples_ask_and_answer_in_numbered_lines():
 
 
 def test_pretraining_samples_answer_each_keyword_in_both_formats():
-    samples = pretraining_samples(400, np.random.default_rng(0), numbered=0.5)
-    numbered = [s for s in samples if s["prompt"].startswith("1. ")]
+    """One-question and numbered samples; a share of the questions are the tasks', every token
+    labelled with its question's keyword (the readout's classes), answers right."""
+    tasks = ("upper", "sort")
+    keywords = pretraining_keywords(tasks)
+    assert keywords == ("copy", "lower", "upper", "sort")
+    samples = pretraining_samples(400, np.random.default_rng(0), tasks=tasks, task_share=0.3, numbered=0.5)
+    numbered = [s for s in samples if s.segments is not None]
     assert 150 < len(numbered) < 250
-    keywords = set()
+    asked = []
     for s in samples:
-        questions = s["prompt"].split("\n") if s in numbered else [s["prompt"]]
+        text = sample_text(s)
+        prompt, response = text.removeprefix("[INST] ").split(" [/INST]\n")
+        questions = prompt.split("\n")
         pairs = [q.split(". ", 1)[-1].split(": ", 1) for q in questions]
-        keywords |= {k for k, _ in pairs}
-        answers = [PRETRAIN_TASKS[k].answer(text) for k, text in pairs]
-        assert s["response"] == (answer_text(answers) if s in numbered else answers[0])
-    assert keywords == set(PRETRAIN_TASKS) == {"copy", "lower"}
-    assert not keywords & set(TASKS)  # the tasks' keywords stay unseen by the base
+        spec = {**PRETRAIN_TASKS, **TASKS}
+        answers = [spec[k].answer(t) for k, t in pairs]
+        assert response == (answer_text(answers) if s.segments is not None else answers[0])
+        asked += [k for k, _ in pairs]
+        if s.segments is None:
+            assert keywords[s.label] == pairs[0][0]
+        else:  # each answer line carries its own question's label
+            lines = [
+                (label, t) for label, t in s.segments if t.startswith(tuple(f"{i}. " for i in range(1, 6)))
+            ]
+            answer_lines = lines[len(questions) :]
+            assert [keywords[label] for label, _ in answer_lines] == [k for k, _ in pairs]
+    share = np.mean([k in tasks for k in asked])
+    assert 0.25 < share < 0.35 and set(asked) == set(keywords)
+    plain = pretraining_samples(50, np.random.default_rng(0))
+    assert {keywords[s.label] for s in plain} <= set(PRETRAIN_TASKS)  # no tasks: copy and lower only
 
 
 def test_labelled_composites_label_each_sub_task_and_switch_at_its_start():

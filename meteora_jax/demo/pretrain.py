@@ -1,10 +1,18 @@
-"""The demo base learns the prompt format: a short full-model LM pre-training on copy samples
-(`[INST] copy: abcd [/INST]` -> `abcd`) and composite prompts of copy questions (answered as
-numbered lines), so it answers in both formats yet cannot do the tasks.
+"""The demo base learns the prompt formats and which question each answer token answers: a short
+full-model pre-training on copy questions (`[INST] copy: abcd [/INST]` -> `abcd`), alone and as
+numbered composite prompts, so it answers in both formats yet can do no task.
 
-It runs the training engine's own pieces (the Grain pipeline with packing, the sharded jitted
-step, AdamW with warmup + cosine) with every `nnx.Param` of a plain base trainable; nothing is
-checkpointed (the demo caches the finished base instead).
+A second term, the keyword readout, makes the base's hidden states say which question a token
+answers, as a real LLM's states say what it is doing: at every answer token the LM head's logits
+of the keyword tokens (`copy`, `lower`, the tasks' names) are trained to pick that question's
+keyword. Questions of the demo's tasks are in the samples, their true answers too, but those
+answer lines carry no LM loss: the base learns to recognise a task, never to do it. The readout
+starts once copying has formed (`readout_start`); from the first step it keeps copying from
+forming at the demo's budget.
+
+It runs the training engine's data pipeline (Grain, packing) and optimizer (AdamW, warmup +
+cosine, clipping) with every `nnx.Param` of a plain base trainable; nothing is checkpointed (the
+demo caches the finished base instead).
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -23,18 +32,21 @@ from meteora_jax.data.tasks import Sample
 from meteora_jax.modeling.llama import LlamaForCausalLM
 from meteora_jax.training.config import TrainConfig
 from meteora_jax.training.loop import TrainingError
-from meteora_jax.training.state import split_for_training
-from meteora_jax.training.step import batch_sharding, make_train_step
+from meteora_jax.training.state import optimizer_transform, shardings_of
+from meteora_jax.training.step import batch_sharding
 
 
 @dataclasses.dataclass(frozen=True)
 class PretrainSettings:
-    """Steps, rows x slots per step and the peak learning rate of the pre-training."""
+    """Steps, rows x slots per step and the peak learning rate of the pre-training; the keyword
+    readout's weight and the step it starts at (`readout_start` >= `steps`: no readout)."""
 
     steps: int = 300
     batch_size: int = 32
     seq_len: int = 48
     lr: float = 3e-3
+    readout_start: int = 0
+    readout_weight: float = 0.3
     seed: int = 0
 
     def train_config(self) -> TrainConfig:
@@ -44,6 +56,42 @@ class PretrainSettings:
         )  # fmt: skip
 
 
+@dataclasses.dataclass(frozen=True)
+class Readout:
+    """The keyword readout's classes: label i of a token (its sample's or segment's label) is the
+    question keyword whose token id is `keyword_ids[i]`. Labels >= `answered` mark questions whose
+    answers take no LM loss (the tasks the base must not learn)."""
+
+    keyword_ids: tuple[int, ...]
+    answered: int
+
+
+def pretraining_objective(
+    logits_bsv: jax.Array, batch: Mapping[str, jax.Array], readout: Readout | None, weight: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """LM cross entropy over the answer tokens (`lm_weights`) of answered questions, plus `weight`
+    x the readout's cross entropy: at each answer token, a softmax over the keyword tokens' logits
+    against its question's keyword. Each term is a mean over its tokens. Returns (loss, metrics)."""
+    logits = logits_bsv.astype(jnp.float32)
+    nll_bs = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["lm_targets"][..., None], -1)[..., 0]
+    answer_bs = batch["lm_weights"].astype(jnp.float32)
+    if readout is None:
+        lm = (nll_bs * answer_bs).sum() / jnp.maximum(answer_bs.sum(), 1.0)
+        return lm, {"lm_loss": lm}
+    labels_bs = batch["gate_labels"]
+    lm_bs = answer_bs * (labels_bs < readout.answered)
+    lm = (nll_bs * lm_bs).sum() / jnp.maximum(lm_bs.sum(), 1.0)
+    keyword_bsk = logits[..., jnp.asarray(readout.keyword_ids)]
+    keyword_nll_bs = -jnp.take_along_axis(
+        jax.nn.log_softmax(keyword_bsk), jnp.maximum(labels_bs, 0)[..., None], -1
+    )[..., 0]
+    count = jnp.maximum(answer_bs.sum(), 1.0)
+    readout_loss = (keyword_nll_bs * answer_bs).sum() / count
+    accuracy = ((keyword_bsk.argmax(-1) == labels_bs) * answer_bs).sum() / count
+    metrics = {"lm_loss": lm, "readout_loss": readout_loss, "readout_accuracy": accuracy}
+    return lm + weight * readout_loss, metrics
+
+
 def pretrain(
     model: LlamaForCausalLM,
     tokenizer,
@@ -51,37 +99,45 @@ def pretrain(
     settings: PretrainSettings,
     mesh: Mesh,
     *,
+    readout: Readout | None = None,
     progress: bool = True,
-) -> list[float]:
-    """Trains every weight of `model` (a base without adapters) in place on `samples` with the LM
-    loss on the responses; returns the loss of every step."""
+) -> list[dict[str, float]]:
+    """Trains every weight of `model` (a base without adapters) in place on `samples`: the LM loss
+    on the responses and, with `readout`, the keyword readout from step `settings.readout_start`.
+    Returns the metrics of every step."""
     from tqdm import tqdm  # noqa: PLC0415
 
-    cfg = settings.train_config()
     data = DataConfig(
         seq_len=settings.seq_len, batch_size=settings.batch_size, lm_loss="response", seed=settings.seed
     )
     shape = (settings.batch_size, settings.seq_len)
-    losses = []
+
+    @nnx.jit
+    def step(model, optimizer, batch, weight):
+        def loss_fn(model):
+            out = model(batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+            return pretraining_objective(out.logits, batch, readout, weight)
+
+        (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        optimizer.update(model, grads)
+        return metrics
+
+    history = []
     batches = train_batches({name: tuple(group) for name, group in samples.items()}, tokenizer, data)
     try:
         with jax.set_mesh(mesh):
-            parts, state, frozen = split_for_training(model, cfg, kinds=nnx.Param)
-            step = make_train_step(parts, cfg, state, frozen, mesh, batch_shape=shape)
-            state = jax.device_put(state, step.state_shardings)
-            frozen = jax.device_put(frozen, step.frozen_shardings)
+            weights = nnx.state(model, nnx.Param)
+            nnx.update(model, jax.device_put(weights, shardings_of(weights, mesh)))
+            optimizer = nnx.Optimizer(model, optimizer_transform(settings.train_config()), wrt=nnx.Param)
             sharding = batch_sharding(mesh, shape)
-            key = jax.random.key(settings.seed)
-            for _ in tqdm(range(settings.steps), desc="pre-train base", unit="step", disable=not progress):
+            for i in tqdm(range(settings.steps), desc="pre-train base", unit="step", disable=not progress):
                 local = next(batches)
                 batch = {k: jax.device_put(np.asarray(local[k]), sharding) for k in BATCH_KEYS}
-                state, metrics = step(frozen, state, batch, key)
-                losses.append(float(metrics["lm_loss"]))
-                if not math.isfinite(losses[-1]):
-                    raise TrainingError(
-                        f"pre-training step {len(losses)}: the loss is not finite ({losses[-1]})"
-                    )
-        nnx.update(model, state.params)
+                weight = settings.readout_weight if i >= settings.readout_start else 0.0
+                metrics = {k: float(v) for k, v in step(model, optimizer, batch, jnp.float32(weight)).items()}
+                history.append(metrics)
+                if not all(math.isfinite(v) for v in metrics.values()):
+                    raise TrainingError(f"pre-training step {i + 1}: the loss is not finite ({metrics})")
     finally:
         batches.close()
-    return losses
+    return history

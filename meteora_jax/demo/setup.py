@@ -1,5 +1,6 @@
 """The demo's starting point, built from nothing: task folders, a character-level tokenizer and a
-small LLaMA pre-trained on copying, so it follows the prompt formats but can do no task.
+small LLaMA pre-trained on copying and on naming each answer's question (`demo.pretrain`), so it
+follows the prompt formats and knows which question it answers, but can do no task.
 
 Every adapter `train-lora` then makes on this base starts from 0% exact match (the base cannot
 do the tasks) with both answer formats already in place: one question, and numbered questions
@@ -19,14 +20,15 @@ from flax import nnx
 
 from meteora_jax.data.composite import INSTRUCTION, answer_text, composite_text
 from meteora_jax.data.prompts import PROMPT_TEMPLATE, check_round_trip, format_prompt, train_tiny_tokenizer
-from meteora_jax.data.tasks import Sample
-from meteora_jax.demo.pretrain import PretrainSettings, pretrain
+from meteora_jax.demo.pretrain import PretrainSettings, Readout, pretrain
 from meteora_jax.demo.tasks import (
     PRETRAIN_TASKS,
     TASKS,
     labelled_composite_samples,
     numbered_task_samples,
+    pretraining_keywords,
     pretraining_samples,
+    sample_text,
     task_samples,
     tiny_config,
 )
@@ -45,7 +47,8 @@ DEMO_TASKS = ("upper", "sort", "shift", "rotate", "double")
 class DemoBaseSettings:
     """Sizes of the demo's data and base: per task `train` one-question and `numbered` numbered
     (2-5 questions of that task) training samples and `test` one-question test samples;
-    `pretrain_samples` pre-training samples, a share `pretrain_numbered` of them numbered."""
+    `pretrain_samples` pre-training samples, a share `pretrain_numbered` of them numbered, a share
+    `pretrain_task_share` of their questions the tasks' (read, never answered, by the base)."""
 
     tasks: tuple[str, ...] = DEMO_TASKS
     train: int = 512
@@ -53,10 +56,13 @@ class DemoBaseSettings:
     test: int = 64
     pretrain_samples: int = 16000
     pretrain_numbered: float = 0.5
+    pretrain_task_share: float = 0.15
     layers: int = 4
     hidden: int = 128
     max_positions: int = 256
-    pretrain: PretrainSettings = PretrainSettings(steps=300, batch_size=28, seq_len=144, lr=3e-3)
+    pretrain: PretrainSettings = PretrainSettings(
+        steps=450, batch_size=28, seq_len=144, lr=3e-3, readout_start=250, readout_weight=1.0
+    )
     seed: int = 0
 
     def __post_init__(self):
@@ -95,7 +101,7 @@ def composite_templates(tests: dict[str, list[dict]]) -> list[str]:
 def build_demo_base(
     root: str, settings: DemoBaseSettings = DemoBaseSettings(), *, progress: bool = True
 ) -> DemoBase:
-    """Writes ROOT/data/<task>/{train,test}.jsonl and ROOT/base, pre-trained on copy samples.
+    """Writes ROOT/data/<task>/{train,test}.jsonl and ROOT/base, pre-trained (`demo.pretrain`).
 
     The tokenizer is built from every text the demo trains or evaluates on, composite templates
     included, and each is checked to survive the round trip before anything trains.
@@ -111,10 +117,13 @@ def build_demo_base(
             lines = "".join(json.dumps(s) + "\n" for s in samples)
             write_text_atomic(os.path.join(data, task, f"{split}.jsonl"), lines)
             texts += _texts(samples)
-    keywords = (*PRETRAIN_TASKS, *settings.tasks)
-    copies = pretraining_samples(settings.pretrain_samples, rng, numbered=settings.pretrain_numbered)
+    keywords = pretraining_keywords(settings.tasks)
+    pretraining = pretraining_samples(
+        settings.pretrain_samples, rng, tasks=settings.tasks, task_share=settings.pretrain_task_share,
+        numbered=settings.pretrain_numbered,
+    )  # fmt: skip
     labelled = labelled_composite_samples(settings.tasks, 4, rng, counts=(min(3, len(settings.tasks)),))
-    texts += _texts(copies) + composite_templates(tests)
+    texts += [sample_text(s) for s in pretraining] + composite_templates(tests)
     texts += ["".join(seg["text"] for seg in s["segments"]) for s in labelled]
     words = (*PROMPT_TEMPLATE.replace("{input}", " ").split(), *keywords)  # [INST], [/INST], keywords
     tokenizer = train_tiny_tokenizer(texts, os.path.join(root, "tokenizer"), vocab_size=None, words=words)
@@ -124,12 +133,17 @@ def build_demo_base(
     )
     model = LlamaForCausalLM(config, rngs=nnx.Rngs(settings.seed))
     mesh = make_mesh(**DEFAULT_MESH, devices=jax.devices())
-    samples = {"pretrain": tuple(Sample(0, prompt=s["prompt"], response=s["response"]) for s in copies)}
-    losses = pretrain(model, tokenizer, samples, settings.pretrain, mesh, progress=progress)
+    readout = Readout(
+        tuple(tokenizer.convert_tokens_to_ids(k) for k in keywords), answered=len(PRETRAIN_TASKS)
+    )
+    history = pretrain(
+        model, tokenizer, {"pretrain": tuple(pretraining)}, settings.pretrain, mesh, readout=readout,
+        progress=progress,
+    )  # fmt: skip
     base = os.path.join(root, "base")
     save_llama(model, base)
     tokenizer.save_pretrained(base)
-    return DemoBase(base=base, data=data, pretrain_losses=losses)
+    return DemoBase(base=base, data=data, pretrain_losses=[m["lm_loss"] for m in history])
 
 
 def write_labelled_composite_data(

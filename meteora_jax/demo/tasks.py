@@ -20,7 +20,8 @@ from flax import nnx
 
 from meteora_jax.config import PROJECTIONS, LlamaConfig, projection_shape
 from meteora_jax.data.composite import answer_text, composite_text, labelled_segments
-from meteora_jax.data.prompts import train_tiny_tokenizer
+from meteora_jax.data.prompts import format_prompt, train_tiny_tokenizer
+from meteora_jax.data.tasks import Sample
 from meteora_jax.io.files import write_text_atomic
 from meteora_jax.io.hf import save_llama
 from meteora_jax.io.peft import LoRAAdapter, LoRAModule
@@ -84,13 +85,9 @@ def _any_text(rng: np.random.Generator) -> str:
     return "".join(rng.choice(list(COPY_CHARACTERS), int(rng.integers(2, 9))))
 
 
-# The demo base's pre-training: the answer formats over every character the tasks use, and two
-# keywords whose answers differ at every character (`copy`, `lower`), so the base learns to carry a
-# question's keyword into its answer line, which is what lets a gate see, at each answer token,
-# which question it answers. None is a task's skill, and the tasks' keywords stay unseen
-# (untrained embeddings). Measured: a base that copied under every task keyword carried no trace
-# of the keyword (gates right for 29% of single-task prompts); one that copied under `copy` alone
-# routed single-task prompts (99.7%) but not the answer lines of composite prompts (39%).
+# The demo base's pre-training tasks: the answer formats over every character the tasks use, under two
+# keywords whose answers differ at every character, so the base must read a question's keyword to
+# answer it. Neither is a task's skill.
 PRETRAIN_TASKS = {"copy": Task(_any_text, lambda text: text), "lower": Task(_any_text, str.lower)}
 
 
@@ -129,20 +126,55 @@ def numbered_task_samples(
     ]
 
 
+def pretraining_keywords(tasks: Sequence[str]) -> tuple[str, ...]:
+    """The keyword of each pre-training label: `PRETRAIN_TASKS`' (answered), then the tasks'."""
+    return (*PRETRAIN_TASKS, *tasks)
+
+
 def pretraining_samples(
-    count: int, rng: np.random.Generator, *, numbered: float = 0.5, counts: Sequence[int] = QUESTION_COUNTS
-) -> list[dict]:
-    """The base's pre-training: `count` samples of `PRETRAIN_TASKS` questions, a share `numbered`
-    of them numbered samples of 2-5 questions (each its own keyword), the others one question."""
-    names = list(PRETRAIN_TASKS)
+    count: int,
+    rng: np.random.Generator,
+    *,
+    tasks: Sequence[str] = (),
+    task_share: float = 0.0,
+    numbered: float = 0.5,
+    counts: Sequence[int] = QUESTION_COUNTS,
+) -> list[Sample]:
+    """The base's pre-training: `count` samples, a share `numbered` of them numbered samples of 2-5
+    questions (each its own keyword), the others one question. A question is one of `tasks`' with
+    probability `task_share`, else a `PRETRAIN_TASKS` one. Each token is labelled with its
+    question's index in `pretraining_keywords(tasks)` (numbered samples as segments)."""
+    keywords = pretraining_keywords(tasks)
     out = []
     for _ in range(count):
         k = int(rng.choice(counts)) if rng.random() < numbered else 1
-        pairs = [_question(str(rng.choice(names)), rng) for _ in range(k)]
+        names = [
+            str(rng.choice(list(tasks)))
+            if tasks and rng.random() < task_share
+            else str(rng.choice(list(PRETRAIN_TASKS)))
+            for _ in range(k)
+        ]
+        pairs = [_question(name, rng) for name in names]
+        if k == 1:
+            out.append(Sample(keywords.index(names[0]), prompt=pairs[0][0], response=pairs[0][1]))
+            continue
+        segments = labelled_segments(
+            [], [q for q, _ in pairs], [a for _, a in pairs], names, layout="numbered"
+        )
         out.append(
-            numbered_sample(pairs) if k > 1 else dict(zip(("prompt", "response"), pairs[0], strict=True))
+            Sample(
+                keywords.index(names[0]),
+                segments=tuple((keywords.index(g["task"]), g["text"]) for g in segments),
+            )
         )
     return out
+
+
+def sample_text(sample: Sample) -> str:
+    """The whole text of a sample as training sees it (the prompt formatted)."""
+    if sample.segments is not None:
+        return "".join(text for _, text in sample.segments)
+    return format_prompt(sample.prompt) + sample.response
 
 
 def labelled_composite_samples(
