@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Tests see 8 simulated CPU devices so the sharding code runs on a real multi-device mesh.
-TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8
+# Tests see 8 simulated CPU devices so the sharding code runs on a real multi-device mesh; the CPU
+# backend only, so an installed libtpu (`make tpu-compile`) is never initialised by the test workers.
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 
-.PHONY: install test demo lint format clean
+.PHONY: install test tpu-compile demo lint format clean
 
 install: $(STAMP)
 
@@ -18,6 +19,11 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(TEST_ENV) $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
+
+# The [tpu] extra (libtpu) into the venv, then programs compiled for TPU slices from this host.
+tpu-compile: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[tpu]'
+	$(TEST_ENV) $(BIN)/python -m pytest -q tests/test_tpu_compile.py tests/test_aot_parts.py
 
 demo: $(STAMP)
 	$(BIN)/meteora-jax demo

@@ -7,6 +7,7 @@ import sys
 
 from meteora_jax.commands import (
     bench,
+    compile,
     convert,
     demo,
     evaluate,
@@ -18,7 +19,7 @@ from meteora_jax.commands import (
     train_lora,
 )
 
-COMMANDS = (demo, convert, export, generate, train_gate, train_lora, make_composite, evaluate, bench)
+COMMANDS = (demo, convert, export, generate, train_gate, train_lora, make_composite, evaluate, bench, compile)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,6 +46,7 @@ Kernels (details in `tpu` and `gpu`):
 """
 
 from pallas_kernels.ops import moe_lora_delta
+from pallas_kernels.platform import target_platform
 from pallas_kernels.reference import delta_reference, tolerance
 from pallas_kernels.tiling import GPU_TILING, TPU_TILING, Plan, Tiling, default_tiling, make_plan
 
@@ -55,6 +56,7 @@ __all__ = [
     "Plan",
     "Tiling",
     "default_tiling",
+    "target_platform",
     "delta_reference",
     "make_plan",
     "moe_lora_delta",

@@ -52,6 +52,7 @@ from pallas_kernels.metadata import (
     unsort_pairs,
     unsort_sum,
 )
+from pallas_kernels.platform import target_platform
 from pallas_kernels.tiling import Plan, Tiling, default_tiling, make_plan
 
 _KERNELS: dict[str, ModuleType] = {"tpu": tpu, "gpu": gpu}
@@ -73,8 +74,8 @@ def moe_lora_delta(
     x (M, D) in the compute dtype (A and B are cast to it; accumulation is float32); A (L, D, R),
     B (L, R, O) with mixed ranks zero-padded to R; ids (M, k) int adapter ids in [0, L); coef
     (M, k) routing weight * adapter scale. Returns (M, O) in x's dtype.
-    interpret: None = interpret mode exactly when jax's default backend is the CPU.
-    tiling: None = `default_tiling(jax.default_backend())` (its flavour picks TPU or GPU kernels).
+    interpret: None = interpret mode exactly when the target platform (`target_platform`) is the CPU.
+    tiling: None = `default_tiling(target_platform())` (its flavour picks TPU or GPU kernels).
     train_adapters: None (or True) = dA / dB exactly when A / B are differentiated; False = never
     (frozen adapters: their gradients are zeros and no dA / dB kernel runs).
     Raises ValueError on inconsistent shapes.
@@ -88,7 +89,7 @@ def moe_lora_delta(
         raise ValueError(f"moe_lora_delta: ids {ids_mk.shape} and coef {coef_mk.shape} must both be ({m}, k)")
     if m == 0 or ids_mk.shape[1] == 0:
         return jnp.zeros((m, o), x_md.dtype)
-    backend = jax.default_backend()
+    backend = target_platform()
     plan = make_plan(
         tiling or default_tiling(backend),
         tokens=m,

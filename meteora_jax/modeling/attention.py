@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from meteora_jax.sharding import logical_to_spec, partitioned_mesh, per_device
+from pallas_kernels import target_platform
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 SPLASH_BLOCK = 128  # splash attention's query / key block: T must be a multiple of it
@@ -53,18 +54,19 @@ def resolve_attention(
 ) -> str:
     """The implementation a forward pass runs.
 
-    "auto" picks by `platform` (default: JAX's default backend): cuDNN flash attention on GPU for
-    bfloat16 / float16 with a head dim cuDNN takes (<= 128, a multiple of 8), splash attention on
-    TPU, XLA otherwise (on CPU XLA is the only compiled path). A kernel, chosen or named, gives way
-    to XLA where it cannot run: over a KV cache (decode is a few queries, where the explicit mask
-    costs nothing) and, for splash, at a length off its block (evaluation prompts, say); training
-    refuses a --seq-len off the block up front (`check_training_length`).
+    "auto" picks by `platform` (default: `target_platform()`, that of the mesh's devices): cuDNN
+    flash attention on GPU for bfloat16 / float16 with a head dim cuDNN takes (<= 128, a multiple
+    of 8), splash attention on TPU, XLA otherwise (on CPU XLA is the only compiled path). A
+    kernel, chosen or named, gives way to XLA where it cannot run: over a KV cache (decode is a
+    few queries, where the explicit mask costs nothing) and, for splash, at a length off its block
+    (evaluation prompts, say); training refuses a --seq-len off the block up front
+    (`check_training_length`).
 
     Raises ValueError for an unknown implementation.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention={implementation!r} is not one of {IMPLEMENTATIONS}")
-    platform = jax.default_backend() if platform is None else platform
+    platform = target_platform() if platform is None else platform
     if implementation == "auto":
         half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         if platform == "gpu" and half and head_dim <= 128 and head_dim % 8 == 0:
@@ -103,7 +105,7 @@ def _splash(q_btnh, k_btkh, v_btkh, segment_ids_bt):
         block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,
     )  # fmt: skip
     kernel = splash.make_splash_mha(
-        mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=jax.default_backend() != "tpu"
+        mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=target_platform() != "tpu"
     )
 
     def one(q_nth, k_kth, v_kth, seg_t):

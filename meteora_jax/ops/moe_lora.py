@@ -43,7 +43,7 @@ CPU_PAIR_FLOATS = 32768  # on CPU, decode loops over pairs once one adapter, R*(
 def choose_backend(
     tokens: int, top_k: int, num_adapters: int, d_in: int, d_out: int, rank: int, platform: str | None = None
 ) -> str:
-    """The backend "auto" runs for a shape on `platform` (default: JAX's default backend).
+    """The backend "auto" runs for a shape on `platform` (default: `target_platform()`).
 
     CPU, from measurements: one D x D projection (O = D), top-2, f32, random gates (spread routing),
     2 cores; time relative to the base matmul alone, median of interleaved repeats
@@ -90,7 +90,7 @@ def choose_backend(
     matmul with L times the work, and the grouped loop runs one small matmul per tile visit in
     sequence, which leaves a GPU idle between launches.
     """
-    platform = jax.default_backend() if platform is None else platform
+    platform = pallas_kernels.target_platform() if platform is None else platform
     decode = tokens * top_k <= 16
     if platform == "tpu":
         return "xla_gather" if decode else "xla" if num_adapters * rank * 16 <= d_in else "ragged"

@@ -46,7 +46,7 @@ from meteora_jax.training.checkpointing import (
 )
 from meteora_jax.training.config import SHAPE_SETTINGS, TRAIN_BACKEND, TrainConfig
 from meteora_jax.training.curves import write_curves
-from meteora_jax.training.state import TrainState, cast_frozen, split_for_training, trainable_kinds
+from meteora_jax.training.state import TrainState, split_for_training
 from meteora_jax.training.step import batch_sharding, make_train_step
 
 METRICS_FILE, CURVES_FILE = "metrics.jsonl", "curves.png"
@@ -263,8 +263,6 @@ class _Run:
                 job.base, self.moe, extra, dtype=compute, param_dtype=jnp.float32, backend=job.backend,
                 attention=job.attention, mesh=self.mesh,
             )  # fmt: skip
-        if compute != jnp.float32:
-            cast_frozen(module, trainable_kinds(self.cfg), compute)
         self.parts, self.state, self.frozen = split_for_training(module, self.cfg)
         self.meta = checkpoint.make_meta(self.moe, self.infos, job.base)
         self.batches = train_batches(

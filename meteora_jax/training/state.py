@@ -78,22 +78,25 @@ class TrainParts:
         return nnx.merge(self.optimizer_def, opt)
 
 
-def cast_frozen(module: LlamaForCausalLM, trainable, dtype) -> None:
-    """Stores the frozen floating-point weights in `dtype` (bfloat16 compute: half the memory and
-    no per-step cast); the trainable variables keep their (float32) storage."""
+def _cast_frozen(module: LlamaForCausalLM, trainable, dtype) -> None:
+    """Stores the frozen floating-point weights in `dtype`; the trainable variables keep their
+    (float32) storage."""
     frozen = nnx.state(module, nnx.All(nnx.Param, nnx.Not(trainable)))
     cast = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, frozen)
     nnx.update(module, cast)
 
 
 def split_for_training(
-    module: LlamaForCausalLM, config: TrainConfig, kinds=None
+    module: LlamaForCausalLM, config: TrainConfig
 ) -> tuple[TrainParts, TrainState, nnx.State]:
     """(static parts, trainable state with fresh optimizer moments, frozen state) of `module`.
 
-    kinds: the NNX filter of what trains (default `trainable_kinds(config)`; the demo's base
-    pre-training passes `nnx.Param`, the whole model)."""
-    kinds = trainable_kinds(config) if kinds is None else kinds
+    With a bfloat16 compute dtype the frozen weights are stored in it (half the memory and no
+    per-step cast). The training runs and `meteora-jax compile` both split here, so what compiles
+    for a pod is what trains."""
+    kinds = trainable_kinds(config)
+    if config.dtype != "float32":
+        _cast_frozen(module, kinds, jnp.dtype(config.dtype))
     optimizer = nnx.Optimizer(module, optimizer_transform(config), wrt=kinds)
     module_def, params, frozen = nnx.split(module, kinds, ...)
     optimizer_def, opt = nnx.split(optimizer)

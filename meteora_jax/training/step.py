@@ -70,10 +70,10 @@ def make_gradients(parts: TrainParts, config: TrainConfig, *, temperature: float
     """`gradients(params, frozen, batch, key) -> (grads, LossSums, Denominators)` of one step's
     global batch, over `config.grad_accum` micro-batches (traceable; `make_train_step` jits it)."""
     num_micro = config.grad_accum
-    routing = RoutingSettings(jnp.float32(temperature), top_k=config.top_k)
     with_gate_term = config.gate_loss_weight > 0  # at 0 the layers skip the gate statistics
 
     def micro_loss(params, frozen, micro: dict, den: Denominators, key: jax.Array):
+        routing = RoutingSettings(jnp.float32(temperature), top_k=config.top_k)  # traced: no device array
         module = parts.module(params, frozen)
         out = module(
             micro["input_ids"],

@@ -1,0 +1,1 @@
+"""`meteora-jax compile`: programs compiled ahead of time for TPU slices this host does not have."""

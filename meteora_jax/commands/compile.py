@@ -1,0 +1,70 @@
+"""`meteora-jax compile`: one program compiled for a TPU topology with abstract weights, and what
+a pod would see (memory per chip, FLOPs, roofline, collectives, problems)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from meteora_jax.aot.models import MODELS
+from meteora_jax.aot.programs import PROGRAMS
+from meteora_jax.errors import MeteoRAError
+from meteora_jax.io.files import write_text_atomic
+from meteora_jax.modeling.attention import IMPLEMENTATIONS
+from meteora_jax.modeling.llama import REMAT_POLICIES
+from meteora_jax.ops.moe_lora import BACKENDS
+from meteora_jax.training.config import COMPUTE_DTYPES
+
+
+class CompileProblems(MeteoRAError):
+    """The program compiled with problems a pod run would regret (exit 2, after the report)."""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "compile", help="compile a program for a TPU topology from this host (needs the [tpu] extra)"
+    )
+    p.add_argument(
+        "--topology", required=True, help="v5e-8, v5p-64, v6e-256 (Cloud names) or v5e:4x4, v5p:4x4x4"
+    )
+    p.add_argument("--slices", type=int, default=1, help="slices joined over the data-centre network")
+    p.add_argument(
+        "--model", required=True, help=f"{' | '.join(MODELS)} | an HF config.json (file or folder)"
+    )
+    p.add_argument(
+        "--adapters", default="28x8", metavar="LxR", help="L adapters of rank R on every projection"
+    )
+    p.add_argument("--program", required=True, choices=PROGRAMS)
+    p.add_argument(
+        "--batch", type=int, required=True, help="global rows (decode: sequences decoding at once)"
+    )
+    p.add_argument("--seq-len", type=int, required=True, help="tokens per row (decode: the cache's slots)")
+    p.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1", help="data=N,fsdp=N,tensor=N (-1: the rest)")
+    p.add_argument("--dtype", default="bfloat16", choices=COMPUTE_DTYPES, help="compute dtype")
+    p.add_argument(
+        "--remat", default="full", choices=tuple(REMAT_POLICIES), help="decoder-layer remat (training)"
+    )
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="MoE-LoRA backend")
+    p.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS, help="attention implementation")
+    p.add_argument("--train-adapters", action="store_true", help="train-gate: train the adapter stacks too")
+    p.add_argument("--top-k", type=int, default=2, help="adapters routed per token")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from meteora_jax.aot.compile import CompileRequest, compile_program  # noqa: PLC0415  (jax, libtpu)
+    from meteora_jax.aot.report import format_report  # noqa: PLC0415
+
+    request = CompileRequest.from_flags(
+        topology=args.topology, slices=args.slices, model=args.model, adapters=args.adapters,
+        program=args.program, batch=args.batch, seq_len=args.seq_len, mesh=args.mesh, dtype=args.dtype,
+        remat=args.remat, backend=args.backend, attention=args.attention,
+        train_adapters=args.train_adapters, top_k=args.top_k,
+    )  # fmt: skip
+    report = compile_program(request)
+    print(format_report(report))
+    if args.json:
+        write_text_atomic(args.json, json.dumps(report.as_dict(), indent=2, default=str) + "\n")
+    if report.problems:
+        raise CompileProblems(f"{len(report.problems)} problem(s) a pod run would regret (above)")

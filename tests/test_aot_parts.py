@@ -1,0 +1,142 @@
+"""The parts of `meteora-jax compile` that need no TPU compiler: topology names, model presets,
+request checks, the HLO collective count, the layer extrapolation and the unsplit-weight check."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import pytest
+from flax import nnx
+
+from meteora_jax.aot.compile import CompileRequest, extrapolate_layers
+from meteora_jax.aot.models import MODELS, model_config
+from meteora_jax.aot.report import collectives, unsplit_weights
+from meteora_jax.aot.topology import CHIPS, parse_topology
+from meteora_jax.config import LlamaConfig
+from meteora_jax.errors import ConfigError
+from meteora_jax.modeling.llama import LlamaForCausalLM
+from meteora_jax.sharding import make_mesh
+
+
+@pytest.mark.parametrize(
+    ("text", "name", "chips"),
+    [
+        ("v5e-8", "v5e:2x4", 8),
+        ("v6e-256", "v6e:16x16", 256),
+        ("v5p-64", "v5p:2x4x4", 32),  # Cloud counts v5p TensorCores, two a chip
+        ("v5p:4x4x4", "v5p:4x4x4", 64),
+        ("v5e:4x4", "v5e:4x4", 16),
+    ],
+)
+def test_topology_names(text, name, chips):
+    topology = parse_topology(text)
+    assert (topology.name, topology.chips) == (name, chips)
+    assert parse_topology(text, slices=2).chips == 2 * chips
+
+
+@pytest.mark.parametrize(
+    ("text", "slices", "fault"),
+    [
+        ("v9x-8", 1, "unknown TPU generation 'v9x'"),
+        ("v5e-12", 1, "not a slice size"),
+        ("v5p-7", 1, "not a slice size"),
+        ("v5e:4x4x4", 1, "2D torus"),
+        ("tpu", 1, "expected a name like"),
+        ("v5e-8", 0, "--slices"),
+    ],
+)
+def test_bad_topologies_name_the_setting(text, slices, fault):
+    with pytest.raises(ConfigError, match="--topology|--slices") as e:
+        parse_topology(text, slices)
+    assert fault in str(e.value)
+
+
+def test_chip_table_is_complete():
+    for chip in CHIPS.values():
+        assert chip.hbm_bytes > 0 and chip.flops > 1e14 and chip.bandwidth > 1e11 and chip.dims in (2, 3)
+
+
+def test_model_presets_are_the_published_shapes(tmp_path):
+    eight = model_config("llama3-8b")
+    assert (eight.hidden_size, eight.num_hidden_layers, eight.num_key_value_heads, eight.vocab_size) == (
+        4096, 32, 8, 128256,
+    )  # fmt: skip
+    assert model_config("llama3.2-1b").tie_word_embeddings and len(MODELS) == 4
+    path = tmp_path / "config.json"
+    fields = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48}
+    fields |= {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    path.write_text(json.dumps(fields))
+    assert model_config(str(path)).hidden_size == 32
+    with pytest.raises(ConfigError, match="--model 'llama9'"):
+        model_config("llama9")
+
+
+def _request(**changes):
+    flags = dict(
+        topology="v5e:2x2", slices=1, model="llama3.2-1b", adapters="28x8", program="train-gate", batch=8,
+        seq_len=256, mesh="data=1,fsdp=-1,tensor=1", dtype="bfloat16", remat="full", backend="auto",
+        attention="auto", train_adapters=False, top_k=2,
+    )  # fmt: skip
+    return CompileRequest.from_flags(**{**flags, **changes})
+
+
+def test_requests_are_checked_flag_by_flag():
+    request = _request()
+    assert (request.spec.adapters, request.spec.rank, request.topology.chips) == (28, 8, 4)
+    for changes, flag in (
+        ({"adapters": "28"}, "--adapters"),
+        ({"adapters": "0x8"}, "--adapters"),
+        ({"batch": 0}, "--batch"),
+        ({"seq_len": 1}, "--seq-len"),
+        ({"mesh": "rows=4"}, "--mesh"),
+        ({"program": "serve"}, "--program"),
+        ({"topology": "v4-3"}, "--topology"),
+    ):
+        with pytest.raises(ConfigError, match=flag):
+            _request(**changes)
+
+
+HLO = """
+  %all-gather.3 = bf16[4096,1024]{1,0} all-gather(bf16[1024,1024]{1,0} %p), dimensions={0}
+  %all-reduce-start.1 = (f32[8]{0}, f32[2,4]{1,0}) all-reduce-start(f32[8]{0} %a, f32[2,4]{1,0} %b)
+  %all-reduce-done.1 = (f32[8]{0}, f32[2,4]{1,0}) all-reduce-done(%all-reduce-start.1)
+  %fusion.2 = f32[16]{0} fusion(f32[16]{0} %x), kind=kLoop, calls=%fused_computation
+  %collective-permute.7 = s32[3]{0} collective-permute(s32[3]{0} %c), source_target_pairs={{0,1}}
+"""
+
+
+def test_collectives_are_counted_with_their_result_bytes():
+    assert collectives(HLO) == {
+        "all-gather": {"count": 1, "bytes": 4096 * 1024 * 2},
+        "all-reduce": {"count": 1, "bytes": 8 * 4 + 8 * 4},
+        "collective-permute": {"count": 1, "bytes": 12},
+    }
+
+
+def test_layer_costsextrapolate_layers_from_one_and_two_layers():
+    one = {"flops": 10.0, "collectives": {"all-gather": {"count": 2, "bytes": 100}}}
+    two = {
+        "flops": 16.0,
+        "collectives": {"all-gather": {"count": 3, "bytes": 150}, "all-reduce": {"count": 1}},
+    }
+    assert extrapolate_layers(one, two, 32) == {
+        "flops": 10.0 + 31 * 6.0,
+        "collectives": {"all-gather": {"count": 33, "bytes": 1650}, "all-reduce": {"count": 31}},
+    }
+
+
+def test_weights_the_rules_cannot_split_are_named():
+    """The rules split the vocabulary over `tensor`; 60 rows do not divide 8 ways (they stay whole,
+    and are named) but do divide 4 ways."""
+    config = LlamaConfig(
+        vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8,
+    )  # fmt: skip
+    weights = jax.eval_shape(lambda: nnx.state(LlamaForCausalLM(config, rngs=nnx.Rngs(0)), nnx.Param))
+    unsplit = unsplit_weights(weights, make_mesh(data=1, fsdp=1, tensor=8))
+    assert [(u.path, u.shape, u.wanted, u.given) for u in unsplit] == [
+        ("embed_tokens", (60, 32), (("tensor",), ()), ((), ())),
+        ("lm_head.kernel", (32, 60), ((), ("tensor",)), ((), ())),
+    ]
+    assert unsplit_weights(weights, make_mesh(data=1, fsdp=1, tensor=4, devices=jax.devices()[:4])) == []

@@ -1,0 +1,160 @@
+"""Programs compiled by the real TPU compiler for a v5e:2x2 slice from this CPU host (libtpu's
+topology description; nothing runs). Skipped without libtpu: `make tpu-compile` installs it."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+pytest.importorskip(
+    "libtpu", reason="TPU compile tests need libtpu: run `make tpu-compile` (the [tpu] extra)"
+)
+
+import pallas_kernels  # noqa: E402
+from meteora_jax.aot.programs import ProgramSpec, lower  # noqa: E402
+from meteora_jax.aot.topology import parse_topology  # noqa: E402
+from meteora_jax.cli import main  # noqa: E402
+from meteora_jax.config import LlamaConfig  # noqa: E402
+from meteora_jax.modeling.attention import AttentionMask, attend  # noqa: E402
+from meteora_jax.sharding import logical_to_spec, make_mesh  # noqa: E402
+from meteora_jax.training.config import TrainConfig  # noqa: E402
+
+CONFIG = LlamaConfig(
+    vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_persistent_cache():
+    """TPU executables compiled without a TPU client cannot be read back from the on-disk cache."""
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    yield
+    jax.config.update("jax_enable_compilation_cache", before)
+
+
+@pytest.fixture(scope="module")
+def devices():
+    devices = parse_topology("v5e:2x2").devices()
+    assert {d.platform for d in devices} == {"tpu"} and len(devices) == 4
+    return devices
+
+
+@pytest.fixture(scope="module")
+def mesh(devices):
+    return make_mesh(data=1, fsdp=2, tensor=2, devices=devices)
+
+
+@pytest.fixture(scope="module")
+def chip(devices):
+    """One chip: a kernel called on its own (the model wraps it in a shard_map over the mesh)."""
+    return make_mesh(data=1, fsdp=1, tensor=1, devices=devices[:1])
+
+
+def _spec(program, **changes):
+    fields = dict(config=CONFIG, program=program, batch=8, seq_len=256, adapters=4, rank=8)
+    return ProgramSpec(**{**fields, "train": TrainConfig(steps=1, dtype="bfloat16", remat="full"), **changes})
+
+
+@pytest.mark.parametrize("tokens", [512, 4])  # a prefill's many tokens and a decode step's few
+def test_the_pallas_op_and_its_gradient_compile_with_mosaic(chip, tokens):
+    d, o, adapters, rank, k = 256, 512, 8, 8, 2
+    x = jax.ShapeDtypeStruct((tokens, d), jnp.bfloat16)
+    a = jax.ShapeDtypeStruct((adapters, d, rank), jnp.bfloat16)
+    b = jax.ShapeDtypeStruct((adapters, rank, o), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((tokens, k), jnp.int32)
+    coef = jax.ShapeDtypeStruct((tokens, k), jnp.float32)
+
+    def loss(x, a, b, ids, coef):
+        return pallas_kernels.moe_lora_delta(x, a, b, ids, coef).astype(jnp.float32).sum()
+
+    with jax.set_mesh(chip):
+        forward = jax.jit(pallas_kernels.moe_lora_delta).lower(x, a, b, ids, coef)
+        backward = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, a, b, ids, coef)
+    for lowered in (forward, backward):
+        text = lowered.as_text()
+        assert "tpu_custom_call" in text  # Mosaic kernels, not the interpreter's loops
+        lowered.compile()
+
+
+def test_splash_attention_compiles(chip):
+    shape_q = jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.bfloat16)
+    shape_kv = jax.ShapeDtypeStruct((2, 256, 2, 64), jnp.bfloat16)
+    segments = jax.ShapeDtypeStruct((2, 256), jnp.int32)
+
+    def run(q, k, v, seg):
+        return attend(q, k, v, AttentionMask(segment_ids_bt=seg, implementation="splash"))
+
+    with jax.set_mesh(chip):
+        lowered = jax.jit(run).lower(shape_q, shape_kv, shape_kv, segments)
+    assert "tpu_custom_call" in lowered.as_text()
+    lowered.compile()
+
+
+def test_gate_training_step_compiles_with_the_rules_shardings(mesh):
+    built = lower(_spec("train-gate"), mesh)
+    compiled = built.lowered.compile()
+    assert compiled.memory_analysis().temp_size_in_bytes > 0
+    frozen_in, state_in = compiled.input_shardings[0][:2]
+    # every frozen weight arrives split as the logical rules say
+    for path, var in nnx.to_flat_state(built.weights):
+        axes = var.get_metadata().get("logical_axes")
+        if axes is None:
+            continue
+        want = logical_to_spec(axes, var.get_value().shape, mesh)
+        held = dict(nnx.to_flat_state(frozen_in)) | dict(nnx.to_flat_state(state_in.params))
+        got = held[path]
+        got = got.get_value() if isinstance(got, nnx.Variable) else got
+        assert isinstance(got, NamedSharding) and got.spec == want, (path, got, want)
+    embed = dict(nnx.to_flat_state(frozen_in))[("embed_tokens",)]
+    assert (embed.get_value() if isinstance(embed, nnx.Variable) else embed).spec == PartitionSpec(
+        "tensor", "fsdp"
+    )
+
+
+@pytest.mark.parametrize("program", ["train-lora", "prefill", "decode"])
+def test_the_other_programs_compile(mesh, program):
+    compiled = lower(_spec(program), mesh).lowered.compile()
+    assert compiled.memory_analysis().argument_size_in_bytes > 0
+
+
+def test_the_command_reports_a_tiny_model(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(CONFIG.to_hf_dict()))
+    out = tmp_path / "report.json"
+    argv = ["compile", "--topology", "v5e:2x2", "--model", str(config), "--adapters", "4x8", "--program"]
+    argv += [
+        "train-gate",
+        "--batch",
+        "8",
+        "--seq-len",
+        "256",
+        "--mesh",
+        "fsdp=2,tensor=2",
+        "--json",
+        str(out),
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "FITS" in printed and "tokens/s per chip" in printed and "PROBLEM" not in printed
+    report = json.loads(out.read_text())
+    assert report["fits"] and report["chips"] == 4 and report["flops"] > 0 and report["problems"] == []
+    assert report["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+
+
+def test_the_command_fails_on_a_weight_left_whole(tmp_path, capsys):
+    """A vocabulary the tensor axis cannot split: the report names the weights, exit 2."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**CONFIG.to_hf_dict(), "vocab_size": 255}))
+    argv = ["compile", "--topology", "v5e:2x2", "--model", str(config), "--adapters", "4x8"]
+    argv += ["--program", "decode", "--batch", "4", "--seq-len", "64", "--mesh", "fsdp=2,tensor=2"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "PROBLEM: weight embed_tokens (255, 256) stays unsplit" in captured.out
+    assert "problem(s) a pod run would regret" in captured.err
