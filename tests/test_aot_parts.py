@@ -4,6 +4,7 @@ request checks, the HLO collective count, the layer extrapolation and the unspli
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import pytest
@@ -11,7 +12,7 @@ from flax import nnx
 
 from meteora_jax.aot.compile import CompileRequest, extrapolate_layers
 from meteora_jax.aot.models import MODELS, model_config
-from meteora_jax.aot.report import collectives, unsplit_weights
+from meteora_jax.aot.report import REMAT_WARNING, Report, captured_stderr, collectives, unsplit_weights
 from meteora_jax.aot.topology import CHIPS, parse_topology
 from meteora_jax.config import LlamaConfig
 from meteora_jax.errors import ConfigError
@@ -140,3 +141,25 @@ def test_weights_the_rules_cannot_split_are_named():
         ("lm_head.kernel", (32, 60), ((), ("tensor",)), ((), ())),
     ]
     assert unsplit_weights(weights, make_mesh(data=1, fsdp=1, tensor=4, devices=jax.devices()[:4])) == []
+
+
+def test_the_compilers_log_is_captured_and_a_remat_warning_is_a_problem():
+    """Native code writes to file descriptor 2: it is collected, then the descriptor is restored."""
+    before = os.fstat(2)
+    with captured_stderr() as log:
+        os.write(2, f"W spmd_partitioner.cc:1 {REMAT_WARNING} of %param.3 (bf16[4096,128])\n".encode())
+        os.write(2, b"an unrelated line\n")
+    assert log == [
+        f"W spmd_partitioner.cc:1 {REMAT_WARNING} of %param.3 (bf16[4096,128])",
+        "an unrelated line",
+    ]
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)  # descriptor 2 is back
+    figures = dict(argument_bytes=3, output_bytes=2, alias_bytes=2, temp_bytes=5, code_bytes=1, hbm_bytes=8)
+    report = Report(
+        program="decode", topology="v5e:2x2", chips=4, mesh={}, tokens_per_step=8, flops=1.0,
+        bytes_accessed=1.0, step_seconds=0.5, bound="memory", collectives={}, unsplit=[],
+        remat_warnings=log[:1], **figures,
+    )  # fmt: skip
+    assert report.total_bytes == 9 and not report.fits and report.tokens_per_second_per_chip == 4.0
+    assert report.problems == [f"{REMAT_WARNING}: {log[0]}"]
