@@ -45,50 +45,15 @@ def choose_backend(
 ) -> str:
     """The backend "auto" runs for a shape on `platform` (default: `target_platform()`).
 
-    CPU, from measurements: one D x D projection (O = D), top-2, f32, random gates (spread routing),
-    2 cores; time relative to the base matmul alone, median of interleaved repeats
-    (`meteora-jax bench layer` measures the same at layer level):
-
-        tokens  D     L x R    dense  grouped  gather
-        512     4096  28 x 8   1.08   1.07     1.93
-        512     4096  64 x 64  2.05   1.09     7.37
-        8       4096  28 x 8   1.28   1.12     1.10
-        8       4096  64 x 64  5.94   1.96     2.97
-        512     2048  28 x 8   1.23   1.27     2.15
-        512     1024  28 x 8   1.49   1.51     3.49
-        512     512   28 x 8   1.97   1.97     4.71
-        512     128   28 x 8   4.37   4.67     6.36
-        64      128   28 x 8   3.58   5.43     5.16
-        512     128   6 x 8    1.60   3.73     5.43
-        512     128   64 x 64  25.2   8.55     55.0
-
-    Decode (<= 16 token-choice pairs) reads only the chosen adapters. Measured at layer level
-    (one LLaMA-3-8B decoder layer, 512 cached tokens, `bench layer`, relative to the base layer):
-
-        pairs  L x R    gather  grouped  pairs loop
-        2      28 x 8   1.03    -        0.98
-        16     28 x 8   1.08    -        1.02
-        2      64 x 64  1.41    1.47     1.12
-        4      64 x 64  -       1.36     1.11
-        8      64 x 64  -       1.25     1.17
-        16     64 x 64  1.68    1.12     1.26
-
-    So the pair loop wherever one adapter's slice, R*(D + O), is large enough to pay for a loop
-    step (CPU_PAIR_FLOATS), except at large ranks past 8 pairs, where grouped tiles win; on
-    narrow models (R*(D + O) below it) gather for small ranks, grouped for large ones (at hidden
-    512, 8 tokens, 28 x 8: gather 1.75x a projection, the pair loop 1.73x; 1 token: 1.40x, 1.84x).
-
-    Prefill keeps the dense form while its extra work, L*R*(D + O) per token, is at most the
-    projection's own D*O (L*R <= D/2 when square: the crossover in the first table), or while
-    L*R <= 256 at any width: the grouped loop pays a fixed cost per tile visit that only a wide
-    projection hides. Beyond that it goes grouped.
-
-    TPU and GPU, from what is known (no accelerator timings of ours yet): decode is bound by
-    reading weights, so gather (only the chosen adapters are read) at every rank. Prefill keeps
-    the dense form while L*R*16 <= D. Beyond it TPU goes "ragged" (Mosaic's grouped matmul:
-    the chosen adapters' work only), while GPU stays dense: there ragged_dot is a masked dense
-    matmul with L times the work, and the grouped loop runs one small matmul per tile visit in
-    sequence, which leaves a GPU idle between launches.
+    CPU: decode (<= 16 token-choice pairs) loops over the pairs once one adapter's slice,
+    R*(D + O), pays for a loop step (`CPU_PAIR_FLOATS`, except large ranks past 8 pairs, which go
+    grouped); narrower models gather small ranks and group large ones. Prefill stays dense while
+    its extra work L*R*(D + O) is at most the projection's D*O, or L*R <= 256 (a tile visit's fixed
+    cost needs a wide projection to hide it); beyond, grouped. TPU and GPU (no timings of ours
+    yet): decode gathers (only the chosen adapters are read); prefill stays dense while
+    L*R*16 <= D, then TPU goes "ragged" (Mosaic's grouped matmul) and GPU stays dense (ragged_dot
+    there is a masked dense matmul, and a tile loop idles the GPU between launches). The CPU
+    measurements behind these rules are in docs/backends.md.
     """
     platform = pallas_kernels.target_platform() if platform is None else platform
     decode = tokens * top_k <= 16
