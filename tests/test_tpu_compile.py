@@ -158,3 +158,15 @@ def test_the_command_fails_on_a_weight_left_whole(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "PROBLEM: weight embed_tokens (255, 256) stays unsplit" in captured.out
     assert "problem(s) a pod run would regret" in captured.err
+
+
+def test_a_program_larger_than_the_chips_is_one_line_saying_so(tmp_path, capsys):
+    """Float32 logits of 256 x 4096 tokens over 32000 words are 134 GB: the compiler refuses."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**CONFIG.to_hf_dict(), "vocab_size": 32000}))
+    argv = ["compile", "--topology", "v5e:2x2", "--model", str(config), "--adapters", "4x8"]
+    argv += ["--program", "train-gate", "--batch", "256", "--seq-len", "4096", "--mesh", "fsdp=4"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("meteora-jax compile: error: train-gate at --batch 256 --seq-len 4096 DOES NOT FIT")
+    assert "v5e:2x2" in err and "HBM" in err

@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import jax
+
 from meteora_jax.aot.models import model_config
 from meteora_jax.aot.programs import PROGRAMS, ProgramSpec, lower
 from meteora_jax.aot.report import Report, captured_stderr, make_report, program_cost
 from meteora_jax.aot.topology import Topology, parse_topology
-from meteora_jax.errors import ConfigError
+from meteora_jax.errors import ConfigError, MeteoRAError
 from meteora_jax.sharding import make_mesh, parse_mesh
 from meteora_jax.training.config import TrainConfig
 
@@ -66,19 +68,39 @@ def compile_program(request: CompileRequest) -> Report:
     spec = request.spec
     built = lower(spec, mesh)
     with captured_stderr() as log:
-        compiled = built.lowered.compile()
+        compiled = _compile(built, request)
     costs = []
     for layers in (1, 2):
         config = dataclasses.replace(spec.config, num_hidden_layers=layers)
         small = lower(dataclasses.replace(spec, config=config, scan_layers=False), mesh)
         with captured_stderr() as small_log:
-            costs.append(program_cost(small.lowered.compile()))
+            costs.append(program_cost(_compile(small, request)))
         log += small_log
     cost = extrapolate_layers(costs[0], costs[1], spec.config.num_hidden_layers)
     return make_report(
         compiled, cost, program=spec.program, topology=request.topology, mesh=mesh,
         tokens_per_step=built.tokens_per_step, weights=built.weights, stderr=log,
     )  # fmt: skip
+
+
+class DoesNotFit(MeteoRAError):
+    """The TPU compiler found the program larger than a chip's memory."""
+
+
+def _compile(built, request: CompileRequest):
+    """Compiles; the compiler's out-of-memory refusal becomes DoesNotFit naming the request."""
+    try:
+        return built.lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        text = str(e)
+        if "RESOURCE_EXHAUSTED" not in text:
+            raise
+        spec = request.spec
+        detail = text.split("RESOURCE_EXHAUSTED:", 1)[1].strip().splitlines()[0]
+        raise DoesNotFit(
+            f"{spec.program} at --batch {spec.batch} --seq-len {spec.seq_len} DOES NOT FIT on "
+            f"{request.topology.name}: {detail}"
+        ) from None
 
 
 def extrapolate_layers(one: dict, two: dict, layers: int) -> dict:
