@@ -3,6 +3,7 @@ request checks, the HLO collective count, the layer extrapolation and the unspli
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -162,4 +163,9 @@ def test_the_compilers_log_is_captured_and_a_remat_warning_is_a_problem():
         remat_warnings=log[:1], **figures,
     )  # fmt: skip
     assert report.total_bytes == 9 and not report.fits and report.tokens_per_second_per_chip == 4.0
-    assert report.problems == [f"{REMAT_WARNING}: {log[0]}"]
+    assert report.problems == [
+        "DOES NOT FIT: 0.00 GiB a chip, 0.00 GiB of HBM",
+        f"{REMAT_WARNING}: {log[0]}",
+    ]
+    fitting = dataclasses.replace(report, hbm_bytes=9, remat_warnings=[])
+    assert fitting.fits and fitting.problems == []

@@ -133,7 +133,12 @@ class Report:
 
     @property
     def problems(self) -> list[str]:
-        found = [f"{REMAT_WARNING}: {line.strip()[:300]}" for line in self.remat_warnings]
+        found = (
+            []
+            if self.fits
+            else [f"DOES NOT FIT: {_gib(self.total_bytes)} a chip, {_gib(self.hbm_bytes)} of HBM"]
+        )
+        found += [f"{REMAT_WARNING}: {line.strip()[:300]}" for line in self.remat_warnings]
         found += [
             f"weight {u.path} {u.shape} stays unsplit: rules {u.wanted}, spec {u.given}" for u in self.unsplit
         ]
