@@ -300,6 +300,21 @@ def test_a_damaged_latest_step_does_not_block_force(world, ckpt):
     assert checkpoint.checkpoint_steps(ckpt) == [1]
 
 
+def test_the_teardown_filter_drops_closed_loop_reports_only(monkeypatch):
+    """Both ways Python prints an error from a callback (unraisable reports, and native code's
+    `sys.excepthook`) drop "Event loop is closed" and pass everything else on, once installed."""
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda report: seen.append(("unraisable", report.exc_value)))
+    monkeypatch.setattr(sys, "excepthook", lambda kind, value, tb: seen.append(("except", value)))
+    checkpoint.quiet_orbax_teardown()
+    checkpoint.quiet_orbax_teardown()  # a second install wraps nothing twice
+    closed, other = RuntimeError("Event loop is closed"), RuntimeError("disk on fire")
+    for error in (closed, other):
+        sys.unraisablehook(type("Report", (), {"exc_value": error})())
+        sys.excepthook(RuntimeError, error, None)
+    assert seen == [("unraisable", other), ("except", other)]
+
+
 def test_a_failed_restore_prints_no_tracebacks(ckpt):
     """Orbax leaves tensorstore reads in flight when one fails; their callbacks must stay quiet."""
     with open(largest_array_file(ckpt), "r+b") as f:

@@ -549,23 +549,35 @@ def _read_error(error: Exception, path: str, step: int) -> CheckpointError:
     )
 
 
+def _closed_loop(error) -> bool:
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
 def _drop_closed_loop_reports(previous, report) -> None:
-    if isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == "Event loop is closed":
-        return
-    previous(report)
+    if not _closed_loop(report.exc_value):
+        previous(report)
+
+
+def _drop_closed_loop_prints(previous, kind, value, tb) -> None:
+    if not _closed_loop(value):
+        previous(kind, value, tb)
 
 
 def quiet_orbax_teardown() -> None:
     """Silences the tracebacks tensorstore prints after a failed Orbax restore or save.
 
     Orbax closes its event loop as soon as one read fails; the completion callbacks of the
-    reads still in flight then hit the closed loop, and Python prints each as an "unraisable"
-    traceback after our one-line error. Installed once, on the first failed read; every other
-    report still reaches the previous hook.
+    reads still in flight then hit the closed loop, and Python prints each after our one-line
+    error, as an "unraisable" report or (printed from a native callback) through
+    `sys.excepthook`. Installed once, on the first failed read; every other report still reaches
+    the previous hook.
     """
     hook = sys.unraisablehook
     if getattr(hook, "func", None) is not _drop_closed_loop_reports:
         sys.unraisablehook = functools.partial(_drop_closed_loop_reports, hook)
+    hook = sys.excepthook
+    if getattr(hook, "func", None) is not _drop_closed_loop_prints:
+        sys.excepthook = functools.partial(_drop_closed_loop_prints, hook)
 
 
 def _host_target(tree_metadata):
