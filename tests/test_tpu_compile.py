@@ -124,23 +124,18 @@ def test_the_other_programs_compile(mesh, program):
     assert compiled.memory_analysis().argument_size_in_bytes > 0
 
 
-def test_the_command_reports_a_tiny_model(tmp_path, capsys):
+def _compile(tmp_path, flags: str, **config_changes) -> int:
+    """`meteora-jax compile` on v5e:2x2 for CONFIG (with `config_changes`), 4 adapters of rank 8."""
     config = tmp_path / "config.json"
-    config.write_text(json.dumps(CONFIG.to_hf_dict()))
+    config.write_text(json.dumps({**CONFIG.to_hf_dict(), **config_changes}))
+    argv = ["compile", "--topology", "v5e:2x2", "--model", str(config), "--adapters", "4x8"]
+    return main(argv + flags.split())
+
+
+def test_the_command_reports_a_tiny_model(tmp_path, capsys):
     out = tmp_path / "report.json"
-    argv = ["compile", "--topology", "v5e:2x2", "--model", str(config), "--adapters", "4x8", "--program"]
-    argv += [
-        "train-gate",
-        "--batch",
-        "8",
-        "--seq-len",
-        "256",
-        "--mesh",
-        "fsdp=2,tensor=2",
-        "--json",
-        str(out),
-    ]
-    assert main(argv) == 0
+    flags = f"--program train-gate --batch 8 --seq-len 256 --mesh fsdp=2,tensor=2 --json {out}"
+    assert _compile(tmp_path, flags) == 0
     printed = capsys.readouterr().out
     assert "FITS" in printed and "tokens/s per chip" in printed and "PROBLEM" not in printed
     report = json.loads(out.read_text())
@@ -150,11 +145,8 @@ def test_the_command_reports_a_tiny_model(tmp_path, capsys):
 
 def test_the_command_fails_on_a_weight_left_whole(tmp_path, capsys):
     """A vocabulary the tensor axis cannot split: the report names the weights, exit 2."""
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps({**CONFIG.to_hf_dict(), "vocab_size": 255}))
-    argv = ["compile", "--topology", "v5e:2x2", "--model", str(config), "--adapters", "4x8"]
-    argv += ["--program", "decode", "--batch", "4", "--seq-len", "64", "--mesh", "fsdp=2,tensor=2"]
-    assert main(argv) == 2
+    flags = "--program decode --batch 4 --seq-len 64 --mesh fsdp=2,tensor=2"
+    assert _compile(tmp_path, flags, vocab_size=255) == 2
     captured = capsys.readouterr()
     assert "PROBLEM: weight embed_tokens (255, 256) stays unsplit" in captured.out
     assert "problem(s) a pod run would regret" in captured.err
@@ -162,11 +154,8 @@ def test_the_command_fails_on_a_weight_left_whole(tmp_path, capsys):
 
 def test_a_program_larger_than_the_chips_is_one_line_saying_so(tmp_path, capsys):
     """Float32 logits of 256 x 4096 tokens over 32000 words are 134 GB: the compiler refuses."""
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps({**CONFIG.to_hf_dict(), "vocab_size": 32000}))
-    argv = ["compile", "--topology", "v5e:2x2", "--model", str(config), "--adapters", "4x8"]
-    argv += ["--program", "train-gate", "--batch", "256", "--seq-len", "4096", "--mesh", "fsdp=4"]
-    assert main(argv) == 2
+    flags = "--program train-gate --batch 256 --seq-len 4096 --mesh fsdp=4"
+    assert _compile(tmp_path, flags, vocab_size=32000) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("meteora-jax compile: error: train-gate at --batch 256 --seq-len 4096 DOES NOT FIT")
     assert "v5e:2x2" in err and "HBM" in err
