@@ -4,6 +4,7 @@ request checks, the HLO collective count, the layer extrapolation and the unspli
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 
@@ -169,3 +170,11 @@ def test_the_compilers_log_is_captured_and_a_remat_warning_is_a_problem():
     ]
     fitting = dataclasses.replace(report, hbm_bytes=9, remat_warnings=[])
     assert fitting.fits and fitting.problems == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None, reason="libtpu is installed here")
+def test_without_libtpu_the_topology_says_how_to_install_it():
+    with pytest.raises(
+        ConfigError, match=r"--topology v5e:2x2: libtpu cannot describe it .*make tpu-compile"
+    ):
+        parse_topology("v5e-4").devices()

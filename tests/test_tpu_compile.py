@@ -159,3 +159,9 @@ def test_a_program_larger_than_the_chips_is_one_line_saying_so(tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("meteora-jax compile: error: train-gate at --batch 256 --seq-len 4096 DOES NOT FIT")
     assert "v5e:2x2" in err and "HBM" in err
+
+
+def test_a_mesh_the_slice_cannot_hold_names_the_flag(tmp_path, capsys):
+    assert _compile(tmp_path, "--program decode --batch 4 --seq-len 64 --mesh data=3,fsdp=1") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("meteora-jax compile: error: --mesh:") and "need 3 devices, found 4" in err

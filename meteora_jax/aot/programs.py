@@ -86,9 +86,9 @@ def lower(spec: ProgramSpec, mesh: Mesh) -> Lowered:
     cfg = train_config(spec)
     compute = jnp.dtype(cfg.dtype)
 
-    def build():
+    def build(param_dtype=jnp.float32):
         return LlamaForCausalLM(
-            spec.config, moe, dtype=compute, param_dtype=jnp.float32, backend=spec.backend,
+            spec.config, moe, dtype=compute, param_dtype=param_dtype, backend=spec.backend,
             attention=spec.attention, scan_layers=spec.scan_layers, rngs=nnx.Rngs(0),
         )  # fmt: skip
 
@@ -122,10 +122,7 @@ def _lower_train(spec: ProgramSpec, cfg: TrainConfig, build, mesh: Mesh) -> Lowe
 
 def _lower_generation(spec: ProgramSpec, compute, build, mesh: Mesh) -> Lowered:
     def split():
-        module = build()
-        if compute != jnp.float32:  # served weights are stored in the compute dtype
-            nnx.update(module, jax.tree.map(lambda a: a.astype(compute), nnx.state(module, nnx.Param)))
-        graphdef, params = nnx.split(module)
+        graphdef, params = nnx.split(build(compute))  # served weights are stored in the compute dtype
         static["graphdef"] = graphdef
         return params
 

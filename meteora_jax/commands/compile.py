@@ -13,7 +13,8 @@ from meteora_jax.io.files import write_text_atomic
 from meteora_jax.modeling.attention import IMPLEMENTATIONS
 from meteora_jax.modeling.llama import REMAT_POLICIES
 from meteora_jax.ops.moe_lora import BACKENDS
-from meteora_jax.training.config import COMPUTE_DTYPES
+from meteora_jax.sharding import DEFAULT_MESH
+from meteora_jax.training.config import COMPUTE_DTYPES, TrainConfig
 
 
 class CompileProblems(MeteoRAError):
@@ -39,7 +40,11 @@ def register(subparsers) -> None:
         "--batch", type=int, required=True, help="global rows (decode: sequences decoding at once)"
     )
     p.add_argument("--seq-len", type=int, required=True, help="tokens per row (decode: the cache's slots)")
-    p.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1", help="data=N,fsdp=N,tensor=N (-1: the rest)")
+    p.add_argument(
+        "--mesh",
+        default=",".join(f"{axis}={size}" for axis, size in DEFAULT_MESH.items()),
+        help="data=N,fsdp=N,tensor=N (-1: the rest)",
+    )
     p.add_argument("--dtype", default="bfloat16", choices=COMPUTE_DTYPES, help="compute dtype")
     p.add_argument(
         "--remat", default="full", choices=tuple(REMAT_POLICIES), help="decoder-layer remat (training)"
@@ -47,7 +52,7 @@ def register(subparsers) -> None:
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="MoE-LoRA backend")
     p.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS, help="attention implementation")
     p.add_argument("--train-adapters", action="store_true", help="train-gate: train the adapter stacks too")
-    p.add_argument("--top-k", type=int, default=2, help="adapters routed per token")
+    p.add_argument("--top-k", type=int, default=TrainConfig.top_k, help="adapters routed per token")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.set_defaults(func=run)
 
