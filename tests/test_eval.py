@@ -14,12 +14,12 @@ from matplotlib import image as mpimg
 
 import meteora_jax as mj
 from meteora_jax.cli import main
-from meteora_jax.data.prompts import format_prompt, load_tokenizer
+from meteora_jax.data.prompts import encode_prompt, format_prompt, load_tokenizer
 from meteora_jax.demo.tasks import write_tiny_setup
 from meteora_jax.evaluation.evaluate import check_scoring
 from meteora_jax.evaluation.registry import load_registry
 from meteora_jax.evaluation.report import report_markdown
-from meteora_jax.evaluation.runner import UNIFORM_TEMPERATURE, Answer, EvalItem, mode_routing
+from meteora_jax.evaluation.runner import UNIFORM_TEMPERATURE, Answer, EvalItem, answer_by_line, mode_routing
 from meteora_jax.evaluation.scoring import composite_scores, task_scores
 from meteora_jax.text import generate_texts, generated_routing, stop_ids
 
@@ -196,20 +196,39 @@ def test_modes_mean_what_they_say(evaluated, setup):
     assert [x["prediction"] for x in lines if x["mode"] == "adapter"] == [p.strip() for p in forced]
     composite = [x for x in _predictions(evaluated) if x["task"] == "composite-3" and x["mode"] == "adapter"]
     assert composite
-    for x in composite:  # the oracle: each line by its own sub-task's adapter, after the lines before
-        lines = []
+    for x in composite:  # the oracle: each line by its own sub-task's adapter, after the lines before,
+        lines, used = [], 0  # all lines within the one budget of 8 new tokens, line breaks included
         for task in (a["subtask"] for a in x["answers"]):
+            if used >= 8:
+                break
             text = format_prompt(x["prompt"]) + "".join(line + "\n" for line in lines)
             _, (line,) = generate_texts(
-                fused, tokenizer, [text], max_new_tokens=8,
+                fused, tokenizer, [text], max_new_tokens=8 - used,
                 adapter_ids=[list(fused.adapter_names).index(task)],
             )  # fmt: skip
             lines.append(line.split("\n", 1)[0].rstrip())
+            used += len(tokenizer(lines[-1], add_special_tokens=False)["input_ids"]) + 1
         assert x["prediction"] == "\n".join(lines).strip()
     ids = np.asarray([[1, 5, 9, 14, 3, 7]], np.int32)
     out = fused(ids, return_routing=True, top_k=3, temperature=UNIFORM_TEMPERATURE)
     for routing in out.routing.values():
         np.testing.assert_array_equal(np.asarray(routing.weights), np.float32(1 / 3))
+
+
+def test_the_line_oracle_keeps_to_one_budget_and_the_positions(setup):
+    """The line-at-a-time oracle writes at most max_new_tokens in all, as the routed modes do: a
+    budget that fits the prompt once no longer runs a later line past the model's positions."""
+    fused = mj.load_model(setup.base, adapters=setup.adapters)
+    tokenizer = load_tokenizer(setup.base)
+    names = list(fused.adapter_names)
+    item = EvalItem("composite-3", "1. a\n2. b\n3. c", "", tuple(names[:3]), ("x", "y", "z"))
+    prompt = len(encode_prompt(tokenizer, format_prompt(item.prompt)))
+    budget = fused.config.max_position_embeddings - prompt  # fills the positions exactly
+    (text,) = answer_by_line(fused, tokenizer, [item], budget, stop_ids(fused, tokenizer))
+    written = sum(
+        len(tokenizer(line, add_special_tokens=False)["input_ids"]) + 1 for line in text.split("\n")
+    )
+    assert 0 < written <= budget + 1  # the last line's break is counted but never written
 
 
 def test_answers_equal_to_the_references_score_full_marks(evaluated, setup, tmp_path):

@@ -21,7 +21,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 
-from meteora_jax.data.prompts import format_prompt
+from meteora_jax.data.prompts import encode_prompt, format_prompt
 from meteora_jax.data.tasks import read_task_file
 from meteora_jax.errors import ConfigError
 from meteora_jax.inputs import is_int, is_real
@@ -162,24 +162,35 @@ def newline_ids(tokenizer) -> list[int]:
 def answer_by_line(
     model, tokenizer, rows: Sequence[EvalItem], max_new_tokens: int, stops: Sequence[int]
 ) -> list[str]:
-    """Composite prompts answered one numbered line at a time, line k generated (greedy, up to
-    `max_new_tokens`, ending at a token of `stops`: EOS or a line break) after the prompt and
-    lines 1..k-1 with sub-task k's adapter forced: the answer perfect per-line routing would
-    give. Returns the lines joined by newlines."""
+    """Composite prompts answered one numbered line at a time, line k generated (greedy, ending at
+    a token of `stops`: EOS or a line break) after the prompt and lines 1..k-1 with sub-task k's
+    adapter forced: the answer perfect per-line routing would give. As in the routed modes, a
+    row's lines hold at most `max_new_tokens` tokens in all (line breaks included), and never run
+    past the model's positions. Returns the lines joined by newlines."""
     lines: list[list[str]] = [[] for _ in rows]
+    used = [0] * len(rows)  # tokens of each row's answer so far
+    limit = model.config.max_position_embeddings
     for k in range(max(len(item.subtasks) for item in rows)):
         texts = [
             format_prompt(item.prompt) + "".join(f"{line}\n" for line in done)
             for item, done in zip(rows, lines, strict=True)
         ]
+        longest = max(len(encode_prompt(tokenizer, t)) for t in texts)
+        budget = min(max_new_tokens - min(used), limit - longest)
+        if budget <= 0:
+            break
         tasks = [item.subtasks[min(k, len(item.subtasks) - 1)] for item in rows]
         _, responses = generate_texts(
-            model, tokenizer, texts, max_new_tokens=max_new_tokens, eos_token_id=list(stops),
+            model, tokenizer, texts, max_new_tokens=budget, eos_token_id=list(stops),
             adapter_ids=own_adapters(model.adapter_names, tasks),
         )  # fmt: skip
-        for item, done, text in zip(rows, lines, responses, strict=True):
-            if k < len(item.subtasks):
-                done.append(text.split("\n", 1)[0].rstrip())
+        for r, (item, done, text) in enumerate(zip(rows, lines, responses, strict=True)):
+            if k >= len(item.subtasks) or used[r] >= max_new_tokens:
+                continue
+            ids = tokenizer(text.split("\n", 1)[0], add_special_tokens=False)["input_ids"]
+            ids = ids[: max_new_tokens - used[r]]
+            done.append(tokenizer.decode(ids).rstrip())
+            used[r] += len(ids) + 1  # the line break that ends it
     return ["\n".join(done) for done in lines]
 
 
