@@ -55,34 +55,47 @@ def test_a_non_finite_loss_stops_pretraining(world):
 
 def test_the_objective_against_a_numpy_statement():
     """LM cross entropy over answer tokens of answered questions (labels < answered), plus weight x
-    a softmax over the keyword tokens' logits against each answer token's question keyword."""
+    a softmax over the keyword tokens' logits against the question keyword, at every answer token
+    and at every prompt token from its own keyword on (the last keyword read in its sample)."""
     rng = np.random.default_rng(0)
-    b, s, v = 2, 6, 11
+    b, s, v = 2, 8, 11
+    keywords = (7, 3, 9)
     logits = rng.normal(size=(b, s, v)).astype(np.float32)
     batch = {
+        # row 0: one sample, keyword 9 (label 2) read at slot 1, then keyword 7 (label 0) at slot 4;
+        # row 1: two packed samples (positions restart at slot 4), keyword 3 (label 1) in the first.
+        "input_ids": np.array([[1, 9, 5, 5, 7, 5, 5, 5], [1, 3, 5, 5, 1, 5, 9, 5]], np.int32),
+        "positions": np.array([[0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 0, 1, 2, 3]], np.int32),
         "lm_targets": rng.integers(0, v, (b, s)).astype(np.int32),
-        "lm_weights": np.array([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], np.int32),
-        "gate_labels": np.array([[0, 0, 0, 2, 2, -1], [1, 1, 1, 2, 0, 0]], np.int32),
+        "lm_weights": np.array([[0, 0, 0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 0, 0, 0, 1]], np.int32),
+        "gate_labels": np.array([[2, 2, 2, 0, 0, 2, 0, -1], [1, 1, 1, 2, 1, 2, 2, 2]], np.int32),
     }
-    readout = Readout(keyword_ids=(7, 3, 9), answered=2)
+    readout = Readout(keyword_ids=keywords, answered=2)
     loss, metrics = pretraining_objective(jnp.asarray(logits), batch, readout, jnp.float32(0.5))
 
     def log_softmax(x):
         x = x - x.max(-1, keepdims=True)
         return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
+    def last_keyword(i, t):  # the keyword token last read in (i, t)'s sample, up to t
+        start = max(u for u in range(t + 1) if batch["positions"][i, u] == 0)
+        seen = [batch["input_ids"][i, u] for u in range(start, t + 1) if batch["input_ids"][i, u] in keywords]
+        return seen[-1] if seen else None
+
     lm_terms, readout_terms, right = [], [], []
     for i in range(b):
         for t in range(s):
-            if not batch["lm_weights"][i, t]:
-                continue
             label = batch["gate_labels"][i, t]
-            if label < 2:
+            answer = batch["lm_weights"][i, t] == 1
+            if answer and label < 2:
                 lm_terms.append(-log_softmax(logits[i, t])[batch["lm_targets"][i, t]])
-            keyword_logits = logits[i, t, list(readout.keyword_ids)]
+            if not (answer or (label >= 0 and last_keyword(i, t) == keywords[label])):
+                continue
+            keyword_logits = logits[i, t, list(keywords)]
             readout_terms.append(-log_softmax(keyword_logits)[label])
             right.append(keyword_logits.argmax() == label)
-    assert len(lm_terms) == 5 and len(readout_terms) == 8
+    # row 0: slots 1, 2 (after 9, label 2), 4 (7, label 0), 5, 6 (answers); row 1: 1, 2, 3, 6, 7
+    assert len(lm_terms) == 2 and len(readout_terms) == 10
     np.testing.assert_allclose(metrics["lm_loss"], np.mean(lm_terms), rtol=1e-5)
     np.testing.assert_allclose(metrics["readout_loss"], np.mean(readout_terms), rtol=1e-5)
     np.testing.assert_allclose(metrics["readout_accuracy"], np.mean(right), rtol=1e-6)

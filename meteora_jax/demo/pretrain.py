@@ -1,14 +1,14 @@
-"""The demo base learns the prompt formats and which question each answer token answers: a short
+"""The demo base learns the prompt formats and which question each token belongs to: a short
 full-model pre-training on copy questions (`[INST] copy: abcd [/INST]` -> `abcd`), alone and as
 numbered composite prompts, so it answers in both formats yet can do no task.
 
 A second term, the keyword readout, makes the base's hidden states say which question a token
-answers, as a real LLM's states say what it is doing: at every answer token the LM head's logits
-of the keyword tokens (`copy`, `lower`, the tasks' names) are trained to pick that question's
-keyword. Questions of the demo's tasks are in the samples, their true answers too, but those
-answer lines carry no LM loss: the base learns to recognise a task, never to do it. The readout
-starts once copying has formed (`readout_start`); from the first step it keeps copying from
-forming at the demo's budget.
+belongs to, as a real LLM's states say what it is doing: at every answer token, and at every
+question token from its keyword on, the LM head's logits of the keyword tokens (`copy`, `lower`,
+the tasks' names) are trained to pick that question's keyword. Questions of the demo's tasks are
+in the samples, their true answers too, but those answer lines carry no LM loss: the base learns
+to recognise a task, never to do it. The readout starts once copying has formed
+(`readout_start`); from the first step it keeps copying from forming at the demo's budget.
 
 It runs the training engine's data pipeline (Grain, packing) and optimizer (AdamW, warmup +
 cosine, clipping) with every `nnx.Param` of a plain base trainable; nothing is checkpointed (the
@@ -66,12 +66,27 @@ class Readout:
     answered: int
 
 
+def keyword_just_read(batch: Mapping[str, jax.Array], keyword_ids: Sequence[int]) -> jax.Array:
+    """(B, S) float32: 1 at a prompt token whose question keyword is the last keyword token read in
+    its sample (the token itself included), i.e. inside a question, from its keyword on. Before the
+    keyword (`[INST]`, a line's number) the question is not yet known: no readout there."""
+    ids_bs, labels_bs = batch["input_ids"], batch["gate_labels"]
+    slot_s = jnp.arange(ids_bs.shape[1])
+    start_bs = jax.lax.cummax(jnp.where(batch["positions"] == 0, slot_s, 0), axis=1)  # sample start
+    hit_bsk = ids_bs[..., None] == jnp.asarray(keyword_ids)
+    last_bsk = jax.lax.cummax(jnp.where(hit_bsk, slot_s[:, None], -1), axis=1)  # each keyword's last slot
+    own_bs = jnp.take_along_axis(last_bsk, jnp.maximum(labels_bs, 0)[..., None], -1)[..., 0]
+    just = (labels_bs >= 0) & (own_bs >= start_bs) & (own_bs == last_bsk.max(-1))
+    return just.astype(jnp.float32)
+
+
 def pretraining_objective(
     logits_bsv: jax.Array, batch: Mapping[str, jax.Array], readout: Readout | None, weight: jax.Array
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """LM cross entropy over the answer tokens (`lm_weights`) of answered questions, plus `weight`
-    x the readout's cross entropy: at each answer token, a softmax over the keyword tokens' logits
-    against its question's keyword. Each term is a mean over its tokens. Returns (loss, metrics)."""
+    x the readout's cross entropy: at each answer token, and at each prompt token from its
+    question's keyword on (`keyword_just_read`), a softmax over the keyword tokens' logits against
+    its question's keyword. Each term is a mean over its tokens. Returns (loss, metrics)."""
     logits = logits_bsv.astype(jnp.float32)
     nll_bs = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["lm_targets"][..., None], -1)[..., 0]
     answer_bs = batch["lm_weights"].astype(jnp.float32)
@@ -85,9 +100,10 @@ def pretraining_objective(
     keyword_nll_bs = -jnp.take_along_axis(
         jax.nn.log_softmax(keyword_bsk), jnp.maximum(labels_bs, 0)[..., None], -1
     )[..., 0]
-    count = jnp.maximum(answer_bs.sum(), 1.0)
-    readout_loss = (keyword_nll_bs * answer_bs).sum() / count
-    accuracy = ((keyword_bsk.argmax(-1) == labels_bs) * answer_bs).sum() / count
+    read_bs = jnp.maximum(answer_bs, keyword_just_read(batch, readout.keyword_ids))
+    count = jnp.maximum(read_bs.sum(), 1.0)
+    readout_loss = (keyword_nll_bs * read_bs).sum() / count
+    accuracy = ((keyword_bsk.argmax(-1) == labels_bs) * read_bs).sum() / count
     metrics = {"lm_loss": lm, "readout_loss": readout_loss, "readout_accuracy": accuracy}
     return lm + weight * readout_loss, metrics
 
