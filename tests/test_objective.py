@@ -154,11 +154,15 @@ def _torch_objective(world, gate_loss_weight: float, gate_loss_grad: str):
     return loss.item(), lm.item(), gate.item(), grads, logits_of
 
 
-def _jax_objective(world, gate_loss_weight: float, gate_loss_grad: str, grad_accum: int):
+def _jax_objective(world, gate_loss_weight: float, gate_loss_grad: str, grad_accum: int, loss_chunk: int):
     """(loss, lm term, gate term, {(layer, projection): gradient}) of the step's jitted gradients."""
     _, _, model, _, rows = world
     cfg = TrainConfig(
-        steps=1, gate_loss_weight=gate_loss_weight, gate_loss_grad=gate_loss_grad, grad_accum=grad_accum
+        steps=1,
+        gate_loss_weight=gate_loss_weight,
+        gate_loss_grad=gate_loss_grad,
+        grad_accum=grad_accum,
+        loss_chunk=loss_chunk,
     )
     batch = _batch(rows)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
@@ -214,17 +218,26 @@ def test_gate_logits_are_the_projection_inputs_of_the_model(world):
 
 
 @pytest.mark.parametrize(
-    ("gate_loss_weight", "gate_loss_grad", "grad_accum"),
-    [(50.0, "gates", 1), (0.5, "gates", 2), (0.5, "all", 1)],
+    ("gate_loss_weight", "gate_loss_grad", "grad_accum", "loss_chunk"),
+    [
+        (50.0, "gates", 1, 512),
+        (0.5, "gates", 2, 512),
+        (0.5, "all", 1, 512),
+        (0.5, "all", 1, 5),
+        (0.5, "all", 2, 0),
+    ],
 )
 def test_the_step_optimises_the_stated_objective(
-    world, gate_loss_weight, gate_loss_grad, grad_accum, record_error
+    world, gate_loss_weight, gate_loss_grad, grad_accum, loss_chunk, record_error
 ):
     """Value (and each term) to 1e-5 relative, gate gradients to 1e-5 of the largest; lambda 50
     (the reference) and 0.5 (both terms weigh), the gate term's gradient held to the gates or
-    not, one batch or two micro-batches."""
+    not, one batch or two micro-batches, the LM loss over the whole logits (0), one chunk (512)
+    or 5 slots at a time (16 slots: three chunks and a padded one)."""
     want, want_lm, want_gate, want_grads = _torch_objective(world, gate_loss_weight, gate_loss_grad)[:4]
-    got, got_lm, got_gate, grads = _jax_objective(world, gate_loss_weight, gate_loss_grad, grad_accum)
+    got, got_lm, got_gate, grads = _jax_objective(
+        world, gate_loss_weight, gate_loss_grad, grad_accum, loss_chunk
+    )
     if gate_loss_weight < 1:
         assert 0.05 < gate_loss_weight * want_gate / want < 0.95  # both terms shape the loss
     for name, g, w in (("loss", got, want), ("lm", got_lm, want_lm), ("gate", got_gate, want_gate)):
@@ -232,5 +245,8 @@ def test_the_step_optimises_the_stated_objective(
     assert grads.keys() == want_grads.keys()
     scale = max(float(np.max(np.abs(g))) for g in want_grads.values())
     err = max(float(np.max(np.abs(grads[k] - want_grads[k]))) for k in want_grads)
-    record_error(f"gate grads, lambda {gate_loss_weight}, {gate_loss_grad}, accum {grad_accum}", err / scale)
+    record_error(
+        f"gate grads, lambda {gate_loss_weight}, {gate_loss_grad}, accum {grad_accum}, chunk {loss_chunk}",
+        err / scale,
+    )
     assert err <= 1e-5 * scale

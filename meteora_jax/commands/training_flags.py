@@ -11,7 +11,7 @@ from meteora_jax.modeling.attention import IMPLEMENTATIONS
 from meteora_jax.modeling.llama import REMAT_POLICIES
 from meteora_jax.ops.moe_lora import BACKENDS
 from meteora_jax.sharding import DEFAULT_MESH, parse_mesh
-from meteora_jax.training.config import COMPUTE_DTYPES, TRAIN_BACKEND
+from meteora_jax.training.config import COMPUTE_DTYPES, TRAIN_BACKEND, TrainConfig
 
 
 def add_training_flags(
@@ -30,6 +30,13 @@ def add_training_flags(
     model.add_argument("--base", required=True, metavar="DIR", help="the HF LLaMA base folder")
     model.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help="compute dtype")
     model.add_argument("--remat", default="none", choices=tuple(REMAT_POLICIES), help="decoder-layer remat")
+    model.add_argument(
+        "--loss-chunk",
+        type=int,
+        default=TrainConfig.loss_chunk,
+        metavar="SLOTS",
+        help=f"slots per row the LM loss takes logits of at once (default {TrainConfig.loss_chunk}; 0: all)",
+    )
     data = groups["data"]
     data.add_argument(
         "--seq-len",
@@ -104,6 +111,7 @@ def train_settings(args: argparse.Namespace) -> dict:
         "clip_norm": args.clip_norm,
         "grad_accum": args.grad_accum,
         "remat": args.remat,
+        "loss_chunk": args.loss_chunk,
         "dtype": args.dtype,
         "seed": args.seed,
         "save_every": args.save_every,

@@ -219,16 +219,19 @@ class KVCache:
 class CausalLMOutput:
     """Model output.
 
-    logits: (B, T, V) in the compute dtype; cache: the updated KVCache or None; routing:
+    logits: (B, T, V) in the compute dtype, or None when the call skipped the LM head (`head=
+    False`), which leaves `hidden`, the final normed states (B, T, D), for a loss that applies
+    `head_kernel()` a chunk at a time. cache: the updated KVCache or None; routing:
     {"layers.{i}.{projection}": Routing} with ids / weights (B, T, k) and, when asked, the
     raw gate logits (B, T, L); None unless requested. gate_stats: with gate labels (training),
     {projection: GateStats} whose fields are (Y,) arrays, one value per decoder layer.
     """
 
-    logits: jax.Array
+    logits: jax.Array | None
     cache: KVCache | None = None
     routing: dict[str, Routing] | None = None
     gate_stats: dict[str, GateStats] | None = None  # projection -> GateStats of (Y,) per layer
+    hidden: jax.Array | None = None  # (B, T, D) final normed states, when the head was skipped
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -291,6 +294,7 @@ class LlamaForCausalLM(nnx.Module):
         gate_labels: jax.Array | None = None,
         gate_loss_grad: str = "gates",
         remat: str = "none",
+        head: bool = True,
     ) -> CausalLMOutput:
         """Forward pass over input_ids (B, T).
 
@@ -305,7 +309,8 @@ class LlamaForCausalLM(nnx.Module):
         for the MeteoRA gate loss, returned as `gate_stats`; gate_loss_grad: "gates" holds each
         gate's input constant in that loss (its gradient reaches the gates only), "all" lets it
         flow upstream (`TrainConfig.gate_loss_grad`). remat: "none" | "dots" | "full",
-        what each decoder layer keeps for the backward pass (REMAT_POLICIES).
+        what each decoder layer keeps for the backward pass (REMAT_POLICIES). head=False skips
+        the LM head: `.hidden` instead of `.logits` (training's chunked cross entropy).
         """
         b, t = input_ids.shape
         if remat not in REMAT_POLICIES:
@@ -362,15 +367,21 @@ class LlamaForCausalLM(nnx.Module):
             x_btd, (cos_bth, sin_bth, mask), kv, write_index, layer_keys, walk
         )
         x_btd = self.norm(x_btd)
-        if self.lm_head is None:
-            logits = jnp.dot(x_btd, self.embed_tokens[...].astype(self.dtype).T)
-        else:
-            logits = self.lm_head(x_btd)
-        logits = constrain(logits, ("batch", "length", "vocab"))
         new_cache = None
         if cache is not None:
             new_cache = KVCache(k=kv[0], v=kv[1], valid=valid_bs, index=write_index + t)
+        if not head:
+            return CausalLMOutput(
+                logits=None, cache=new_cache, routing=routes, gate_stats=stats, hidden=x_btd
+            )
+        logits = constrain(jnp.dot(x_btd, self.head_kernel()), ("batch", "length", "vocab"))
         return CausalLMOutput(logits=logits, cache=new_cache, routing=routes, gate_stats=stats)
+
+    def head_kernel(self) -> jax.Array:
+        """The LM head as a (D, V) kernel in the compute dtype (the embedding's transpose when tied)."""
+        if self.lm_head is None:
+            return self.embed_tokens[...].astype(self.dtype).T
+        return self.lm_head.kernel[...].astype(self.dtype)
 
     def _run_layers(self, x_btd, attn_inputs, kv, write_index, layer_keys, walk: _LayerWalk):
         """Walks the stacked layers (scanned or unrolled). Per-layer outputs (routing, gate

@@ -42,6 +42,8 @@ class TrainConfig:
         train_gates: train the gates (False: `train-lora`, where the one adapter alone trains).
         train_adapters: train the LoRA stacks (with the gates, or alone).
         remat: what each decoder layer keeps for the backward pass ("none" | "dots" | "full").
+        loss_chunk: slots of each row whose logits the LM loss holds at a time (recomputed in the
+            backward pass), so the (B, S, V) float32 logits never exist whole; 0: all at once.
         dtype: compute dtype; trainable parameters and the loss stay float32.
         top_k: adapters chosen per token during training.
         seed: the dropout stream (the data order has its own seed in `DataConfig`).
@@ -65,6 +67,7 @@ class TrainConfig:
     train_gates: bool = True
     train_adapters: bool = False
     remat: str = "none"
+    loss_chunk: int = 512
     dtype: str = "float32"
     top_k: int = 2
     seed: int = 0
@@ -84,6 +87,7 @@ class TrainConfig:
             ("log_every", 1),
             ("warmup_steps", 0),
             ("eval_every", 0),
+            ("loss_chunk", 0),
             ("top_k", 1),
             ("seed", 0),
         ):

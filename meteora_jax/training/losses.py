@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from meteora_jax.modeling.llama import CausalLMOutput
+from meteora_jax.sharding import constrain
 
 
 @jax.tree_util.register_dataclass
@@ -62,10 +63,47 @@ def lm_sums(
     return jnp.sum(ce_bs * weights_bs), jnp.sum(weights_bs)
 
 
-def loss_sums(output: CausalLMOutput, batch: dict) -> LossSums:
+def chunked_lm_sums(
+    hidden_bsd: jax.Array, kernel_dv: jax.Array, targets_bs: jax.Array, weights_bs: jax.Array, chunk: int
+) -> tuple[jax.Array, jax.Array]:
+    """`lm_sums` of the logits `hidden_bsd @ kernel_dv`, never held whole: the slots are taken
+    `chunk` at a time along S (every row in each, so a sharded batch stays sharded), and each
+    chunk's (B, chunk, V) float32 logits are recomputed in the backward pass instead of stored."""
+    b, s, _ = hidden_bsd.shape
+    chunk = min(chunk, s)
+    n = -(-s // chunk)
+    pad = n * chunk - s  # padded slots carry weight 0
+
+    def split(x):  # (B, S, ...) -> (n, B, chunk, ...)
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def one_chunk(carry, xs):
+        h_bcd, t_bc, w_bc = xs
+        logits_bcv = constrain(jnp.dot(h_bcd, kernel_dv), ("batch", "length", "vocab"))
+        ce, count = lm_sums(logits_bcv, t_bc, w_bc)
+        return (carry[0] + ce, carry[1] + count), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (ce, count), _ = jax.lax.scan(
+        one_chunk, (zero, zero), (split(hidden_bsd), split(targets_bs), split(weights_bs))
+    )
+    return ce, count
+
+
+def loss_sums(
+    output: CausalLMOutput, batch: dict, kernel_dv: jax.Array | None = None, chunk: int = 0
+) -> LossSums:
     """The sums of one forward pass; the gate terms are 0 when it ran without `gate_labels`
-    (`output.gate_stats` None: no gate loss)."""
-    lm_ce, lm_count = lm_sums(output.logits, batch["lm_targets"], batch["lm_weights"])
+    (`output.gate_stats` None: no gate loss). An output without logits (the head skipped) takes
+    its LM term from `output.hidden` and the head `kernel_dv`, `chunk` slots at a time."""
+    if output.logits is None:
+        lm_ce, lm_count = chunked_lm_sums(
+            output.hidden, kernel_dv, batch["lm_targets"], batch["lm_weights"], chunk
+        )
+    else:
+        lm_ce, lm_count = lm_sums(output.logits, batch["lm_targets"], batch["lm_weights"])
     stats = list((output.gate_stats or {}).values())
     zero = jnp.zeros((), jnp.float32)
     return LossSums(

@@ -84,8 +84,9 @@ def make_gradients(parts: TrainParts, config: TrainConfig, *, temperature: float
             routing=routing,
             dropout_rng=key,
             remat=config.remat,
+            head=config.loss_chunk == 0,
         )
-        sums = loss_sums(out, micro)
+        sums = loss_sums(out, micro, module.head_kernel(), config.loss_chunk)
         return objective(sums, den, config.gate_loss_weight), sums
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
