@@ -240,3 +240,55 @@ def test_a_gate_training_config_is_refused_and_a_nan_loss_stops_the_run(setup, t
     )  # fmt: skip
     with pytest.raises(TrainingError, match=r"step \d: the loss is not finite \(loss (nan|inf), grad_norm"):
         train_lora(spec)
+
+
+def _folder_bytes(folder) -> dict[str, bytes]:
+    return {
+        os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+        for d, _, names in os.walk(folder)
+        for f in names
+    }
+
+
+def _set(args: list[str], flag: str, value: str) -> list[str]:
+    i = args.index(flag)
+    return [*args[: i + 1], value, *args[i + 2 :]]
+
+
+def test_extending_a_finished_run_with_changed_settings_keeps_it(
+    setup, trained, tmp_path, capsys, monkeypatch
+):
+    """A finished run extended with another --batch-size is refused naming it, every file kept
+    (the PEFT adapter, metrics.jsonl, every step); a step whose optimizer state has other entries
+    than the run's is refused as such, not set aside as corrupt; --clip-norm 0 (clipping off)
+    keeps the optimizer's structure, so that change resumes."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(trained, out)
+    before = _folder_bytes(out)
+    longer = _set(_cli(setup, out), "--steps", str(STEPS + SAVE_EVERY))
+    capsys.readouterr()
+    assert main(_set(longer, "--batch-size", "16")) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"cannot resume {out / 'training'} at step {STEPS}" in err and "batch_size: saved 8, now 16" in err
+    assert "--new-data" in err and "\n" not in err and _folder_bytes(out) == before
+
+    import optax
+
+    from meteora_jax.training import state
+
+    monkeypatch.setattr(state, "optimizer_transform", lambda config: optax.adamw(config.lr))
+    assert main(longer) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        f"cannot resume {out / 'training'} (step {STEPS})" in err and "item 'opt' holds other entries" in err
+    )
+    assert "use another --out" in err and "\n" not in err and _folder_bytes(out) == before
+    monkeypatch.undo()
+
+    assert main([*longer, "--clip-norm", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "clip_norm 1.0 -> 0.0" in err and f"resumed {out / 'training'} at step {STEPS}" in err
+    assert not any(n.startswith(".bad-step") for n in os.listdir(out / "training"))
+    assert [r["step"] for r in _records(out) if "loss" in r] == list(range(1, STEPS + SAVE_EVERY + 1))

@@ -497,19 +497,48 @@ def restore_latest_good(
 
 
 def _restore_items(directory: str, step: int, extra_items: Mapping[str, Any]) -> dict[str, Any]:
-    """The params item and the extra items of one step, as stored; read errors translated."""
+    """The params item and the extra items of one step, as stored; read errors translated, and
+    a target whose entries are not the stored ones refused as a CheckpointError naming them."""
+    misfit = None
     try:
         with _manager(directory, extra=tuple(extra_items)) as manager:
             stored = manager.item_metadata(step)
             targets = {PARAMS_ITEM: _host_target(stored[PARAMS_ITEM])}
             for name, target in extra_items.items():
                 targets[name] = _host_target(stored[name]) if target is None else target
-            restored = manager.restore(
-                step, args=ocp.args.Composite(**{n: ocp.args.StandardRestore(t) for n, t in targets.items()})
-            )
+                misfit = misfit or _entries_misfit(name, stored[name], target)
+            if misfit is None:
+                restored = manager.restore(
+                    step,
+                    args=ocp.args.Composite(**{n: ocp.args.StandardRestore(t) for n, t in targets.items()}),
+                )
     except Exception as e:  # Orbax / tensorstore errors of damaged files: translated into one line
         raise _read_error(e, os.path.join(directory, str(step)), step) from None
+    if misfit is not None:
+        raise CheckpointError(f"{directory} (step {step}): {misfit}")
     return {name: restored[name] for name in targets}
+
+
+def _entry_names(tree) -> set[str]:
+    leaves = jax.tree_util.tree_leaves_with_path(getattr(tree, "tree", tree))
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path) for path, _ in leaves}
+
+
+def _entries_misfit(name: str, stored, target) -> str | None:
+    """What differs between the entries of item `name` as stored and the restore `target` (None:
+    the same, or no target). A step saved under other settings (another optimizer chain) is not
+    damaged: it is refused by name, never read into the wrong places."""
+    if target is None:
+        return None
+    have, want = _entry_names(stored), _entry_names(target)
+    if have == want:
+        return None
+    saved_only, asked_only = sorted(have - want), sorted(want - have)
+    return (
+        f"its item {name!r} holds other entries than this run's (saved only: "
+        f"{', '.join(saved_only[:3]) or 'none'}; this run's only: {', '.join(asked_only[:3]) or 'none'}): "
+        "it was saved with other settings or another meteora-jax version"
+    )
 
 
 # A tensorstore read error names the array as Orbax stored it ("layers.mlp.up_proj.gate/0.0.0")

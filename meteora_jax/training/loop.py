@@ -30,7 +30,7 @@ from meteora_jax.api import DTYPES, MeteoRAModel
 from meteora_jax.config import MoELoRAConfig
 from meteora_jax.data.pipeline import BATCH_KEYS, DataConfig, DataStateMismatch, train_batches
 from meteora_jax.data.tasks import Sample
-from meteora_jax.errors import ConfigError, TrainingError, describe_os_error, storage_error
+from meteora_jax.errors import CheckpointError, ConfigError, TrainingError, describe_os_error, storage_error
 from meteora_jax.io import checkpoint, checksums, files
 from meteora_jax.io.hf import load_llama
 from meteora_jax.io.stacking import AdapterInfo, Path
@@ -298,6 +298,10 @@ class _Run:
             except checkpoint.CorruptCheckpointError as e:
                 self._set_aside(step, str(e), checkpoints)
                 continue
+            except CheckpointError as e:  # readable, but not into this run's state
+                raise ConfigError(
+                    f"cannot resume {where}: {e}. Nothing was changed; use another --out for a new run"
+                ) from None
             except DataStateMismatch as e:
                 ckpt, opt = self._resume_with_new_data(step, e, checkpoints, template)
             self._place(ckpt.params, opt)
