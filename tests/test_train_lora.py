@@ -292,3 +292,21 @@ def test_extending_a_finished_run_with_changed_settings_keeps_it(
     assert "clip_norm 1.0 -> 0.0" in err and f"resumed {out / 'training'} at step {STEPS}" in err
     assert not any(n.startswith(".bad-step") for n in os.listdir(out / "training"))
     assert [r["step"] for r in _records(out) if "loss" in r] == list(range(1, STEPS + SAVE_EVERY + 1))
+
+
+def test_a_held_out_prompt_longer_than_the_model_is_left_out_naming_its_line(setup, tmp_path, capsys):
+    """A 64 KB prompt in test.jsonl: the run warns naming its file and line, leaves it out of the
+    held-out figures and trains."""
+    import shutil
+
+    data = tmp_path / "upper"
+    shutil.copytree(_task(setup), data)
+    with open(data / "test.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"prompt": "upper: " + "a" * 65536, "response": "A"}) + "\n")
+    line = (data / "test.jsonl").read_text().count("\n")
+    args = _set(_cli(setup, tmp_path / "out", steps=1, save_every=1), "--data", os.fspath(data))
+    with pytest.warns(
+        UserWarning, match=rf"1 held-out samples are longer .*test.jsonl line {line}, \d+ tokens"
+    ):
+        assert main(args) == 0
+    assert "of 16 samples" in capsys.readouterr().out

@@ -138,7 +138,12 @@ def run(args: argparse.Namespace) -> None:
     from tqdm import tqdm  # noqa: PLC0415
 
     from meteora_jax.api import load_model  # noqa: PLC0415
-    from meteora_jax.data.prompts import format_prompt, load_tokenizer, read_prompts  # noqa: PLC0415
+    from meteora_jax.data.prompts import (  # noqa: PLC0415
+        check_prompt_lengths,
+        format_prompt,
+        load_tokenizer,
+        read_prompts,
+    )
     from meteora_jax.io.files import write_text_atomic  # noqa: PLC0415
     from meteora_jax.text import generate_texts, routing_rows  # noqa: PLC0415
 
@@ -152,8 +157,15 @@ def run(args: argparse.Namespace) -> None:
             "--routing-html / --routing-png / --routing-json need adapters (--adapter or --ckpt)"
         )
     tokenizer = load_tokenizer(args.tokenizer or base)
-    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    sources = [("--prompt", args.prompt)] if args.prompt is not None else read_prompts(args.prompts)
+    prompts = [prompt for _, prompt in sources]
     texts = prompts if args.raw else [format_prompt(p) for p in prompts]
+    check_prompt_lengths(
+        tokenizer,
+        [(where, text) for (where, _), text in zip(sources, texts, strict=True)],
+        model.config.max_position_embeddings,
+        args.max_new_tokens,
+    )
     traces, records, lines = [], [], []
     started = time.perf_counter()
     if args.prompt is not None:

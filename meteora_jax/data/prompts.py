@@ -194,17 +194,43 @@ def token_texts(tokenizer, ids: Iterable[int]) -> list[str]:
     return [decoder.push(i) for i in ids]
 
 
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """The "prompt" field of every line of a JSONL file (task files also carry "response")."""
+def read_prompts(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """("FILE line N", the "prompt" field) of every line of a JSONL file (task files also carry
+    "response")."""
     path = os.fspath(path)
     prompts = []
     for where, record in read_jsonl(path):
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise ConfigError(f'{where}: expected an object with a string "prompt"')
-        prompts.append(record["prompt"])
+        prompts.append((where, record["prompt"]))
     if not prompts:
         raise ConfigError(f"{path} holds no prompts")
     return prompts
+
+
+def check_prompt_lengths(
+    tokenizer, prompts: Sequence[tuple[str, str]], max_positions: int, max_new_tokens: int
+) -> None:
+    """Refuses, before any generation, prompts ((where, formatted text) pairs) whose tokens and
+    `max_new_tokens` do not fit the model's `max_positions` (max_position_embeddings).
+
+    Raises:
+        ConfigError: naming the first such prompt's file and line, its tokens, and how many are
+            too long.
+    """
+    long = []
+    for where, text in prompts:
+        n = len(encode_prompt(tokenizer, text))
+        if n + max_new_tokens > max_positions:
+            long.append((where, n))
+    if long:
+        where, n = long[0]
+        others = f" ({len(long)} prompts are too long)" if len(long) > 1 else ""
+        raise ConfigError(
+            f"{where}: the prompt has {n} tokens; with --max-new-tokens {max_new_tokens} it needs "
+            f"{n + max_new_tokens} positions, more than the model's {max_positions} "
+            f"(max_position_embeddings){others}: shorten or leave out such prompts"
+        )
 
 
 def round_trip_problems(tokenizer, texts: Iterable[str]) -> list[str]:
