@@ -310,3 +310,19 @@ def test_a_held_out_prompt_longer_than_the_model_is_left_out_naming_its_line(set
     ):
         assert main(args) == 0
     assert "of 16 samples" in capsys.readouterr().out
+
+
+def test_extending_past_the_decay_horizon_is_refused_as_training_nothing(setup, trained, tmp_path, capsys):
+    """Steps after --decay-steps run at learning rate 0: extending a finished run only there is
+    refused naming the setting, every file kept."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(trained, out)
+    before = _folder_bytes(out)
+    args = [*_set(_cli(setup, out), "--steps", str(STEPS + SAVE_EVERY)), "--decay-steps", str(STEPS)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"from step {STEPS} to --steps {STEPS + SAVE_EVERY}: the learning rate is 0" in err
+    assert f"--decay-steps {STEPS}" in err and "\n" not in err.split("error: ", 1)[1]
+    assert _folder_bytes(out) == before

@@ -452,6 +452,18 @@ def test_a_live_run_keeps_its_folder_and_a_killed_one_leaves_no_stale_lock(setup
     assert checkpoint.checkpoint_steps(out) == [1]
 
 
+def test_one_adapter_whose_gates_cannot_learn_is_refused(setup, tmp_path, capsys):
+    """With one adapter every token goes to it whatever the gate says: the gates get no gradient,
+    so such a run would train nothing (and exit 0); it is refused before --out is touched."""
+    out = tmp_path / "run"
+    name, folder = next(iter(setup.adapters.items()))
+    args = ["train-gate", "--base", setup.base, "--data", setup.data, "--out", os.fspath(out), "--steps", "2"]
+    assert main([*args, "--adapter", f"{name}={folder}", "--tasks", name, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"train-gate with one adapter ({name}) trains nothing" in err and "--train-adapters" in err
+    assert not out.exists()
+
+
 def test_out_inside_an_input_is_refused(setup):
     with pytest.raises(MeteoRAError, match=r"--out .* --data"):
         train(_spec(setup, os.path.join(setup.data, "run"), steps=1))

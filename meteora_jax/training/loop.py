@@ -241,6 +241,17 @@ def _check_settings(run: dict, train: TrainConfig, where: str) -> list[str]:
     return [f"{k} {saved[k]!r} -> {now[k]!r}" for k in sorted(now) if k in saved and saved[k] != now[k]]
 
 
+def _check_schedule_left(start: int, train: TrainConfig, where: str) -> None:
+    """Refuses steps that would all run at learning rate 0: the cosine reaches 0 at the horizon
+    (`--decay-steps`) and stays there, so extending a run past it changes nothing."""
+    if start >= train.horizon:
+        raise ConfigError(
+            f"cannot extend {where} from step {start} to --steps {train.steps}: the learning rate is 0 from "
+            f"step {train.horizon} (--decay-steps {train.horizon}) on, so these steps would train nothing; "
+            "raise --decay-steps (or leave it out: the cosine then ends at --steps)"
+        )
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -421,6 +432,7 @@ class _Run:
                     if job.on_save is not None:
                         job.on_save(self._model(), start)
                     return RunResult(self.out, start, self.records[-1] if self.records else {}, {})
+                _check_schedule_left(start, cfg, self.out)
                 self._write_records()  # a resumed run's log keeps its steps up to `start` only
                 first = self.evaluate(0) if start == 0 and job.evaluate_at_start else {}
                 last, evaluation = self._loop(start, checkpoints)

@@ -47,6 +47,12 @@ def train(spec: RunSpec) -> RunResult:
     inputs += [(f"--adapter {name}", folder) for name, folder in spec.adapters.items()]
     inputs += [("--init-from", spec.init_from)] if spec.init_from is not None else []
     names = list(spec.adapters)
+    if len(names) == 1 and not spec.train.train_adapters:
+        raise ConfigError(
+            f"train-gate with one adapter ({names[0]}) trains nothing: every token goes to it whatever its "
+            "gate says, so the gates get no gradient; give two adapters or more, or --train-adapters "
+            "(or train-lora) to train the adapter"
+        )
     tokenizer = load_tokenizer(spec.base)
     tasks = load_tasks(spec.data_dir, names, tasks=spec.tasks, split="train")
     check_truncation(tasks, tokenizer, spec.data.seq_len, command="train-gate")  # before --out is touched
