@@ -132,6 +132,20 @@ def test_prompt_files_the_codecs_reject_are_one_line(capsys, world, tmp_path):
         one_line_error(capsys, ["generate", "--base", world["base"], "--prompts", path], f"{path} {says}")
 
 
+def test_text_the_codecs_reject_from_the_command_line_or_the_api_is_one_line(capsys, world, tmp_path):
+    """A --prompt holding a byte that is not UTF-8 (Python keeps it as a surrogate escape), a
+    checkpoint path holding one, and a lone surrogate given to the Python API: each names where it
+    came from, instead of a tokenizer TypeError or an Orbax traceback."""
+    generate = ["generate", "--base", world["base"], "--prompt", "add 2 and \udcff"]
+    one_line_error(capsys, generate, "--prompt: holds byte 0xff, which is not UTF-8 text (character 11)")
+    out = tmp_path / "ck\udcff"
+    convert = ["convert", "--base", world["base"], "--adapter", world["adapter"], "--out", out]
+    one_line_error(capsys, convert, "only under UTF-8 paths")
+    assert not out.exists()
+    with pytest.raises(ConfigError, match=r"a prompt: a string holds a lone surrogate \('\\ud800'\)"):
+        prompts.encode_prompts(prompts.load_tokenizer(world["base"]), ["a \ud800"])
+
+
 def test_os_errors_from_below_are_one_line_too(capsys):
     def denied(_):
         raise PermissionError(13, "Permission denied", "/somewhere/out.json")

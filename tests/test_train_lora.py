@@ -227,6 +227,9 @@ def test_bad_data_and_outputs_are_refused(setup, tmp_path, capsys):
     assert main(_cli(setup, foreign)) == 2
     assert "holds something other than a meteora-jax train-lora run" in capsys.readouterr().err
     assert os.listdir(foreign) == ["notes.txt"]
+    not_utf8 = tmp_path / "out\udcff"  # a byte that is not UTF-8, as Python keeps it from argv
+    assert main(_cli(setup, not_utf8)) == 2
+    assert "holds byte 0xff" in capsys.readouterr().err and not not_utf8.exists()
     assert not out.exists()
 
 
@@ -266,6 +269,10 @@ def test_extending_a_finished_run_with_changed_settings_keeps_it(
 
     out = tmp_path / "copy"
     shutil.copytree(trained, out)
+    with open(out / "training" / "metrics.jsonl", "r+b") as f:  # a damaged line amid the log
+        lines = f.readlines()
+        f.seek(0)
+        f.writelines([*lines[:3], b"\xff\xfe not a record\n", *lines[3:]])
     before = _folder_bytes(out)
     longer = _set(_cli(setup, out), "--steps", str(STEPS + SAVE_EVERY))
     capsys.readouterr()
@@ -290,6 +297,7 @@ def test_extending_a_finished_run_with_changed_settings_keeps_it(
     assert main([*longer, "--clip-norm", "0"]) == 0
     err = capsys.readouterr().err
     assert "clip_norm 1.0 -> 0.0" in err and f"resumed {out / 'training'} at step {STEPS}" in err
+    assert "metrics.jsonl: line 4 (1 lines in all) is not a JSON record; left out" in err
     assert not any(n.startswith(".bad-step") for n in os.listdir(out / "training"))
     assert [r["step"] for r in _records(out) if "loss" in r] == list(range(1, STEPS + SAVE_EVERY + 1))
 

@@ -16,6 +16,7 @@ import time
 
 from meteora_jax.commands import add_model_flags, model_inputs, model_sources, run_reporting
 from meteora_jax.errors import ConfigError, MissingFileError
+from meteora_jax.inputs import check_text
 
 OUTPUTS = ("--out", "--routing-html", "--routing-png", "--routing-json")
 
@@ -149,6 +150,8 @@ def run(args: argparse.Namespace) -> None:
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.prompt is not None:
+        check_text(args.prompt, "--prompt", from_os=True)
     base, adapters, gates = model_sources(args)
     _check_paths(args, base, adapters)
     model = load_model(base, adapters=adapters, gates=gates, dtype=args.dtype)

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from meteora_jax.errors import ConfigError, MissingFileError
+from meteora_jax.inputs import check_text
 from meteora_jax.io.jsonl import read_jsonl
 
 PROMPT_TEMPLATE = "[INST] {input} [/INST]\n"
@@ -77,8 +78,10 @@ def pad_token_of(tokenizer) -> int:
 def encode_prompt(tokenizer, text: str, *, add_special_tokens: bool = True) -> list[int]:
     """The ids of an already formatted prompt `text`, with the tokenizer's own special tokens (BOS).
 
-    The single place a prompt becomes tokens, for generation and for training alike.
+    The single place a prompt becomes tokens, for generation and for training alike; text the
+    tokenizer cannot take (`check_text`) is refused here, not deep inside it.
     """
+    check_text(text, "a prompt")
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 

@@ -43,6 +43,7 @@ from flax import nnx
 
 from meteora_jax.config import LlamaConfig, MoELoRAConfig, projection_shape
 from meteora_jax.errors import CheckpointError, ConfigError, MeteoRAError, MissingFileError, OutputExistsError
+from meteora_jax.inputs import check_text
 from meteora_jax.io import checksums
 
 # The metadata half of a checkpoint lives in checkpoint_meta; its names are part of this API.
@@ -209,6 +210,16 @@ class _SkippedItemsFilter(logging.Filter):
 logging.getLogger("absl").addFilter(_SkippedItemsFilter())
 
 
+def check_path_text(directory: str | os.PathLike, setting: str) -> None:
+    """Refuses a checkpoint folder whose path is not UTF-8 text: Orbax (tensorstore) reads and
+    writes only such paths, and fails deep inside its threads on any other."""
+    text = os.fspath(directory)
+    try:
+        check_text(text, f"{setting} {text!r}", from_os=True)
+    except ConfigError as e:
+        raise ConfigError(f"{e}: checkpoints are read and written only under UTF-8 paths") from None
+
+
 def _manager(
     directory: str, max_to_keep: int | None = None, extra: tuple[str, ...] = ()
 ) -> ocp.CheckpointManager:
@@ -347,6 +358,7 @@ def write_checkpoint(
     extra_items: more pytrees saved beside the parameters (optimizer state for training).
     """
     directory = os.path.abspath(os.fspath(directory))
+    check_path_text(directory, "checkpoint folder")
     base_dir = os.fspath(base_dir)
     meta = make_meta(moe, infos, base_dir)
     check_arrays(params, meta, where=f"parameters for {directory}")
@@ -411,6 +423,7 @@ def _meta_json(directory: str, step: int) -> Any:
 
 def _resolve(directory: str | os.PathLike, step: int | None) -> tuple[str, int]:
     directory = os.path.abspath(os.fspath(directory))
+    check_path_text(directory, "checkpoint folder")
     if not os.path.isdir(directory):
         raise MissingFileError(f"checkpoint folder {directory} does not exist")
     steps = checkpoint_steps(directory)

@@ -141,6 +141,7 @@ def prepare_out(
     other than a run of ours, whose run folder is `run_dir` (default `out` itself); `force`
     replaces it."""
     files.check_output_path(out, inputs=inputs)
+    checkpoint.check_path_text(out, "--out")
     out = os.path.abspath(out)
     run_dir = out if run_dir is None else os.path.abspath(run_dir)
     run_lock.check_not_in_use(run_dir, command)  # not even --force may pull a live run's folder away
@@ -370,18 +371,28 @@ class _Run:
         self.state = TrainState(new_params, new_opt)
 
     def _read_records(self, step: int) -> list[dict]:
+        """The logged records up to `step` (the log is rewritten with them). A line that is not a
+        JSON record (one cut by a kill, bytes that are not UTF-8) is left out, said once when it
+        is not the last line."""
         path = os.path.join(self.out, METRICS_FILE)
         if not os.path.isfile(path):
             return []
-        records = []
-        with open(path, encoding="utf-8") as f:
-            for line in f:
+        records, bad, last = [], [], 0
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                last = number
+                if not raw.strip():
+                    continue
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a line cut by a kill
-                if record.get("step", math.inf) <= step:
+                    record = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    record = None
+                if not isinstance(record, dict):
+                    bad.append(number)
+                elif isinstance(record.get("step"), int) and record["step"] <= step:
                     records.append(record)
+        if bad and bad != [last]:  # a last line cut by a kill needs no word
+            self.log(f"{path}: line {bad[0]} ({len(bad)} lines in all) is not a JSON record; left out")
         return records
 
     # -- the loop
