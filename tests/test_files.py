@@ -262,6 +262,15 @@ def test_a_refused_temporary_twin_names_the_output_asked_for(tmp_path, monkeypat
     assert info.value.filename == str(tmp_path / "folder") and not os.listdir(tmp_path)
 
 
+def test_a_write_that_fails_without_naming_a_file_names_the_output(tmp_path):
+    """A failed write or flush (ENOSPC) names no file: the error names the user's path, and the
+    temporary file is gone."""
+    with pytest.raises(OSError) as info, files.atomic_file(tmp_path / "out.json"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert info.value.filename == str(tmp_path / "out.json") and info.value.errno == errno.ENOSPC
+    assert os.listdir(tmp_path) == []
+
+
 def test_storage_errors_are_found_behind_library_wrappers():
     """A full disk or read-only file system behind another error, or in tensorstore's status
     text (how Orbax reports a failed write), is recognised with its path; others are not."""

@@ -464,6 +464,23 @@ def test_one_adapter_whose_gates_cannot_learn_is_refused(setup, tmp_path, capsys
     assert not out.exists()
 
 
+def test_a_run_folder_it_may_not_write_is_named_as_given(setup, tmp_path, capsys, monkeypatch):
+    """A run folder whose lock file cannot be created (no permission) is one line naming the run
+    folder (not the lock file the user never named), "PATH: Permission denied", exit 2."""
+    real_open = os.open
+
+    def denied(path, *args, **kwargs):
+        if os.fspath(path).endswith(run_lock.LOCK_FILE):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(run_lock.os, "open", denied)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main(_cli_args(setup, out, 2, 2)) == 2
+    assert capsys.readouterr().err.strip() == f"meteora-jax train-gate: error: {out}: Permission denied"
+
+
 def test_out_inside_an_input_is_refused(setup):
     with pytest.raises(MeteoRAError, match=r"--out .* --data"):
         train(_spec(setup, os.path.join(setup.data, "run"), steps=1))

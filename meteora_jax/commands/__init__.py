@@ -22,8 +22,10 @@ def run_reporting(args: argparse.Namespace) -> int:
     """Runs `args.func(args)`; a user error becomes one line on stderr and exit code 2, never a traceback."""
     try:
         args.func(args)
-    except (MeteoRAError, *USER_OS_ERRORS) as e:
+    except MeteoRAError as e:
         return _report(args.command, str(e))
+    except USER_OS_ERRORS as e:
+        return _report(args.command, describe_os_error(e))
     except Exception as e:
         storage = storage_error(e)
         if storage is None:

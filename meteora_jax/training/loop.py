@@ -409,7 +409,7 @@ class _Run:
                 raise
             kept = checkpoint.checkpoint_steps(self.out)
             raise TrainingError(
-                f"{describe_os_error(storage)}: training stopped; "
+                f"{describe_os_error(storage, self.out)}: training stopped; "
                 + (
                     f"the last good checkpoint is step {kept[-1]} in {self.out}"
                     if kept
@@ -593,7 +593,8 @@ class _Run:
 
     def _append_record(self, record: dict) -> None:
         if _is_main():
-            with open(os.path.join(self.out, METRICS_FILE), "a", encoding="utf-8") as f:
+            path = os.path.join(self.out, METRICS_FILE)
+            with files.naming(path, unnamed_only=True), open(path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
 
