@@ -143,6 +143,7 @@ def run(args: argparse.Namespace) -> None:
         check_prompt_lengths,
         format_prompt,
         load_tokenizer,
+        read_as_inputs,
         read_prompts,
     )
     from meteora_jax.io.files import write_text_atomic  # noqa: PLC0415
@@ -162,7 +163,8 @@ def run(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(args.tokenizer or base)
     sources = [("--prompt", args.prompt)] if args.prompt is not None else read_prompts(args.prompts)
     prompts = [prompt for _, prompt in sources]
-    texts = prompts if args.raw else [format_prompt(p) for p in prompts]
+    source = "--prompt" if args.prompt is not None else args.prompts
+    texts = prompts if args.raw else [format_prompt(p) for p in read_as_inputs(prompts, source)]
     check_prompt_lengths(
         tokenizer,
         [(where, text) for (where, _), text in zip(sources, texts, strict=True)],

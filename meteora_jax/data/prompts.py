@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -35,6 +36,23 @@ def unformat_prompt(text: str) -> str | None:
     if text.startswith(head) and text.endswith(tail) and len(text) >= len(head) + len(tail):
         return text[len(head) : len(text) - len(tail)]
     return None
+
+
+def read_as_inputs(prompts: Sequence[str], source: str) -> list[str]:
+    """`prompts` with those already in the instruction format (the MeteoRA reference stores its
+    task prompts so) read as the text inside it, so that they are wrapped once, not twice; said
+    once, naming `source` and how many, since a prompt exactly in the template cannot be told
+    from one meant to be wrapped again."""
+    inner = [unformat_prompt(p) for p in prompts]
+    count = sum(i is not None for i in inner)
+    if count:
+        warnings.warn(
+            f"{source}: {count} of {len(prompts)} prompts are already in the instruction format "
+            f"({PROMPT_TEMPLATE!r}); they are read as the text inside it, which is wrapped once",
+            UserWarning,
+            stacklevel=3,
+        )
+    return [p if i is None else i for p, i in zip(prompts, inner, strict=True)]
 
 
 def load_tokenizer(base_dir: str | os.PathLike):
