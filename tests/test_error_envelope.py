@@ -8,6 +8,7 @@ a misleading message, or a name accepted and refused only later).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 
 import jax
@@ -144,6 +145,27 @@ def test_text_the_codecs_reject_from_the_command_line_or_the_api_is_one_line(cap
     assert not out.exists()
     with pytest.raises(ConfigError, match=r"a prompt: a string holds a lone surrogate \('\\ud800'\)"):
         prompts.encode_prompts(prompts.load_tokenizer(world["base"]), ["a \ud800"])
+
+
+def test_a_full_disk_under_convert_is_one_line_naming_out(capsys, world, tmp_path, monkeypatch):
+    """Orbax reports a full disk as tensorstore's status text inside a ValueError, naming its own
+    temporary files: convert says it in one line naming --out, and leaves nothing behind."""
+    import orbax.checkpoint as ocp
+
+    def full(self, step, *args, **kwargs):
+        raise ValueError(
+            f'RESOURCE_EXHAUSTED: Failed writing: "{self.directory}/0.orbax-checkpoint-tmp/d/1a2b": '
+            "Failed to write 24878 bytes to file 7: No space left on device [os_error_code='28']"
+        )
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full)
+    out = tmp_path / "ck"
+    convert = ["convert", "--base", world["base"], "--adapter", world["adapter"], "--out", out]
+    capsys.readouterr()
+    assert main([str(a) for a in convert]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"meteora-jax convert: error: {out}: No space left on device"
+    assert os.listdir(tmp_path) == []
 
 
 def test_os_errors_from_below_are_one_line_too(capsys):

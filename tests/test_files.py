@@ -292,7 +292,7 @@ def test_storage_errors_are_found_behind_library_wrappers():
 def test_orbax_reports_of_a_storage_failure_are_dropped_during_a_run(caplog):
     """While a run lives, absl records of a full-disk write (the run says it once itself) are
     dropped; other records still pass, and after the run nothing is filtered."""
-    from meteora_jax.training.checkpointing import storage_failures_reported_once
+    from meteora_jax.io.checkpoint import storage_failures_reported_once
 
     logger = logging.getLogger("absl")
     full = "RESOURCE_EXHAUSTED: Failed writing: \"/r/4/x\": No space left on device [os_error_code='28']"
@@ -302,3 +302,10 @@ def test_orbax_reports_of_a_storage_failure_are_dropped_during_a_run(caplog):
             logger.error("something else went wrong")
         logger.error("after the run: %s", full)
     assert [r.getMessage()[:20] for r in caplog.records] == ["something else went ", "after the run: RESOU"]
+    caplog.clear()
+    # asyncio reports an unawaited write task when it is collected, after the run: still dropped.
+    failed = ValueError(full)
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        logging.getLogger("asyncio").error("Task exception was never retrieved", exc_info=failed)
+        logging.getLogger("asyncio").error("Task exception was never retrieved", exc_info=KeyError("x"))
+    assert [type(r.exc_info[1]) for r in caplog.records] == [KeyError]

@@ -376,7 +376,8 @@ def test_a_full_disk_is_one_line_naming_the_path_and_the_last_good_step(setup, t
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err
     assert (
-        f"{out}/8/opt: No space left on device: training stopped; the last good checkpoint is step 4" in err
+        f"{out}: No space left on device (saving step 8): training stopped; "
+        "the last good checkpoint is step 4" in err
     )
     monkeypatch.setattr(RunCheckpoints, "save", real_save)
     assert main(args) == 0

@@ -23,6 +23,7 @@ training loop can fall back to the previous step: `restore_latest_good` does tha
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -32,7 +33,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -42,7 +43,14 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from meteora_jax.config import LlamaConfig, MoELoRAConfig, projection_shape
-from meteora_jax.errors import CheckpointError, ConfigError, MeteoRAError, MissingFileError, OutputExistsError
+from meteora_jax.errors import (
+    CheckpointError,
+    ConfigError,
+    MeteoRAError,
+    MissingFileError,
+    OutputExistsError,
+    storage_error,
+)
 from meteora_jax.inputs import check_text
 from meteora_jax.io import checksums
 
@@ -369,8 +377,8 @@ def write_checkpoint(
     steps = checkpoint_steps(directory)
     latest = _latest_meta(directory, force) if steps else None
     if latest is not None and step not in steps and _same_model(meta, latest):
-        with _manager(directory, max_to_keep, extra) as manager:  # one more step: training goes on
-            manager.save(step, args=args)
+        with _storage_named(directory), _manager(directory, max_to_keep, extra) as manager:
+            manager.save(step, args=args)  # one more step: training goes on
         return directory
     if latest is not None and not force:
         if step in steps:
@@ -382,9 +390,28 @@ def write_checkpoint(
             f"{directory} holds a checkpoint of other adapters or another base ({list(latest.adapter_names)} "
             f"over {latest.base_path}): choose another folder, or pass force to replace it"
         )
-    with staged_directory(directory, force=force) as tmp, _manager(tmp, max_to_keep, extra) as manager:
+    with (
+        _storage_named(directory),
+        staged_directory(directory, force=force) as tmp,
+        _manager(tmp, max_to_keep, extra) as manager,
+    ):
         manager.save(step, args=args)
     return directory
+
+
+@contextlib.contextmanager
+def _storage_named(directory: str) -> Iterator[None]:
+    """A full disk or read-only file system while saving into `directory` is one OSError naming
+    `directory` (not Orbax's temporary files under it), its reports from Orbax's threads dropped;
+    other failures pass unchanged."""
+    try:
+        with storage_failures_reported_once():
+            yield
+    except Exception as e:
+        storage = storage_error(e)
+        if storage is None:
+            raise
+        raise OSError(storage.errno, storage.strerror, directory) from None
 
 
 def _latest_meta(directory: str, force: bool) -> CheckpointMeta | None:
@@ -620,6 +647,38 @@ def quiet_orbax_teardown() -> None:
     hook = sys.excepthook
     if getattr(hook, "func", None) is not _drop_closed_loop_prints:
         sys.excepthook = functools.partial(_drop_closed_loop_prints, hook)
+
+
+class _StorageFailureFilter(logging.Filter):
+    """Drops Orbax's own reports (with tracebacks, one per background thread) of a save that a
+    full disk or read-only file system stopped: the caller reports that once, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (storage_error(ValueError(record.getMessage())) or (error and storage_error(error)))
+
+
+_QUIET_ASYNCIO = _StorageFailureFilter()
+
+
+@contextlib.contextmanager
+def storage_failures_reported_once() -> Iterator[None]:
+    """For a save's (or a run's) life: Orbax's background reports of a storage failure are
+    dropped (the caller raises its own one-line error), as are the closed-event-loop tracebacks
+    that follow them.
+
+    asyncio reports the failed writes of tensorstore tasks nobody awaited ("Task exception was
+    never retrieved") only when those tasks are collected, after the save has ended: its filter
+    (which drops storage failures only) stays for the process's life."""
+    quiet_orbax_teardown()
+    logging.getLogger("asyncio").addFilter(_QUIET_ASYNCIO)  # once: a logger keeps a filter once
+    quiet = _StorageFailureFilter()
+    logger = logging.getLogger("absl")
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _host_target(tree_metadata):

@@ -13,12 +13,10 @@ Each step (an Orbax `CheckpointManager` step, written asynchronously and atomica
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import grain
 import jax
@@ -26,7 +24,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from meteora_jax.data.pipeline import DataStateMismatch
-from meteora_jax.errors import CheckpointError, storage_error
+from meteora_jax.errors import CheckpointError
 from meteora_jax.io import checkpoint
 from meteora_jax.io.checkpoint import CorruptCheckpointError
 from meteora_jax.io.stacking import Path
@@ -112,29 +110,6 @@ class RunCheckpoints:
                 f"{self.directory} step {step}: its data position cannot be read ({e})"
             ) from None
         return ckpt, ckpt.extra[OPT_ITEM]
-
-
-class _StorageFailureFilter(logging.Filter):
-    """Drops Orbax's own reports (with tracebacks, one per background thread) of a save that a
-    full disk or read-only file system stopped: the run reports that once, in one line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        return not (storage_error(ValueError(record.getMessage())) or (error and storage_error(error)))
-
-
-@contextlib.contextmanager
-def storage_failures_reported_once() -> Iterator[None]:
-    """For a run's life: Orbax's background reports of a storage failure are dropped (the run
-    raises its own one-line error), as are the closed-event-loop tracebacks that follow them."""
-    checkpoint.quiet_orbax_teardown()
-    quiet = _StorageFailureFilter()
-    logger = logging.getLogger("absl")
-    logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        logger.removeFilter(quiet)
 
 
 def set_aside(directory: str, step: int, reason: str) -> str:

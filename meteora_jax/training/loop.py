@@ -42,7 +42,6 @@ from meteora_jax.training.checkpointing import (
     RunCheckpoints,
     flat_state,
     set_aside,
-    storage_failures_reported_once,
 )
 from meteora_jax.training.config import SHAPE_SETTINGS, TRAIN_BACKEND, TrainConfig
 from meteora_jax.training.curves import write_curves
@@ -401,7 +400,7 @@ class _Run:
         """Trains while holding the run folder's lock (taken only now: a run refused while
         setting up leaves no folder behind)."""
         try:
-            with run_lock.hold(self.out, self.job.command), storage_failures_reported_once():
+            with run_lock.hold(self.out, self.job.command), checkpoint.storage_failures_reported_once():
                 return self._run_locked()
         except Exception as e:
             storage = storage_error(e)
@@ -409,7 +408,7 @@ class _Run:
                 raise
             kept = checkpoint.checkpoint_steps(self.out)
             raise TrainingError(
-                f"{describe_os_error(storage, self.out)}: training stopped; "
+                f"{self._describe_storage(storage)}: training stopped; "
                 + (
                     f"the last good checkpoint is step {kept[-1]} in {self.out}"
                     if kept
@@ -418,6 +417,16 @@ class _Run:
             ) from None
         finally:
             self.batches.close()
+
+    def _describe_storage(self, error: OSError) -> str:
+        """ "PATH: cause"; a file of a step being saved (Orbax's temporary folders, which the user
+        never named) is said as the run folder and the step."""
+        if error.filename:
+            first = os.path.relpath(os.path.abspath(os.fsdecode(error.filename)), self.out).split(os.sep)[0]
+            step = first.split(".", 1)[0]
+            if step.isdigit():
+                return f"{self.out}: {error.strerror} (saving step {step})"
+        return describe_os_error(error, self.out)
 
     def _run_locked(self) -> RunResult:
         job, cfg = self.job, self.cfg
