@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -33,7 +34,7 @@ from meteora_jax.errors import ConfigError, MeteoRAError
 from meteora_jax.io import checkpoint
 from meteora_jax.modeling.llama import LlamaForCausalLM
 from meteora_jax.sharding import make_mesh
-from meteora_jax.training import run_lock
+from meteora_jax.training import loop, run_lock
 from meteora_jax.training.checkpointing import RunCheckpoints
 from meteora_jax.training.config import TrainConfig
 from meteora_jax.training.loop import TrainingError
@@ -214,6 +215,38 @@ def test_sigkill_between_saves_then_rerun_equals_an_uninterrupted_run(setup, uni
     assert max(max_abs(got[p], want[p]) for p in want) == 0.0
     assert _losses(out) == _losses(uninterrupted)
     assert checkpoint.checkpoint_steps(out)[-1] == STEPS
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_the_step_and_the_rerun_equals_an_uninterrupted_run(
+    setup, uninterrupted, tmp_path, capsys, monkeypatch, signum
+):
+    """Ctrl-C (or a scheduler's SIGTERM) during step 3: the run saves step 3 (not a save step),
+    says so in one line, exits 128 + the signal; the rerun ends bit-equal to a run never stopped."""
+    out = tmp_path / "run"
+    real_batch, calls = loop._global_batch, []
+
+    def batch_then_signal(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signum)
+        return real_batch(*args)
+
+    monkeypatch.setattr(loop, "_global_batch", batch_then_signal)
+    capsys.readouterr()
+    assert main(_cli_args(setup, out, STEPS, SAVE_EVERY)) == 128 + signum
+    err = capsys.readouterr().err.strip()
+    name = signal.Signals(signum).name
+    assert err == (
+        f"meteora-jax train-gate: stopped by {name} after step 3; the last good checkpoint is step 3 in "
+        f"{out}: rerun the same command to resume from there"
+    )
+    assert checkpoint.checkpoint_steps(out) == [3]
+    monkeypatch.undo()
+    assert main(_cli_args(setup, out, STEPS, SAVE_EVERY)) == 0
+    got, want = _gates(out), _gates(uninterrupted)
+    assert max(max_abs(got[p], want[p]) for p in want) == 0.0
+    assert _losses(out) == _losses(uninterrupted)
 
 
 def test_init_from_starts_at_a_checkpoint_and_refuses_other_adapters(setup, uninterrupted, tmp_path):

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -47,6 +48,7 @@ from meteora_jax.training.config import SHAPE_SETTINGS, TRAIN_BACKEND, TrainConf
 from meteora_jax.training.curves import write_curves
 from meteora_jax.training.state import TrainState, split_for_training
 from meteora_jax.training.step import batch_sharding, make_train_step
+from meteora_jax.training.stopping import RunStopped, StopRequest, stop_requests
 
 METRICS_FILE, CURVES_FILE = "metrics.jsonl", "curves.png"
 GATE_METRICS = ("gate_loss", "gate_accuracy", "gate_tokens")  # logged only with a gate term
@@ -285,6 +287,7 @@ class _Run:
             prefetch=2,
         )
         self.records: list[dict] = []
+        self.stop = StopRequest()  # the signal that asked the run to stop (set while it trains)
 
     def log(self, message: str) -> None:
         log(self.job.command, message)
@@ -400,23 +403,29 @@ class _Run:
         """Trains while holding the run folder's lock (taken only now: a run refused while
         setting up leaves no folder behind)."""
         try:
-            with run_lock.hold(self.out, self.job.command), checkpoint.storage_failures_reported_once():
+            with (
+                run_lock.hold(self.out, self.job.command),
+                checkpoint.storage_failures_reported_once(),
+                stop_requests() as self.stop,
+            ):
                 return self._run_locked()
+        except RunStopped as e:  # the saves under way have finished (`_run_locked`)
+            raise RunStopped(
+                f"{e}; {self._last_good()}: rerun the same command to resume from there", e.signum
+            ) from None
         except Exception as e:
             storage = storage_error(e)
             if storage is None:
                 raise
-            kept = checkpoint.checkpoint_steps(self.out)
             raise TrainingError(
-                f"{self._describe_storage(storage)}: training stopped; "
-                + (
-                    f"the last good checkpoint is step {kept[-1]} in {self.out}"
-                    if kept
-                    else "nothing was saved"
-                )
+                f"{self._describe_storage(storage)}: training stopped; {self._last_good()}"
             ) from None
         finally:
             self.batches.close()
+
+    def _last_good(self) -> str:
+        kept = checkpoint.checkpoint_steps(self.out)
+        return f"the last good checkpoint is step {kept[-1]} in {self.out}" if kept else "nothing was saved"
 
     def _describe_storage(self, error: OSError) -> str:
         """ "PATH: cause"; a file of a step being saved (Orbax's temporary folders, which the user
@@ -492,9 +501,22 @@ class _Run:
                 self.save(checkpoints, done)  # before any evaluation: a failing one loses no step
             if cfg.eval_every and done % cfg.eval_every == 0 or done == cfg.steps:
                 evaluation = self.evaluate(done)
+            if self.stop.signum is not None and done < cfg.steps:
+                self._stop(pending, bar, clock, checkpoints, done)
         if bar is not None:
             bar.close()
         return last, evaluation
+
+    def _stop(self, pending, bar, clock, checkpoints: RunCheckpoints, done: int) -> None:
+        """Saves step `done` (unless just saved) and raises RunStopped, as the signal asked."""
+        if pending is not None:
+            self._finish(pending, bar, clock)
+        if done % self.cfg.save_every:
+            self.save(checkpoints, done)
+        if bar is not None:
+            bar.close()
+        name = signal.Signals(self.stop.signum).name
+        raise RunStopped(f"{name} after step {done}", self.stop.signum)
 
     def _finish(self, pending, bar, clock) -> dict:
         """Checks and logs a finished step's metrics; a non-finite loss stops the run."""
@@ -505,16 +527,10 @@ class _Run:
             values = {k: v for k, v in values.items() if k not in GATE_METRICS}
         if not all(math.isfinite(values[k]) for k in ("loss", "grad_norm")):
             self.checkpoints.wait()  # the saves under way are of good steps: let them finish
-            kept = checkpoint.checkpoint_steps(self.out)
             shown = ("loss", "lm_loss", "gate_loss", "grad_norm") if gate_term else ("loss", "grad_norm")
             raise TrainingError(
                 f"step {step}: the loss is not finite ({', '.join(f'{k} {values[k]}' for k in shown)}): "
-                "training stopped; "
-                + (
-                    f"the last good checkpoint is step {kept[-1]} in {self.out}"
-                    if kept
-                    else "nothing was saved"
-                )
+                f"training stopped; {self._last_good()}"
             )
         seconds = max(time.perf_counter() - clock, 1e-9)
         record = {
