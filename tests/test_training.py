@@ -294,6 +294,22 @@ def test_corrupt_latest_step_is_set_aside_and_the_previous_one_used(setup, tmp_p
     assert any(name.startswith(".bad-step-8-") for name in os.listdir(out))
 
 
+def test_a_numbered_folder_that_is_no_step_is_set_aside_not_left_to_block_saves(setup, tmp_path):
+    """Orbax counts any numbered folder as a step and silently skips saving a lower one: a stray
+    empty `10` made an extended run save nothing (exit 0). It is set aside, kept, and named."""
+    out = tmp_path / "run"
+    train(_spec(setup, out, steps=2, save_every=2))
+    (out / "10").mkdir()
+    (out / "10" / "mine.txt").write_text("kept")
+    with pytest.warns(
+        UserWarning, match=r"step 10 is unreadable or corrupt \(a step folder without metadata"
+    ):
+        result = train(_spec(setup, out, steps=4, save_every=2))
+    assert result.step == 4 and checkpoint.checkpoint_steps(out) == [2, 4]
+    [aside] = [n for n in os.listdir(out) if n.startswith(".bad-step-10-")]
+    assert (out / aside / "mine.txt").read_text() == "kept"
+
+
 def test_a_larger_steps_extends_a_finished_run_and_the_log_says_the_schedule_changed(setup, tmp_path, capsys):
     out = tmp_path / "run"
     train(_spec(setup, out, steps=4, save_every=4))

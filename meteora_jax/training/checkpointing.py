@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import grain
 import jax
@@ -64,7 +64,11 @@ class RunCheckpoints:
         items = dict(checkpoint.save_args(params, meta, {OPT_ITEM: opt}, shared=shared).items())
         items[DATA_ITEM] = grain.checkpoint.CheckpointSave(batches)
         items[RUN_ITEM] = ocp.args.JsonSave({"format": RUN_FORMAT, **run})
-        self.manager.save(step, args=ocp.args.Composite(**items))
+        if not self.manager.save(step, args=ocp.args.Composite(**items)):  # Orbax skips, silently,
+            raise CheckpointError(  # a step not above every step folder it sees
+                f"{self.directory}: step {step} was not saved: Orbax holds a later step "
+                f"{self.manager.latest_step()} there; move that folder away"
+            )
 
     def reload(self) -> None:
         """Re-reads the steps on disk (after a bad step was set aside, so it can be saved again)."""
@@ -110,6 +114,17 @@ class RunCheckpoints:
                 f"{self.directory} step {step}: its data position cannot be read ({e})"
             ) from None
         return ckpt, ckpt.extra[OPT_ITEM]
+
+
+def unfinished_steps(directory: str, finished: Collection[int]) -> list[int]:
+    """The numbered folders of `directory` that are not finished steps (`finished`)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(
+        int(name)
+        for name in os.listdir(directory)
+        if name.isdigit() and int(name) not in finished and os.path.isdir(os.path.join(directory, name))
+    )
 
 
 def set_aside(directory: str, step: int, reason: str) -> str:

@@ -43,6 +43,7 @@ from meteora_jax.training.checkpointing import (
     RunCheckpoints,
     flat_state,
     set_aside,
+    unfinished_steps,
 )
 from meteora_jax.training.config import SHAPE_SETTINGS, TRAIN_BACKEND, TrainConfig
 from meteora_jax.training.curves import write_curves
@@ -296,7 +297,11 @@ class _Run:
 
     def resume(self, checkpoints: RunCheckpoints) -> int:
         """Restores the last good step (setting corrupt ones aside); 0 for a new run."""
-        for step in reversed(checkpoint.checkpoint_steps(self.out)):
+        finished = checkpoint.checkpoint_steps(self.out)
+        for step in unfinished_steps(self.out, finished):
+            # Orbax counts any numbered folder as a step and silently skips saving below it.
+            self._set_aside(step, "a step folder without metadata: not a finished step", checkpoints)
+        for step in reversed(finished):
             where = f"{self.out} (step {step})"
             try:
                 _, meta = checkpoint.read_meta(self.out, step)
