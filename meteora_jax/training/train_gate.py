@@ -38,7 +38,6 @@ class RunSpec:
     attention: str = "auto"
     force: bool = False
     progress: bool = True
-    eval_batch_size: int = 16
 
 
 def train(spec: RunSpec) -> RunResult:
@@ -67,7 +66,9 @@ def train(spec: RunSpec) -> RunResult:
             for task, s in heldout.items()
         }
         if any(heldout.values()):
-            evaluation = RoutingEvaluation(heldout, pad_token_of(tokenizer), spec.eval_batch_size)
+            evaluation = RoutingEvaluation(
+                heldout, pad_token_of(tokenizer), spec.data.batch_size // spec.train.grad_accum
+            )
     job = Job(
         command="train-gate",
         base=spec.base,
