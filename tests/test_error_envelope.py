@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -165,6 +167,23 @@ def test_a_full_disk_under_convert_is_one_line_naming_out(capsys, world, tmp_pat
     assert main([str(a) for a in convert]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == f"meteora-jax convert: error: {out}: No space left on device"
+    assert os.listdir(tmp_path) == []
+
+
+def test_sigterm_removes_a_half_written_output_and_is_one_line(capsys, tmp_path):
+    """A command stopped by SIGTERM while writing its output (a scheduler's kill): one line, exit
+    143, and no hidden temporary folder left beside --out."""
+    import signal
+
+    def writes_then_killed(_):
+        with files.staged_directory(tmp_path / "out") as tmp:
+            (pathlib.Path(tmp) / "half.json").write_text("{")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the signal arrives at once; never reached
+
+    args = argparse.Namespace(command="eval", func=writes_then_killed)
+    assert run_reporting(args) == 143
+    assert capsys.readouterr().err == "meteora-jax eval: stopped by SIGTERM\n"
     assert os.listdir(tmp_path) == []
 
 

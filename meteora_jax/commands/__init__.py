@@ -12,7 +12,7 @@ import sys
 
 from meteora_jax.errors import ConfigError, MeteoRAError, MissingFileError, describe_os_error, storage_error
 from meteora_jax.inputs import validate_adapter_name
-from meteora_jax.training.stopping import RunStopped
+from meteora_jax.training.stopping import RunStopped, sigterm_raises
 
 # OS errors a user causes (a path that is missing, taken, of the wrong kind or not theirs): reported
 # like a MeteoRAError, in case a library call below ours raises one before we could check.
@@ -24,7 +24,8 @@ def run_reporting(args: argparse.Namespace) -> int:
     traceback; Ctrl-C or SIGTERM one line (with what a training run kept) and the shell's exit
     code (128 + the signal)."""
     try:
-        args.func(args)
+        with sigterm_raises():
+            args.func(args)
     except RunStopped as e:
         print(f"meteora-jax {args.command}: stopped by {e}", file=sys.stderr)
         return e.exit_code

@@ -62,3 +62,22 @@ def stop_requests() -> Iterator[StopRequest]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """For the block (on the main thread): SIGTERM raises `RunStopped` where the program is, as
+    Ctrl-C raises KeyboardInterrupt, so `finally` blocks run and half-written temporary outputs
+    are removed instead of being left behind by a silent kill."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise RunStopped(signal.Signals(signum).name, signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
