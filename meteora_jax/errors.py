@@ -67,7 +67,9 @@ def storage_error(exc: BaseException) -> OSError | None:
     return None
 
 
-def describe_os_error(exc: OSError) -> str:
-    """`exc` as "PATH: what happened" (the strerror, as the shell says it)."""
+def describe_os_error(exc: OSError, where: str | None = None) -> str:
+    """`exc` as "PATH: what happened" (the strerror, as the shell says it); PATH is the file the
+    error names, else `where` (a failed write names no file)."""
     what = exc.strerror or str(exc)
-    return f"{exc.filename}: {what}" if exc.filename else what
+    path = exc.filename or where
+    return f"{path}: {what}" if path else what

@@ -33,6 +33,23 @@ def is_real(value) -> bool:
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
 
 
+def check_text(text: str, where: str, *, from_os: bool = False) -> str:
+    """`text` if it can be written as UTF-8 (what every tokenizer takes); else ConfigError naming
+    `where`: a lone surrogate (JSON allows `"\\ud800"`), or with `from_os` (a command-line
+    argument) a byte that was not UTF-8, which Python keeps as a surrogate U+DC80..U+DCFF."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = text[e.start]
+        if from_os and "\udc80" <= char <= "\udcff":
+            raise ConfigError(
+                f"{where}: holds byte 0x{ord(char) - 0xDC00:02x}, which is not UTF-8 text "
+                f"(character {e.start + 1})"
+            ) from None
+        raise ConfigError(f"{where}: a string holds a lone surrogate ({char!r}), which is not text") from None
+    return text
+
+
 def validate_adapter_name(name, where: str) -> str:
     """Checks an adapter name where it enters (a `NAME=DIR` spec, a folder name, a mapping key).
 

@@ -8,7 +8,10 @@ a misleading message, or a name accepted and refused only later).
 from __future__ import annotations
 
 import argparse
+import os
+import pathlib
 import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -130,6 +133,58 @@ def test_prompt_files_the_codecs_reject_are_one_line(capsys, world, tmp_path):
         path = tmp_path / name
         path.write_bytes(data)
         one_line_error(capsys, ["generate", "--base", world["base"], "--prompts", path], f"{path} {says}")
+
+
+def test_text_the_codecs_reject_from_the_command_line_or_the_api_is_one_line(capsys, world, tmp_path):
+    """A --prompt holding a byte that is not UTF-8 (Python keeps it as a surrogate escape), a
+    checkpoint path holding one, and a lone surrogate given to the Python API: each names where it
+    came from, instead of a tokenizer TypeError or an Orbax traceback."""
+    generate = ["generate", "--base", world["base"], "--prompt", "add 2 and \udcff"]
+    one_line_error(capsys, generate, "--prompt: holds byte 0xff, which is not UTF-8 text (character 11)")
+    out = tmp_path / "ck\udcff"
+    convert = ["convert", "--base", world["base"], "--adapter", world["adapter"], "--out", out]
+    one_line_error(capsys, convert, "only under UTF-8 paths")
+    assert not out.exists()
+    with pytest.raises(ConfigError, match=r"a prompt: a string holds a lone surrogate \('\\ud800'\)"):
+        prompts.encode_prompts(prompts.load_tokenizer(world["base"]), ["a \ud800"])
+
+
+def test_a_full_disk_under_convert_is_one_line_naming_out(capsys, world, tmp_path, monkeypatch):
+    """Orbax reports a full disk as tensorstore's status text inside a ValueError, naming its own
+    temporary files: convert says it in one line naming --out, and leaves nothing behind."""
+    import orbax.checkpoint as ocp
+
+    def full(self, step, *args, **kwargs):
+        raise ValueError(
+            f'RESOURCE_EXHAUSTED: Failed writing: "{self.directory}/0.orbax-checkpoint-tmp/d/1a2b": '
+            "Failed to write 24878 bytes to file 7: No space left on device [os_error_code='28']"
+        )
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full)
+    out = tmp_path / "ck"
+    convert = ["convert", "--base", world["base"], "--adapter", world["adapter"], "--out", out]
+    capsys.readouterr()
+    assert main([str(a) for a in convert]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"meteora-jax convert: error: {out}: No space left on device"
+    assert os.listdir(tmp_path) == []
+
+
+def test_sigterm_removes_a_half_written_output_and_is_one_line(capsys, tmp_path):
+    """A command stopped by SIGTERM while writing its output (a scheduler's kill): one line, exit
+    143, and no hidden temporary folder left beside --out."""
+    import signal
+
+    def writes_then_killed(_):
+        with files.staged_directory(tmp_path / "out") as tmp:
+            (pathlib.Path(tmp) / "half.json").write_text("{")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the signal arrives at once; never reached
+
+    args = argparse.Namespace(command="eval", func=writes_then_killed)
+    assert run_reporting(args) == 143
+    assert capsys.readouterr().err == "meteora-jax eval: stopped by SIGTERM\n"
+    assert os.listdir(tmp_path) == []
 
 
 def test_os_errors_from_below_are_one_line_too(capsys):

@@ -306,6 +306,18 @@ def test_bad_input_is_named_and_nothing_is_written(setup, tmp_path, capsys):
     assert "--tasks" in err and not os.path.exists(inside)
 
 
+def test_a_prompt_longer_than_the_model_is_named_before_any_generation(setup, tmp_path, capsys):
+    """A 64 KB prompt in a test split: one line naming its file and line, before the model loads."""
+    tasks = tmp_path / "tasks"
+    shutil.copytree(setup.data, tasks)
+    with open(tasks / "upper" / "test.jsonl", "a", encoding="utf-8") as f:
+        f.write("\n" + json.dumps({"prompt": "upper: " + "a" * 65536, "response": "A"}) + "\n")
+    line = (tasks / "upper" / "test.jsonl").read_text().count("\n")
+    err = _bad(setup, tmp_path, capsys, "--task", "upper", tasks=tasks)
+    assert f"{tasks / 'upper' / 'test.jsonl'} line {line}: the prompt has" in err
+    assert "more than the model's 256 (max_position_embeddings)" in err
+
+
 def test_an_unknown_composite_layout_is_named_by_the_python_api(tmp_path):
     from meteora_jax.errors import ConfigError
     from meteora_jax.evaluation.evaluate import EvalSpec

@@ -262,6 +262,15 @@ def test_a_refused_temporary_twin_names_the_output_asked_for(tmp_path, monkeypat
     assert info.value.filename == str(tmp_path / "folder") and not os.listdir(tmp_path)
 
 
+def test_a_write_that_fails_without_naming_a_file_names_the_output(tmp_path):
+    """A failed write or flush (ENOSPC) names no file: the error names the user's path, and the
+    temporary file is gone."""
+    with pytest.raises(OSError) as info, files.atomic_file(tmp_path / "out.json"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert info.value.filename == str(tmp_path / "out.json") and info.value.errno == errno.ENOSPC
+    assert os.listdir(tmp_path) == []
+
+
 def test_storage_errors_are_found_behind_library_wrappers():
     """A full disk or read-only file system behind another error, or in tensorstore's status
     text (how Orbax reports a failed write), is recognised with its path; others are not."""
@@ -283,7 +292,7 @@ def test_storage_errors_are_found_behind_library_wrappers():
 def test_orbax_reports_of_a_storage_failure_are_dropped_during_a_run(caplog):
     """While a run lives, absl records of a full-disk write (the run says it once itself) are
     dropped; other records still pass, and after the run nothing is filtered."""
-    from meteora_jax.training.checkpointing import storage_failures_reported_once
+    from meteora_jax.io.checkpoint import storage_failures_reported_once
 
     logger = logging.getLogger("absl")
     full = "RESOURCE_EXHAUSTED: Failed writing: \"/r/4/x\": No space left on device [os_error_code='28']"
@@ -293,3 +302,10 @@ def test_orbax_reports_of_a_storage_failure_are_dropped_during_a_run(caplog):
             logger.error("something else went wrong")
         logger.error("after the run: %s", full)
     assert [r.getMessage()[:20] for r in caplog.records] == ["something else went ", "after the run: RESOU"]
+    caplog.clear()
+    # asyncio reports an unawaited write task when it is collected, after the run: still dropped.
+    failed = ValueError(full)
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        logging.getLogger("asyncio").error("Task exception was never retrieved", exc_info=failed)
+        logging.getLogger("asyncio").error("Task exception was never retrieved", exc_info=KeyError("x"))
+    assert [type(r.exc_info[1]) for r in caplog.records] == [KeyError]

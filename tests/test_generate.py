@@ -452,6 +452,21 @@ def test_generate_command_batches_a_prompt_file(setup, base, tmp_path, capsys):
     assert "pass --ckpt CKPT, or --base DIR" in capsys.readouterr().err
 
 
+def test_a_prompt_longer_than_the_model_is_named_by_its_line(setup, tmp_path, capsys):
+    """A 64 KB prompt (a --prompts line or --prompt): one line naming where it came from, no
+    traceback, nothing written."""
+    path = tmp_path / "prompts.jsonl"
+    prompt_file(path, [QUESTIONS[0], "a" * 65536])
+    out = tmp_path / "out.jsonl"
+    argv = ["--base", setup[1], "--max-new-tokens", "4"]
+    assert generate_command.main([*argv, "--prompts", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{path} line 2: the prompt has" in err and "max_position_embeddings" in err and "\n" not in err
+    assert not out.exists()
+    assert generate_command.main([*argv, "--prompt", "b" * 65536]) == 2
+    assert "--prompt: the prompt has" in capsys.readouterr().err
+
+
 def test_generate_command_reads_a_checkpoint(setup, tmp_path, capsys):
     """--ckpt finds the base in the checkpoint and generates as the adapters + same gates do."""
     from meteora_jax import cli

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -75,3 +76,24 @@ def test_every_command_reads_the_reference_layout_as_it_reads_raw_prompts(layout
     lora = ["train-lora", "--base", setup.base, "--data", os.path.join(wrapped, "upper"), "--rank", "2"]
     lora += ["--out", os.fspath(tmp_path / "lora"), "--steps", "1", "--seq-len", "64", "--batch-size", "8"]
     assert main([*lora, "--no-progress"]) == 0
+
+
+def test_generate_reads_a_reference_prompt_file_as_it_reads_raw_prompts(layouts, tmp_path):
+    """generate --prompts on a test split in the reference's layout wraps each prompt once: the
+    answers equal those of the raw split; with --raw the prompts go in as written."""
+    setup, raw, wrapped = layouts
+    answers = []
+    for name, data in (("raw", raw), ("wrapped", wrapped)):
+        out = tmp_path / f"{name}.jsonl"
+        args = ["generate", "--base", setup.base, "--prompts", os.path.join(data, "upper", "test.jsonl")]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main([*args, "--max-new-tokens", "4", "--out", os.fspath(out)]) == 0
+        said = [str(w.message) for w in caught if "instruction format" in str(w.message)]
+        assert len(said) == (name == "wrapped")
+        answers.append([json.loads(line)["response"] for line in out.read_text().splitlines()])
+    assert answers[0] == answers[1]
+    out = tmp_path / "as-written.jsonl"
+    args = ["generate", "--base", setup.base, "--prompts", os.path.join(wrapped, "upper", "test.jsonl")]
+    assert main([*args, "--raw", "--max-new-tokens", "4", "--out", os.fspath(out)]) == 0
+    assert [json.loads(line)["response"] for line in out.read_text().splitlines()] == answers[0]

@@ -190,6 +190,7 @@ def test_subset_targets_layers_rslora_and_dropout_round_trip_through_peft(setup,
             ["--layers", "0,5"],
             r"--layers \[0, 5\]: \[5\] outside the base model, which has 2 layers \(0 to 1\)",
         ),
+        (["--layers", ","], r"--layers names no layer: the adapter would adapt nothing \(layers 0 to 1\)"),
         (["--dropout", "1"], r"--dropout must be a number in \[0, 1\), got 1.0"),
         (["--steps", "0"], r"steps must be an integer >= 1, got 0"),
         (["--mesh", "data=3"], r"--mesh"),
@@ -227,6 +228,9 @@ def test_bad_data_and_outputs_are_refused(setup, tmp_path, capsys):
     assert main(_cli(setup, foreign)) == 2
     assert "holds something other than a meteora-jax train-lora run" in capsys.readouterr().err
     assert os.listdir(foreign) == ["notes.txt"]
+    not_utf8 = tmp_path / "out\udcff"  # a byte that is not UTF-8, as Python keeps it from argv
+    assert main(_cli(setup, not_utf8)) == 2
+    assert "holds byte 0xff" in capsys.readouterr().err and not not_utf8.exists()
     assert not out.exists()
 
 
@@ -240,3 +244,94 @@ def test_a_gate_training_config_is_refused_and_a_nan_loss_stops_the_run(setup, t
     )  # fmt: skip
     with pytest.raises(TrainingError, match=r"step \d: the loss is not finite \(loss (nan|inf), grad_norm"):
         train_lora(spec)
+
+
+def _folder_bytes(folder) -> dict[str, bytes]:
+    return {
+        os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+        for d, _, names in os.walk(folder)
+        for f in names
+    }
+
+
+def _set(args: list[str], flag: str, value: str) -> list[str]:
+    i = args.index(flag)
+    return [*args[: i + 1], value, *args[i + 2 :]]
+
+
+def test_extending_a_finished_run_with_changed_settings_keeps_it(
+    setup, trained, tmp_path, capsys, monkeypatch
+):
+    """A finished run extended with another --batch-size is refused naming it, every file kept
+    (the PEFT adapter, metrics.jsonl, every step); a step whose optimizer state has other entries
+    than the run's is refused as such, not set aside as corrupt; --clip-norm 0 (clipping off)
+    keeps the optimizer's structure, so that change resumes."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(trained, out)
+    with open(out / "training" / "metrics.jsonl", "r+b") as f:  # a damaged line amid the log
+        lines = f.readlines()
+        f.seek(0)
+        f.writelines([*lines[:3], b"\xff\xfe not a record\n", *lines[3:]])
+    before = _folder_bytes(out)
+    longer = _set(_cli(setup, out), "--steps", str(STEPS + SAVE_EVERY))
+    capsys.readouterr()
+    assert main(_set(longer, "--batch-size", "16")) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"cannot resume {out / 'training'} at step {STEPS}" in err and "batch_size: saved 8, now 16" in err
+    assert "--new-data" in err and "\n" not in err and _folder_bytes(out) == before
+
+    import optax
+
+    from meteora_jax.training import state
+
+    monkeypatch.setattr(state, "optimizer_transform", lambda config: optax.adamw(config.lr))
+    assert main(longer) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        f"cannot resume {out / 'training'} (step {STEPS})" in err and "item 'opt' holds other entries" in err
+    )
+    assert "use another --out" in err and "\n" not in err and _folder_bytes(out) == before
+    monkeypatch.undo()
+
+    assert main([*longer, "--clip-norm", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "clip_norm 1.0 -> 0.0" in err and f"resumed {out / 'training'} at step {STEPS}" in err
+    assert "metrics.jsonl: line 4 (1 lines in all) is not a JSON record; left out" in err
+    assert not any(n.startswith(".bad-step") for n in os.listdir(out / "training"))
+    assert [r["step"] for r in _records(out) if "loss" in r] == list(range(1, STEPS + SAVE_EVERY + 1))
+
+
+def test_a_held_out_prompt_longer_than_the_model_is_left_out_naming_its_line(setup, tmp_path, capsys):
+    """A 64 KB prompt in test.jsonl: the run warns naming its file and line, leaves it out of the
+    held-out figures and trains."""
+    import shutil
+
+    data = tmp_path / "upper"
+    shutil.copytree(_task(setup), data)
+    with open(data / "test.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"prompt": "upper: " + "a" * 65536, "response": "A"}) + "\n")
+    line = (data / "test.jsonl").read_text().count("\n")
+    args = _set(_cli(setup, tmp_path / "out", steps=1, save_every=1), "--data", os.fspath(data))
+    with pytest.warns(
+        UserWarning, match=rf"1 held-out samples are longer .*test.jsonl line {line}, \d+ tokens"
+    ):
+        assert main(args) == 0
+    assert "of 16 samples" in capsys.readouterr().out
+
+
+def test_extending_past_the_decay_horizon_is_refused_as_training_nothing(setup, trained, tmp_path, capsys):
+    """Steps after --decay-steps run at learning rate 0: extending a finished run only there is
+    refused naming the setting, every file kept."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(trained, out)
+    before = _folder_bytes(out)
+    args = [*_set(_cli(setup, out), "--steps", str(STEPS + SAVE_EVERY)), "--decay-steps", str(STEPS)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"from step {STEPS} to --steps {STEPS + SAVE_EVERY}: the learning rate is 0" in err
+    assert f"--decay-steps {STEPS}" in err and "\n" not in err.split("error: ", 1)[1]
+    assert _folder_bytes(out) == before

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -33,7 +34,7 @@ from meteora_jax.errors import ConfigError, MeteoRAError
 from meteora_jax.io import checkpoint
 from meteora_jax.modeling.llama import LlamaForCausalLM
 from meteora_jax.sharding import make_mesh
-from meteora_jax.training import run_lock
+from meteora_jax.training import loop, run_lock
 from meteora_jax.training.checkpointing import RunCheckpoints
 from meteora_jax.training.config import TrainConfig
 from meteora_jax.training.loop import TrainingError
@@ -216,6 +217,38 @@ def test_sigkill_between_saves_then_rerun_equals_an_uninterrupted_run(setup, uni
     assert checkpoint.checkpoint_steps(out)[-1] == STEPS
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_the_step_and_the_rerun_equals_an_uninterrupted_run(
+    setup, uninterrupted, tmp_path, capsys, monkeypatch, signum
+):
+    """Ctrl-C (or a scheduler's SIGTERM) during step 3: the run saves step 3 (not a save step),
+    says so in one line, exits 128 + the signal; the rerun ends bit-equal to a run never stopped."""
+    out = tmp_path / "run"
+    real_batch, calls = loop._global_batch, []
+
+    def batch_then_signal(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signum)
+        return real_batch(*args)
+
+    monkeypatch.setattr(loop, "_global_batch", batch_then_signal)
+    capsys.readouterr()
+    assert main(_cli_args(setup, out, STEPS, SAVE_EVERY)) == 128 + signum
+    err = capsys.readouterr().err.strip()
+    name = signal.Signals(signum).name
+    assert err == (
+        f"meteora-jax train-gate: stopped by {name} after step 3; the last good checkpoint is step 3 in "
+        f"{out}: rerun the same command to resume from there"
+    )
+    assert checkpoint.checkpoint_steps(out) == [3]
+    monkeypatch.undo()
+    assert main(_cli_args(setup, out, STEPS, SAVE_EVERY)) == 0
+    got, want = _gates(out), _gates(uninterrupted)
+    assert max(max_abs(got[p], want[p]) for p in want) == 0.0
+    assert _losses(out) == _losses(uninterrupted)
+
+
 def test_init_from_starts_at_a_checkpoint_and_refuses_other_adapters(setup, uninterrupted, tmp_path):
     """--init-from: the run starts from the checkpoint's gates (one step at lr 1e-12 keeps them);
     a checkpoint of the adapters in another order is refused by name before --out is touched."""
@@ -259,6 +292,22 @@ def test_corrupt_latest_step_is_set_aside_and_the_previous_one_used(setup, tmp_p
         result = train(_spec(setup, out, steps=12, save_every=4))
     assert result.step == 12 and checkpoint.checkpoint_steps(out) == [4, 8, 12]
     assert any(name.startswith(".bad-step-8-") for name in os.listdir(out))
+
+
+def test_a_numbered_folder_that_is_no_step_is_set_aside_not_left_to_block_saves(setup, tmp_path):
+    """Orbax counts any numbered folder as a step and silently skips saving a lower one: a stray
+    empty `10` made an extended run save nothing (exit 0). It is set aside, kept, and named."""
+    out = tmp_path / "run"
+    train(_spec(setup, out, steps=2, save_every=2))
+    (out / "10").mkdir()
+    (out / "10" / "mine.txt").write_text("kept")
+    with pytest.warns(
+        UserWarning, match=r"step 10 is unreadable or corrupt \(a step folder without metadata"
+    ):
+        result = train(_spec(setup, out, steps=4, save_every=2))
+    assert result.step == 4 and checkpoint.checkpoint_steps(out) == [2, 4]
+    [aside] = [n for n in os.listdir(out) if n.startswith(".bad-step-10-")]
+    assert (out / aside / "mine.txt").read_text() == "kept"
 
 
 def test_a_larger_steps_extends_a_finished_run_and_the_log_says_the_schedule_changed(setup, tmp_path, capsys):
@@ -376,7 +425,8 @@ def test_a_full_disk_is_one_line_naming_the_path_and_the_last_good_step(setup, t
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err
     assert (
-        f"{out}/8/opt: No space left on device: training stopped; the last good checkpoint is step 4" in err
+        f"{out}: No space left on device (saving step 8): training stopped; "
+        "the last good checkpoint is step 4" in err
     )
     monkeypatch.setattr(RunCheckpoints, "save", real_save)
     assert main(args) == 0
@@ -450,6 +500,35 @@ def test_a_live_run_keeps_its_folder_and_a_killed_one_leaves_no_stale_lock(setup
         holder.wait(timeout=30)
     train(_spec(setup, out, steps=1))  # a folder holding only a dead run's lock is ours: it trains
     assert checkpoint.checkpoint_steps(out) == [1]
+
+
+def test_one_adapter_whose_gates_cannot_learn_is_refused(setup, tmp_path, capsys):
+    """With one adapter every token goes to it whatever the gate says: the gates get no gradient,
+    so such a run would train nothing (and exit 0); it is refused before --out is touched."""
+    out = tmp_path / "run"
+    name, folder = next(iter(setup.adapters.items()))
+    args = ["train-gate", "--base", setup.base, "--data", setup.data, "--out", os.fspath(out), "--steps", "2"]
+    assert main([*args, "--adapter", f"{name}={folder}", "--tasks", name, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"train-gate with one adapter ({name}) trains nothing" in err and "--train-adapters" in err
+    assert not out.exists()
+
+
+def test_a_run_folder_it_may_not_write_is_named_as_given(setup, tmp_path, capsys, monkeypatch):
+    """A run folder whose lock file cannot be created (no permission) is one line naming the run
+    folder (not the lock file the user never named), "PATH: Permission denied", exit 2."""
+    real_open = os.open
+
+    def denied(path, *args, **kwargs):
+        if os.fspath(path).endswith(run_lock.LOCK_FILE):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(run_lock.os, "open", denied)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main(_cli_args(setup, out, 2, 2)) == 2
+    assert capsys.readouterr().err.strip() == f"meteora-jax train-gate: error: {out}: Permission denied"
 
 
 def test_out_inside_an_input_is_refused(setup):

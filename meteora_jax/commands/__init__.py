@@ -12,6 +12,7 @@ import sys
 
 from meteora_jax.errors import ConfigError, MeteoRAError, MissingFileError, describe_os_error, storage_error
 from meteora_jax.inputs import validate_adapter_name
+from meteora_jax.training.stopping import RunStopped, sigterm_raises
 
 # OS errors a user causes (a path that is missing, taken, of the wrong kind or not theirs): reported
 # like a MeteoRAError, in case a library call below ours raises one before we could check.
@@ -19,11 +20,22 @@ USER_OS_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADir
 
 
 def run_reporting(args: argparse.Namespace) -> int:
-    """Runs `args.func(args)`; a user error becomes one line on stderr and exit code 2, never a traceback."""
+    """Runs `args.func(args)`; a user error becomes one line on stderr and exit code 2, never a
+    traceback; Ctrl-C or SIGTERM one line (with what a training run kept) and the shell's exit
+    code (128 + the signal)."""
     try:
-        args.func(args)
-    except (MeteoRAError, *USER_OS_ERRORS) as e:
+        with sigterm_raises():
+            args.func(args)
+    except RunStopped as e:
+        print(f"meteora-jax {args.command}: stopped by {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"meteora-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except MeteoRAError as e:
         return _report(args.command, str(e))
+    except USER_OS_ERRORS as e:
+        return _report(args.command, describe_os_error(e))
     except Exception as e:
         storage = storage_error(e)
         if storage is None:

@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> None:
     inputs = [("--base", args.base), *(("--adapter", d) for d in adapters.values()), ("--gates", args.gates)]
     files.check_output_path(args.out, inputs=inputs)
     files.refuse_existing(args.out, force=args.force, setting="--out")
+    checkpoint.check_path_text(args.out, "--out")
     moe, params, infos = gates.fuse(
         args.base, adapters, args.gates, args.top_k, args.temperature, seed=args.seed
     )

@@ -16,6 +16,7 @@ import time
 
 from meteora_jax.commands import add_model_flags, model_inputs, model_sources, run_reporting
 from meteora_jax.errors import ConfigError, MissingFileError
+from meteora_jax.inputs import check_text
 
 OUTPUTS = ("--out", "--routing-html", "--routing-png", "--routing-json")
 
@@ -138,12 +139,20 @@ def run(args: argparse.Namespace) -> None:
     from tqdm import tqdm  # noqa: PLC0415
 
     from meteora_jax.api import load_model  # noqa: PLC0415
-    from meteora_jax.data.prompts import format_prompt, load_tokenizer, read_prompts  # noqa: PLC0415
+    from meteora_jax.data.prompts import (  # noqa: PLC0415
+        check_prompt_lengths,
+        format_prompt,
+        load_tokenizer,
+        read_as_inputs,
+        read_prompts,
+    )
     from meteora_jax.io.files import write_text_atomic  # noqa: PLC0415
     from meteora_jax.text import generate_texts, routing_rows  # noqa: PLC0415
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.prompt is not None:
+        check_text(args.prompt, "--prompt", from_os=True)
     base, adapters, gates = model_sources(args)
     _check_paths(args, base, adapters)
     model = load_model(base, adapters=adapters, gates=gates, dtype=args.dtype)
@@ -152,8 +161,16 @@ def run(args: argparse.Namespace) -> None:
             "--routing-html / --routing-png / --routing-json need adapters (--adapter or --ckpt)"
         )
     tokenizer = load_tokenizer(args.tokenizer or base)
-    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
-    texts = prompts if args.raw else [format_prompt(p) for p in prompts]
+    sources = [("--prompt", args.prompt)] if args.prompt is not None else read_prompts(args.prompts)
+    prompts = [prompt for _, prompt in sources]
+    source = "--prompt" if args.prompt is not None else args.prompts
+    texts = prompts if args.raw else [format_prompt(p) for p in read_as_inputs(prompts, source)]
+    check_prompt_lengths(
+        tokenizer,
+        [(where, text) for (where, _), text in zip(sources, texts, strict=True)],
+        model.config.max_position_embeddings,
+        args.max_new_tokens,
+    )
     traces, records, lines = [], [], []
     started = time.perf_counter()
     if args.prompt is not None:

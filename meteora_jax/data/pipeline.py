@@ -146,7 +146,7 @@ class DataStateMismatch(ConfigError):
     def __init__(self, changes: dict[str, tuple]):
         self.changes = changes
         said = "; ".join(f"{k}: saved {saved!r}, now {now!r}" for k, (saved, now) in changes.items())
-        super().__init__(f"the data position was saved with other data or settings ({said})")
+        super().__init__(said)
 
 
 class TrainBatches(grain.DatasetIterator):

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from meteora_jax.errors import ConfigError, MissingFileError
+from meteora_jax.inputs import check_text
 from meteora_jax.io.jsonl import read_jsonl
 
 PROMPT_TEMPLATE = "[INST] {input} [/INST]\n"
@@ -34,6 +36,23 @@ def unformat_prompt(text: str) -> str | None:
     if text.startswith(head) and text.endswith(tail) and len(text) >= len(head) + len(tail):
         return text[len(head) : len(text) - len(tail)]
     return None
+
+
+def read_as_inputs(prompts: Sequence[str], source: str) -> list[str]:
+    """`prompts` with those already in the instruction format (the MeteoRA reference stores its
+    task prompts so) read as the text inside it, so that they are wrapped once, not twice; said
+    once, naming `source` and how many, since a prompt exactly in the template cannot be told
+    from one meant to be wrapped again."""
+    inner = [unformat_prompt(p) for p in prompts]
+    count = sum(i is not None for i in inner)
+    if count:
+        warnings.warn(
+            f"{source}: {count} of {len(prompts)} prompts are already in the instruction format "
+            f"({PROMPT_TEMPLATE!r}); they are read as the text inside it, which is wrapped once",
+            UserWarning,
+            stacklevel=3,
+        )
+    return [p if i is None else i for p, i in zip(prompts, inner, strict=True)]
 
 
 def load_tokenizer(base_dir: str | os.PathLike):
@@ -77,8 +96,10 @@ def pad_token_of(tokenizer) -> int:
 def encode_prompt(tokenizer, text: str, *, add_special_tokens: bool = True) -> list[int]:
     """The ids of an already formatted prompt `text`, with the tokenizer's own special tokens (BOS).
 
-    The single place a prompt becomes tokens, for generation and for training alike.
+    The single place a prompt becomes tokens, for generation and for training alike; text the
+    tokenizer cannot take (`check_text`) is refused here, not deep inside it.
     """
+    check_text(text, "a prompt")
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
@@ -194,17 +215,43 @@ def token_texts(tokenizer, ids: Iterable[int]) -> list[str]:
     return [decoder.push(i) for i in ids]
 
 
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """The "prompt" field of every line of a JSONL file (task files also carry "response")."""
+def read_prompts(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """("FILE line N", the "prompt" field) of every line of a JSONL file (task files also carry
+    "response")."""
     path = os.fspath(path)
     prompts = []
     for where, record in read_jsonl(path):
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise ConfigError(f'{where}: expected an object with a string "prompt"')
-        prompts.append(record["prompt"])
+        prompts.append((where, record["prompt"]))
     if not prompts:
         raise ConfigError(f"{path} holds no prompts")
     return prompts
+
+
+def check_prompt_lengths(
+    tokenizer, prompts: Sequence[tuple[str, str]], max_positions: int, max_new_tokens: int
+) -> None:
+    """Refuses, before any generation, prompts ((where, formatted text) pairs) whose tokens and
+    `max_new_tokens` do not fit the model's `max_positions` (max_position_embeddings).
+
+    Raises:
+        ConfigError: naming the first such prompt's file and line, its tokens, and how many are
+            too long.
+    """
+    long = []
+    for where, text in prompts:
+        n = len(encode_prompt(tokenizer, text))
+        if n + max_new_tokens > max_positions:
+            long.append((where, n))
+    if long:
+        where, n = long[0]
+        others = f" ({len(long)} prompts are too long)" if len(long) > 1 else ""
+        raise ConfigError(
+            f"{where}: the prompt has {n} tokens; with --max-new-tokens {max_new_tokens} it needs "
+            f"{n + max_new_tokens} positions, more than the model's {max_positions} "
+            f"(max_position_embeddings){others}: shorten or leave out such prompts"
+        )
 
 
 def round_trip_problems(tokenizer, texts: Iterable[str]) -> list[str]:

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from collections.abc import Sequence
 
-from meteora_jax.data.prompts import PROMPT_TEMPLATE, unformat_prompt
+from meteora_jax.data.prompts import read_as_inputs
 from meteora_jax.errors import ConfigError
 from meteora_jax.io.jsonl import read_jsonl
 
@@ -124,20 +123,10 @@ def read_task_file(path: str, label: int, adapter_names: Sequence[str]) -> tuple
 
 def _unformatted(samples: list[Sample], path: str) -> tuple[Sample, ...]:
     """`samples` with prompts already in the instruction format (the reference's task files)
-    read as their input, so training, generation and evaluation wrap them once; said once."""
-    raw = [None if s.prompt is None else unformat_prompt(s.prompt) for s in samples]
-    count = sum(r is not None for r in raw)
-    if count:
-        warnings.warn(
-            f"{path}: {count} of {len(samples)} prompts are already in the instruction format "
-            f"({PROMPT_TEMPLATE!r}); they are read as the text inside it, which training and "
-            "evaluation wrap once",
-            UserWarning,
-            stacklevel=3,
-        )
-    return tuple(
-        s if r is None else dataclasses.replace(s, prompt=r) for s, r in zip(samples, raw, strict=True)
-    )
+    read as their input (`read_as_inputs`), so every command wraps them once."""
+    prompts = [s.prompt for s in samples if s.prompt is not None]
+    inputs = iter(read_as_inputs(prompts, path))
+    return tuple(s if s.prompt is None else dataclasses.replace(s, prompt=next(inputs)) for s in samples)
 
 
 def load_tasks(

@@ -153,7 +153,8 @@ def evaluate(spec: EvalSpec) -> list[str]:
     from tqdm import tqdm  # noqa: PLC0415
 
     from meteora_jax.api import load_model  # noqa: PLC0415
-    from meteora_jax.data.prompts import load_tokenizer  # noqa: PLC0415
+    from meteora_jax.config import LlamaConfig  # noqa: PLC0415
+    from meteora_jax.data.prompts import check_prompt_lengths, format_prompt, load_tokenizer  # noqa: PLC0415
 
     settings = spec.settings
     check_output_path(spec.out, inputs=spec.inputs)
@@ -169,8 +170,14 @@ def evaluate(spec: EvalSpec) -> list[str]:
             registry.scoring(task)  # an unknown metric fails now, not after generation
     items = [item for task in by_task.values() for item in task] + composites
     gold = check_scoring(items, registry)
-    model = load_model(spec.base, adapters=spec.adapters, gates=spec.gates, dtype=spec.dtype)
     tokenizer = load_tokenizer(spec.tokenizer or spec.base)
+    check_prompt_lengths(
+        tokenizer,
+        [(item.where, format_prompt(item.prompt)) for item in items],
+        LlamaConfig.from_hf(spec.base).max_position_embeddings,
+        settings.max_new_tokens,
+    )
+    model = load_model(spec.base, adapters=spec.adapters, gates=spec.gates, dtype=spec.dtype)
     batches = sum(
         -(-len(group) // settings.batch_size) for group in (list(by_task.values()) + [composites]) if group
     )

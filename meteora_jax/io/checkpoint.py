@@ -23,6 +23,7 @@ training loop can fall back to the previous step: `restore_latest_good` does tha
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -32,7 +33,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -42,7 +43,15 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from meteora_jax.config import LlamaConfig, MoELoRAConfig, projection_shape
-from meteora_jax.errors import CheckpointError, ConfigError, MeteoRAError, MissingFileError, OutputExistsError
+from meteora_jax.errors import (
+    CheckpointError,
+    ConfigError,
+    MeteoRAError,
+    MissingFileError,
+    OutputExistsError,
+    storage_error,
+)
+from meteora_jax.inputs import check_text
 from meteora_jax.io import checksums
 
 # The metadata half of a checkpoint lives in checkpoint_meta; its names are part of this API.
@@ -209,6 +218,16 @@ class _SkippedItemsFilter(logging.Filter):
 logging.getLogger("absl").addFilter(_SkippedItemsFilter())
 
 
+def check_path_text(directory: str | os.PathLike, setting: str) -> None:
+    """Refuses a checkpoint folder whose path is not UTF-8 text: Orbax (tensorstore) reads and
+    writes only such paths, and fails deep inside its threads on any other."""
+    text = os.fspath(directory)
+    try:
+        check_text(text, f"{setting} {text!r}", from_os=True)
+    except ConfigError as e:
+        raise ConfigError(f"{e}: checkpoints are read and written only under UTF-8 paths") from None
+
+
 def _manager(
     directory: str, max_to_keep: int | None = None, extra: tuple[str, ...] = ()
 ) -> ocp.CheckpointManager:
@@ -347,6 +366,7 @@ def write_checkpoint(
     extra_items: more pytrees saved beside the parameters (optimizer state for training).
     """
     directory = os.path.abspath(os.fspath(directory))
+    check_path_text(directory, "checkpoint folder")
     base_dir = os.fspath(base_dir)
     meta = make_meta(moe, infos, base_dir)
     check_arrays(params, meta, where=f"parameters for {directory}")
@@ -357,8 +377,8 @@ def write_checkpoint(
     steps = checkpoint_steps(directory)
     latest = _latest_meta(directory, force) if steps else None
     if latest is not None and step not in steps and _same_model(meta, latest):
-        with _manager(directory, max_to_keep, extra) as manager:  # one more step: training goes on
-            manager.save(step, args=args)
+        with _storage_named(directory), _manager(directory, max_to_keep, extra) as manager:
+            manager.save(step, args=args)  # one more step: training goes on
         return directory
     if latest is not None and not force:
         if step in steps:
@@ -370,9 +390,28 @@ def write_checkpoint(
             f"{directory} holds a checkpoint of other adapters or another base ({list(latest.adapter_names)} "
             f"over {latest.base_path}): choose another folder, or pass force to replace it"
         )
-    with staged_directory(directory, force=force) as tmp, _manager(tmp, max_to_keep, extra) as manager:
+    with (
+        _storage_named(directory),
+        staged_directory(directory, force=force) as tmp,
+        _manager(tmp, max_to_keep, extra) as manager,
+    ):
         manager.save(step, args=args)
     return directory
+
+
+@contextlib.contextmanager
+def _storage_named(directory: str) -> Iterator[None]:
+    """A full disk or read-only file system while saving into `directory` is one OSError naming
+    `directory` (not Orbax's temporary files under it), its reports from Orbax's threads dropped;
+    other failures pass unchanged."""
+    try:
+        with storage_failures_reported_once():
+            yield
+    except Exception as e:
+        storage = storage_error(e)
+        if storage is None:
+            raise
+        raise OSError(storage.errno, storage.strerror, directory) from None
 
 
 def _latest_meta(directory: str, force: bool) -> CheckpointMeta | None:
@@ -411,6 +450,7 @@ def _meta_json(directory: str, step: int) -> Any:
 
 def _resolve(directory: str | os.PathLike, step: int | None) -> tuple[str, int]:
     directory = os.path.abspath(os.fspath(directory))
+    check_path_text(directory, "checkpoint folder")
     if not os.path.isdir(directory):
         raise MissingFileError(f"checkpoint folder {directory} does not exist")
     steps = checkpoint_steps(directory)
@@ -497,19 +537,48 @@ def restore_latest_good(
 
 
 def _restore_items(directory: str, step: int, extra_items: Mapping[str, Any]) -> dict[str, Any]:
-    """The params item and the extra items of one step, as stored; read errors translated."""
+    """The params item and the extra items of one step, as stored; read errors translated, and
+    a target whose entries are not the stored ones refused as a CheckpointError naming them."""
+    misfit = None
     try:
         with _manager(directory, extra=tuple(extra_items)) as manager:
             stored = manager.item_metadata(step)
             targets = {PARAMS_ITEM: _host_target(stored[PARAMS_ITEM])}
             for name, target in extra_items.items():
                 targets[name] = _host_target(stored[name]) if target is None else target
-            restored = manager.restore(
-                step, args=ocp.args.Composite(**{n: ocp.args.StandardRestore(t) for n, t in targets.items()})
-            )
+                misfit = misfit or _entries_misfit(name, stored[name], target)
+            if misfit is None:
+                restored = manager.restore(
+                    step,
+                    args=ocp.args.Composite(**{n: ocp.args.StandardRestore(t) for n, t in targets.items()}),
+                )
     except Exception as e:  # Orbax / tensorstore errors of damaged files: translated into one line
         raise _read_error(e, os.path.join(directory, str(step)), step) from None
+    if misfit is not None:
+        raise CheckpointError(f"{directory} (step {step}): {misfit}")
     return {name: restored[name] for name in targets}
+
+
+def _entry_names(tree) -> set[str]:
+    leaves = jax.tree_util.tree_leaves_with_path(getattr(tree, "tree", tree))
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path) for path, _ in leaves}
+
+
+def _entries_misfit(name: str, stored, target) -> str | None:
+    """What differs between the entries of item `name` as stored and the restore `target` (None:
+    the same, or no target). A step saved under other settings (another optimizer chain) is not
+    damaged: it is refused by name, never read into the wrong places."""
+    if target is None:
+        return None
+    have, want = _entry_names(stored), _entry_names(target)
+    if have == want:
+        return None
+    saved_only, asked_only = sorted(have - want), sorted(want - have)
+    return (
+        f"its item {name!r} holds other entries than this run's (saved only: "
+        f"{', '.join(saved_only[:3]) or 'none'}; this run's only: {', '.join(asked_only[:3]) or 'none'}): "
+        "it was saved with other settings or another meteora-jax version"
+    )
 
 
 # A tensorstore read error names the array as Orbax stored it ("layers.mlp.up_proj.gate/0.0.0")
@@ -578,6 +647,38 @@ def quiet_orbax_teardown() -> None:
     hook = sys.excepthook
     if getattr(hook, "func", None) is not _drop_closed_loop_prints:
         sys.excepthook = functools.partial(_drop_closed_loop_prints, hook)
+
+
+class _StorageFailureFilter(logging.Filter):
+    """Drops Orbax's own reports (with tracebacks, one per background thread) of a save that a
+    full disk or read-only file system stopped: the caller reports that once, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (storage_error(ValueError(record.getMessage())) or (error and storage_error(error)))
+
+
+_QUIET_ASYNCIO = _StorageFailureFilter()
+
+
+@contextlib.contextmanager
+def storage_failures_reported_once() -> Iterator[None]:
+    """For a save's (or a run's) life: Orbax's background reports of a storage failure are
+    dropped (the caller raises its own one-line error), as are the closed-event-loop tracebacks
+    that follow them.
+
+    asyncio reports the failed writes of tensorstore tasks nobody awaited ("Task exception was
+    never retrieved") only when those tasks are collected, after the save has ended: its filter
+    (which drops storage failures only) stays for the process's life."""
+    quiet_orbax_teardown()
+    logging.getLogger("asyncio").addFilter(_QUIET_ASYNCIO)  # once: a logger keeps a filter once
+    quiet = _StorageFailureFilter()
+    logger = logging.getLogger("absl")
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _host_target(tree_metadata):

@@ -105,12 +105,16 @@ def refuse_existing(out_dir: str | os.PathLike, *, force: bool = False, setting:
 
 
 @contextlib.contextmanager
-def _naming(path: str) -> Iterator[None]:
-    """An OS error of creating `path`'s temporary twin names `path`, the output the user asked for."""
+def naming(path: str | os.PathLike, *, unnamed_only: bool = False) -> Iterator[None]:
+    """An OS error in the block names `path`, the output the user asked for, not the temporary
+    twin or lock file the block touched (`unnamed_only`: only an error that names no file, as a
+    failed write or flush does)."""
     try:
         yield
     except OSError as e:
-        raise type(e)(e.errno, e.strerror, path) from None
+        if e.errno is None or (unnamed_only and e.filename is not None):
+            raise
+        raise type(e)(e.errno, e.strerror, os.fspath(path)) from None
 
 
 @contextlib.contextmanager
@@ -126,7 +130,7 @@ def staged_directory(out_dir: str | os.PathLike, *, force: bool = False) -> Iter
     refuse_existing(out_dir, force=force)
     out_dir = os.path.abspath(os.fspath(out_dir))
     parent, name = os.path.split(out_dir)
-    with _naming(out_dir):
+    with naming(out_dir):
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{name[:_NAME_IN_PREFIX]}.tmp-", dir=parent)
     try:
@@ -178,15 +182,16 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
     check_output_path(path, setting=API_SETTING)
     path = os.path.abspath(os.fspath(path))
     folder, name = os.path.split(path)
-    with _naming(path):
+    with naming(path):
         fd, tmp = tempfile.mkstemp(prefix=f".{name[:_NAME_IN_PREFIX]}.tmp-", dir=folder)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with naming(path, unnamed_only=True), os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        with naming(path):
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)

@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator
 
 from meteora_jax.errors import ConfigError
+from meteora_jax.inputs import check_text
 
 
 def _strings(value) -> Iterator[str]:
@@ -52,10 +53,5 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{where}: not valid JSON ({e})") from None
             for text in _strings(value):
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError as e:
-                    raise ConfigError(
-                        f"{where}: a string holds a lone surrogate ({text[e.start]!r}), which is not text"
-                    ) from None
+                check_text(text, where)
             yield where, value

@@ -13,12 +13,10 @@ Each step (an Orbax `CheckpointManager` step, written asynchronously and atomica
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Mapping
 
 import grain
 import jax
@@ -26,7 +24,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from meteora_jax.data.pipeline import DataStateMismatch
-from meteora_jax.errors import CheckpointError, storage_error
+from meteora_jax.errors import CheckpointError
 from meteora_jax.io import checkpoint
 from meteora_jax.io.checkpoint import CorruptCheckpointError
 from meteora_jax.io.stacking import Path
@@ -66,7 +64,11 @@ class RunCheckpoints:
         items = dict(checkpoint.save_args(params, meta, {OPT_ITEM: opt}, shared=shared).items())
         items[DATA_ITEM] = grain.checkpoint.CheckpointSave(batches)
         items[RUN_ITEM] = ocp.args.JsonSave({"format": RUN_FORMAT, **run})
-        self.manager.save(step, args=ocp.args.Composite(**items))
+        if not self.manager.save(step, args=ocp.args.Composite(**items)):  # Orbax skips, silently,
+            raise CheckpointError(  # a step not above every step folder it sees
+                f"{self.directory}: step {step} was not saved: Orbax holds a later step "
+                f"{self.manager.latest_step()} there; move that folder away"
+            )
 
     def reload(self) -> None:
         """Re-reads the steps on disk (after a bad step was set aside, so it can be saved again)."""
@@ -114,27 +116,15 @@ class RunCheckpoints:
         return ckpt, ckpt.extra[OPT_ITEM]
 
 
-class _StorageFailureFilter(logging.Filter):
-    """Drops Orbax's own reports (with tracebacks, one per background thread) of a save that a
-    full disk or read-only file system stopped: the run reports that once, in one line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        return not (storage_error(ValueError(record.getMessage())) or (error and storage_error(error)))
-
-
-@contextlib.contextmanager
-def storage_failures_reported_once() -> Iterator[None]:
-    """For a run's life: Orbax's background reports of a storage failure are dropped (the run
-    raises its own one-line error), as are the closed-event-loop tracebacks that follow them."""
-    checkpoint.quiet_orbax_teardown()
-    quiet = _StorageFailureFilter()
-    logger = logging.getLogger("absl")
-    logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        logger.removeFilter(quiet)
+def unfinished_steps(directory: str, finished: Collection[int]) -> list[int]:
+    """The numbered folders of `directory` that are not finished steps (`finished`)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(
+        int(name)
+        for name in os.listdir(directory)
+        if name.isdigit() and int(name) not in finished and os.path.isdir(os.path.join(directory, name))
+    )
 
 
 def set_aside(directory: str, step: int, reason: str) -> str:

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -30,7 +31,7 @@ from meteora_jax.api import DTYPES, MeteoRAModel
 from meteora_jax.config import MoELoRAConfig
 from meteora_jax.data.pipeline import BATCH_KEYS, DataConfig, DataStateMismatch, train_batches
 from meteora_jax.data.tasks import Sample
-from meteora_jax.errors import ConfigError, TrainingError, describe_os_error, storage_error
+from meteora_jax.errors import CheckpointError, ConfigError, TrainingError, describe_os_error, storage_error
 from meteora_jax.io import checkpoint, checksums, files
 from meteora_jax.io.hf import load_llama
 from meteora_jax.io.stacking import AdapterInfo, Path
@@ -42,12 +43,13 @@ from meteora_jax.training.checkpointing import (
     RunCheckpoints,
     flat_state,
     set_aside,
-    storage_failures_reported_once,
+    unfinished_steps,
 )
 from meteora_jax.training.config import SHAPE_SETTINGS, TRAIN_BACKEND, TrainConfig
 from meteora_jax.training.curves import write_curves
 from meteora_jax.training.state import TrainState, split_for_training
 from meteora_jax.training.step import batch_sharding, make_train_step
+from meteora_jax.training.stopping import RunStopped, StopRequest, stop_requests
 
 METRICS_FILE, CURVES_FILE = "metrics.jsonl", "curves.png"
 GATE_METRICS = ("gate_loss", "gate_accuracy", "gate_tokens")  # logged only with a gate term
@@ -141,6 +143,7 @@ def prepare_out(
     other than a run of ours, whose run folder is `run_dir` (default `out` itself); `force`
     replaces it."""
     files.check_output_path(out, inputs=inputs)
+    checkpoint.check_path_text(out, "--out")
     out = os.path.abspath(out)
     run_dir = out if run_dir is None else os.path.abspath(run_dir)
     run_lock.check_not_in_use(run_dir, command)  # not even --force may pull a live run's folder away
@@ -241,6 +244,17 @@ def _check_settings(run: dict, train: TrainConfig, where: str) -> list[str]:
     return [f"{k} {saved[k]!r} -> {now[k]!r}" for k in sorted(now) if k in saved and saved[k] != now[k]]
 
 
+def _check_schedule_left(start: int, train: TrainConfig, where: str) -> None:
+    """Refuses steps that would all run at learning rate 0: the cosine reaches 0 at the horizon
+    (`--decay-steps`) and stays there, so extending a run past it changes nothing."""
+    if start >= train.horizon:
+        raise ConfigError(
+            f"cannot extend {where} from step {start} to --steps {train.steps}: the learning rate is 0 from "
+            f"step {train.horizon} (--decay-steps {train.horizon}) on, so these steps would train nothing; "
+            "raise --decay-steps (or leave it out: the cosine then ends at --steps)"
+        )
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -274,6 +288,7 @@ class _Run:
             prefetch=2,
         )
         self.records: list[dict] = []
+        self.stop = StopRequest()  # the signal that asked the run to stop (set while it trains)
 
     def log(self, message: str) -> None:
         log(self.job.command, message)
@@ -282,7 +297,11 @@ class _Run:
 
     def resume(self, checkpoints: RunCheckpoints) -> int:
         """Restores the last good step (setting corrupt ones aside); 0 for a new run."""
-        for step in reversed(checkpoint.checkpoint_steps(self.out)):
+        finished = checkpoint.checkpoint_steps(self.out)
+        for step in unfinished_steps(self.out, finished):
+            # Orbax counts any numbered folder as a step and silently skips saving below it.
+            self._set_aside(step, "a step folder without metadata: not a finished step", checkpoints)
+        for step in reversed(finished):
             where = f"{self.out} (step {step})"
             try:
                 _, meta = checkpoint.read_meta(self.out, step)
@@ -298,6 +317,10 @@ class _Run:
             except checkpoint.CorruptCheckpointError as e:
                 self._set_aside(step, str(e), checkpoints)
                 continue
+            except CheckpointError as e:  # readable, but not into this run's state
+                raise ConfigError(
+                    f"cannot resume {where}: {e}. Nothing was changed; use another --out for a new run"
+                ) from None
             except DataStateMismatch as e:
                 ckpt, opt = self._resume_with_new_data(step, e, checkpoints, template)
             self._place(ckpt.params, opt)
@@ -355,18 +378,28 @@ class _Run:
         self.state = TrainState(new_params, new_opt)
 
     def _read_records(self, step: int) -> list[dict]:
+        """The logged records up to `step` (the log is rewritten with them). A line that is not a
+        JSON record (one cut by a kill, bytes that are not UTF-8) is left out, said once when it
+        is not the last line."""
         path = os.path.join(self.out, METRICS_FILE)
         if not os.path.isfile(path):
             return []
-        records = []
-        with open(path, encoding="utf-8") as f:
-            for line in f:
+        records, bad, last = [], [], 0
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                last = number
+                if not raw.strip():
+                    continue
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a line cut by a kill
-                if record.get("step", math.inf) <= step:
+                    record = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    record = None
+                if not isinstance(record, dict):
+                    bad.append(number)
+                elif isinstance(record.get("step"), int) and record["step"] <= step:
                     records.append(record)
+        if bad and bad != [last]:  # a last line cut by a kill needs no word
+            self.log(f"{path}: line {bad[0]} ({len(bad)} lines in all) is not a JSON record; left out")
         return records
 
     # -- the loop
@@ -375,23 +408,39 @@ class _Run:
         """Trains while holding the run folder's lock (taken only now: a run refused while
         setting up leaves no folder behind)."""
         try:
-            with run_lock.hold(self.out, self.job.command), storage_failures_reported_once():
+            with (
+                run_lock.hold(self.out, self.job.command),
+                checkpoint.storage_failures_reported_once(),
+                stop_requests() as self.stop,
+            ):
                 return self._run_locked()
+        except RunStopped as e:  # the saves under way have finished (`_run_locked`)
+            raise RunStopped(
+                f"{e}; {self._last_good()}: rerun the same command to resume from there", e.signum
+            ) from None
         except Exception as e:
             storage = storage_error(e)
             if storage is None:
                 raise
-            kept = checkpoint.checkpoint_steps(self.out)
             raise TrainingError(
-                f"{describe_os_error(storage)}: training stopped; "
-                + (
-                    f"the last good checkpoint is step {kept[-1]} in {self.out}"
-                    if kept
-                    else "nothing was saved"
-                )
+                f"{self._describe_storage(storage)}: training stopped; {self._last_good()}"
             ) from None
         finally:
             self.batches.close()
+
+    def _last_good(self) -> str:
+        kept = checkpoint.checkpoint_steps(self.out)
+        return f"the last good checkpoint is step {kept[-1]} in {self.out}" if kept else "nothing was saved"
+
+    def _describe_storage(self, error: OSError) -> str:
+        """ "PATH: cause"; a file of a step being saved (Orbax's temporary folders, which the user
+        never named) is said as the run folder and the step."""
+        if error.filename:
+            first = os.path.relpath(os.path.abspath(os.fsdecode(error.filename)), self.out).split(os.sep)[0]
+            step = first.split(".", 1)[0]
+            if step.isdigit():
+                return f"{self.out}: {error.strerror} (saving step {step})"
+        return describe_os_error(error, self.out)
 
     def _run_locked(self) -> RunResult:
         job, cfg = self.job, self.cfg
@@ -417,6 +466,7 @@ class _Run:
                     if job.on_save is not None:
                         job.on_save(self._model(), start)
                     return RunResult(self.out, start, self.records[-1] if self.records else {}, {})
+                _check_schedule_left(start, cfg, self.out)
                 self._write_records()  # a resumed run's log keeps its steps up to `start` only
                 first = self.evaluate(0) if start == 0 and job.evaluate_at_start else {}
                 last, evaluation = self._loop(start, checkpoints)
@@ -456,9 +506,22 @@ class _Run:
                 self.save(checkpoints, done)  # before any evaluation: a failing one loses no step
             if cfg.eval_every and done % cfg.eval_every == 0 or done == cfg.steps:
                 evaluation = self.evaluate(done)
+            if self.stop.signum is not None and done < cfg.steps:
+                self._stop(pending, bar, clock, checkpoints, done)
         if bar is not None:
             bar.close()
         return last, evaluation
+
+    def _stop(self, pending, bar, clock, checkpoints: RunCheckpoints, done: int) -> None:
+        """Saves step `done` (unless just saved) and raises RunStopped, as the signal asked."""
+        if pending is not None:
+            self._finish(pending, bar, clock)
+        if done % self.cfg.save_every:
+            self.save(checkpoints, done)
+        if bar is not None:
+            bar.close()
+        name = signal.Signals(self.stop.signum).name
+        raise RunStopped(f"{name} after step {done}", self.stop.signum)
 
     def _finish(self, pending, bar, clock) -> dict:
         """Checks and logs a finished step's metrics; a non-finite loss stops the run."""
@@ -469,16 +532,10 @@ class _Run:
             values = {k: v for k, v in values.items() if k not in GATE_METRICS}
         if not all(math.isfinite(values[k]) for k in ("loss", "grad_norm")):
             self.checkpoints.wait()  # the saves under way are of good steps: let them finish
-            kept = checkpoint.checkpoint_steps(self.out)
             shown = ("loss", "lm_loss", "gate_loss", "grad_norm") if gate_term else ("loss", "grad_norm")
             raise TrainingError(
                 f"step {step}: the loss is not finite ({', '.join(f'{k} {values[k]}' for k in shown)}): "
-                "training stopped; "
-                + (
-                    f"the last good checkpoint is step {kept[-1]} in {self.out}"
-                    if kept
-                    else "nothing was saved"
-                )
+                f"training stopped; {self._last_good()}"
             )
         seconds = max(time.perf_counter() - clock, 1e-9)
         record = {
@@ -566,7 +623,8 @@ class _Run:
 
     def _append_record(self, record: dict) -> None:
         if _is_main():
-            with open(os.path.join(self.out, METRICS_FILE), "a", encoding="utf-8") as f:
+            path = os.path.join(self.out, METRICS_FILE)
+            with files.naming(path, unnamed_only=True), open(path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
 

@@ -59,10 +59,11 @@ def new_adapter(
     y = config.num_hidden_layers
     layers = list(range(y)) if layers is None else list(layers)
     outside = [i for i in layers if not is_int(i) or not 0 <= i < y]
-    if outside or not layers:
+    if not layers:
+        raise ConfigError(f"--layers names no layer: the adapter would adapt nothing (layers 0 to {y - 1})")
+    if outside:
         raise ConfigError(
-            f"--layers {layers}: {outside or 'no layers'} outside the base model, which has {y} layers "
-            f"(0 to {y - 1})"
+            f"--layers {layers}: {outside} outside the base model, which has {y} layers (0 to {y - 1})"
         )
     rng = np.random.default_rng(seed)
     modules = {}

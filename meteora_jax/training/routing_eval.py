@@ -16,12 +16,13 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from meteora_jax.data.prompts import left_pad
 from meteora_jax.data.samples import HeldOutSample
 from meteora_jax.io.checksums import host_array
 from meteora_jax.sharding import host_to_global
+from meteora_jax.training.step import batch_sharding
 
 
 def shared_prefix_length(samples: Sequence[HeldOutSample]) -> int:
@@ -93,17 +94,18 @@ def _layer_order(item) -> tuple[int, str]:
 
 @dataclasses.dataclass(frozen=True)
 class RoutingEvaluation:
-    """`routing_accuracy` of a model on held-out samples: train-gate's evaluation."""
+    """`routing_accuracy` of a model on held-out samples: train-gate's evaluation. `batch_size`
+    rows (train-gate: a training micro-batch's) are split over the mesh as a training batch is,
+    so a batch needs no more memory per device than a training step's forward pass."""
 
     heldout: Mapping[str, Sequence[HeldOutSample]]
     pad_id: int
     batch_size: int = 16
 
     def __call__(self, model, mesh: Mesh) -> dict:
-        replicated = NamedSharding(mesh, PartitionSpec())
-
         def top1_of(ids, mask):
-            ids, mask = host_to_global(ids, replicated), host_to_global(mask, replicated)
+            rows = batch_sharding(mesh, ids.shape)  # as a training batch: rows over data x fsdp
+            ids, mask = host_to_global(ids, rows), host_to_global(mask, rows)
             out = model(ids, mask, return_routing=True)
             return {name: host_array(r.ids[..., 0]) for name, r in out.routing.items()}
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import jax
 
 from meteora_jax.errors import TrainingError
+from meteora_jax.io import files
 
 LOCK_FILE = ".meteora-run.lock"
 
@@ -48,7 +49,8 @@ def hold(run_dir: str, command: str) -> Iterator[None]:
         yield
         return
     os.makedirs(run_dir, exist_ok=True)
-    fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    with files.naming(run_dir):  # the run folder, not the lock file the user never named
+        fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -41,11 +41,13 @@ def learning_rate(config: TrainConfig) -> optax.Schedule:
 
 
 def optimizer_transform(config: TrainConfig) -> optax.GradientTransformation:
-    """Global-norm clipping (unless `clip_norm` is 0), then AdamW on the schedule."""
+    """Global-norm clipping (unless `clip_norm` is 0), then AdamW on the schedule.
+
+    Clipping off is an identity in the same chain, so the optimizer state has one structure
+    whatever `clip_norm` is and a run resumes under another value."""
     adamw = optax.adamw(learning_rate(config), b1=0.9, b2=0.999, eps=1e-8, weight_decay=config.weight_decay)
-    if config.clip_norm == 0:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(config.clip_norm), adamw)
+    clip = optax.identity() if config.clip_norm == 0 else optax.clip_by_global_norm(config.clip_norm)
+    return optax.chain(clip, adamw)
 
 
 @jax.tree_util.register_dataclass

@@ -21,13 +21,14 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from meteora_jax.data.prompts import encode_example, left_pad
 from meteora_jax.data.tasks import Sample
 from meteora_jax.io.checksums import host_array
 from meteora_jax.sharding import host_to_global
 from meteora_jax.training.losses import lm_sums
+from meteora_jax.training.step import batch_sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,14 +82,14 @@ def score(model, samples: Sequence[ScoredSample], mesh: Mesh, *, pad_id: int, ba
     """The figures of the module docstring for `model` (a `MeteoRAModel`) on `samples`."""
     if not samples:
         return {}
-    replicated = NamedSharding(mesh, PartitionSpec())
     width = max(len(s.ids) for s in samples)
+    rows = batch_sharding(mesh, (batch_size, width))  # as a training batch: rows over data x fsdp
     ce = count = hits = 0.0
     exact = 0
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         ids, mask, targets, weights = (
-            host_to_global(a, replicated) for a in _batch_arrays(chunk, batch_size, width, pad_id)
+            host_to_global(a, rows) for a in _batch_arrays(chunk, batch_size, width, pad_id)
         )
         logits = model(ids, mask).logits
         c, n, h, row_ok = _batch_scores(logits, targets, weights)
@@ -104,7 +105,9 @@ def score(model, samples: Sequence[ScoredSample], mesh: Mesh, *, pad_id: int, ba
 
 @dataclasses.dataclass(frozen=True)
 class TaskEvaluation:
-    """`score` on a held-out split: train-lora's evaluation."""
+    """`score` on a held-out split: train-lora's evaluation. `batch_size` rows (train-lora: a
+    training micro-batch's) are split over the mesh as a training batch is, so a batch needs no
+    more memory per device than a training step's forward pass."""
 
     samples: Sequence[ScoredSample]
     pad_id: int

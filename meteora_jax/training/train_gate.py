@@ -38,7 +38,6 @@ class RunSpec:
     attention: str = "auto"
     force: bool = False
     progress: bool = True
-    eval_batch_size: int = 16
 
 
 def train(spec: RunSpec) -> RunResult:
@@ -47,6 +46,12 @@ def train(spec: RunSpec) -> RunResult:
     inputs += [(f"--adapter {name}", folder) for name, folder in spec.adapters.items()]
     inputs += [("--init-from", spec.init_from)] if spec.init_from is not None else []
     names = list(spec.adapters)
+    if len(names) == 1 and not spec.train.train_adapters:
+        raise ConfigError(
+            f"train-gate with one adapter ({names[0]}) trains nothing: every token goes to it whatever its "
+            "gate says, so the gates get no gradient; give two adapters or more, or --train-adapters "
+            "(or train-lora) to train the adapter"
+        )
     tokenizer = load_tokenizer(spec.base)
     tasks = load_tasks(spec.data_dir, names, tasks=spec.tasks, split="train")
     check_truncation(tasks, tokenizer, spec.data.seq_len, command="train-gate")  # before --out is touched
@@ -61,7 +66,9 @@ def train(spec: RunSpec) -> RunResult:
             for task, s in heldout.items()
         }
         if any(heldout.values()):
-            evaluation = RoutingEvaluation(heldout, pad_token_of(tokenizer), spec.eval_batch_size)
+            evaluation = RoutingEvaluation(
+                heldout, pad_token_of(tokenizer), spec.data.batch_size // spec.train.grad_accum
+            )
     job = Job(
         command="train-gate",
         base=spec.base,

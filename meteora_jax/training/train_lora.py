@@ -82,7 +82,6 @@ class LoRASpec:
     attention: str = "auto"
     force: bool = False
     progress: bool = True
-    eval_batch_size: int = 16
 
     def __post_init__(self):
         wrong = {k: getattr(self.train, k) for k, v in FIXED.items() if getattr(self.train, k) != v}
@@ -196,7 +195,9 @@ def train_lora(spec: LoRASpec) -> RunResult:
         samples = scored_samples(tokenizer, read_task_file(test, 0, [name]))
         samples = heldout_within(samples, [len(s.ids) for s in samples], spec.data.seq_len, "train-lora")
         if samples:
-            evaluation = TaskEvaluation(samples, pad_token_of(tokenizer), spec.eval_batch_size)
+            evaluation = TaskEvaluation(
+                samples, pad_token_of(tokenizer), spec.data.batch_size // spec.train.grad_accum
+            )
     adapter = initial_adapter(spec.lora, config, name, spec.train.seed)
     infos = [AdapterInfo.of(adapter)]
 
