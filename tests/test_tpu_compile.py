@@ -153,8 +153,9 @@ def test_the_command_fails_on_a_weight_left_whole(tmp_path, capsys):
 
 
 def test_a_program_larger_than_the_chips_is_one_line_saying_so(tmp_path, capsys):
-    """Float32 logits of 256 x 4096 tokens over 32000 words are 134 GB: the compiler refuses."""
-    flags = "--program train-gate --batch 256 --seq-len 4096 --mesh fsdp=4"
+    """Float32 logits of 256 x 4096 tokens over 32000 words, whole (--loss-chunk 0), are 134 GB:
+    the compiler refuses."""
+    flags = "--program train-gate --batch 256 --seq-len 4096 --mesh fsdp=4 --loss-chunk 0"
     assert _compile(tmp_path, flags, vocab_size=32000) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("meteora-jax compile: error: train-gate at --batch 256 --seq-len 4096 DOES NOT FIT")

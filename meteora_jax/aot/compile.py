@@ -31,6 +31,7 @@ class CompileRequest:
     def from_flags(
         cls, *, topology: str, slices: int, model: str, adapters: str, program: str, batch: int, seq_len: int,
         mesh: str, dtype: str, remat: str, backend: str, attention: str, train_adapters: bool, top_k: int,
+        loss_chunk: int = TrainConfig.loss_chunk,
     ) -> CompileRequest:  # fmt: skip
         """Raises ConfigError naming the flag at fault."""
         if program not in PROGRAMS:
@@ -43,8 +44,9 @@ class CompileRequest:
                 raise ConfigError(f"{flag} must be an integer >= {low}, got {value!r}")
         count, rank = int(match.group(1)), int(match.group(2))
         train = TrainConfig(
-            steps=1, dtype=dtype, remat=remat, train_adapters=train_adapters, top_k=min(top_k, count)
-        )
+            steps=1, dtype=dtype, remat=remat, train_adapters=train_adapters, top_k=min(top_k, count),
+            loss_chunk=loss_chunk,
+        )  # fmt: skip
         spec = ProgramSpec(
             config=model_config(model), program=program, batch=batch, seq_len=seq_len, adapters=count,
             rank=rank, train=train, backend=backend, attention=attention,

@@ -53,6 +53,13 @@ def register(subparsers) -> None:
     p.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS, help="attention implementation")
     p.add_argument("--train-adapters", action="store_true", help="train-gate: train the adapter stacks too")
     p.add_argument("--top-k", type=int, default=TrainConfig.top_k, help="adapters routed per token")
+    p.add_argument(
+        "--loss-chunk",
+        type=int,
+        default=TrainConfig.loss_chunk,
+        metavar="SLOTS",
+        help=f"training: slots per row the LM loss takes at once (default {TrainConfig.loss_chunk}; 0: all)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.set_defaults(func=run)
 
@@ -65,7 +72,7 @@ def run(args: argparse.Namespace) -> None:
         topology=args.topology, slices=args.slices, model=args.model, adapters=args.adapters,
         program=args.program, batch=args.batch, seq_len=args.seq_len, mesh=args.mesh, dtype=args.dtype,
         remat=args.remat, backend=args.backend, attention=args.attention,
-        train_adapters=args.train_adapters, top_k=args.top_k,
+        train_adapters=args.train_adapters, top_k=args.top_k, loss_chunk=args.loss_chunk,
     )  # fmt: skip
     report = compile_program(request)
     print(format_report(report))
