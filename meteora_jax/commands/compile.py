@@ -8,6 +8,7 @@ import json
 
 from meteora_jax.aot.models import MODELS
 from meteora_jax.aot.programs import PROGRAMS
+from meteora_jax.commands.training_flags import add_loss_chunk_flag
 from meteora_jax.errors import MeteoRAError
 from meteora_jax.io.files import write_text_atomic
 from meteora_jax.modeling.attention import IMPLEMENTATIONS
@@ -53,13 +54,7 @@ def register(subparsers) -> None:
     p.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS, help="attention implementation")
     p.add_argument("--train-adapters", action="store_true", help="train-gate: train the adapter stacks too")
     p.add_argument("--top-k", type=int, default=TrainConfig.top_k, help="adapters routed per token")
-    p.add_argument(
-        "--loss-chunk",
-        type=int,
-        default=TrainConfig.loss_chunk,
-        metavar="SLOTS",
-        help=f"training: slots per row the LM loss takes at once (default {TrainConfig.loss_chunk}; 0: all)",
-    )
+    add_loss_chunk_flag(p)
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.set_defaults(func=run)
 

@@ -30,13 +30,7 @@ def add_training_flags(
     model.add_argument("--base", required=True, metavar="DIR", help="the HF LLaMA base folder")
     model.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help="compute dtype")
     model.add_argument("--remat", default="none", choices=tuple(REMAT_POLICIES), help="decoder-layer remat")
-    model.add_argument(
-        "--loss-chunk",
-        type=int,
-        default=TrainConfig.loss_chunk,
-        metavar="SLOTS",
-        help=f"slots per row the LM loss takes logits of at once (default {TrainConfig.loss_chunk}; 0: all)",
-    )
+    add_loss_chunk_flag(model)
     data = groups["data"]
     data.add_argument(
         "--seq-len",
@@ -98,6 +92,17 @@ def add_training_flags(
     hosts.add_argument("--num-processes", type=int)
     hosts.add_argument("--process-id", type=int)
     return groups
+
+
+def add_loss_chunk_flag(group) -> None:
+    """`--loss-chunk`, the one flag of `TrainConfig.loss_chunk` (training and `compile`)."""
+    group.add_argument(
+        "--loss-chunk",
+        type=int,
+        default=TrainConfig.loss_chunk,
+        metavar="SLOTS",
+        help=f"slots per row the LM loss takes logits of at once (default {TrainConfig.loss_chunk}; 0: all)",
+    )
 
 
 def train_settings(args: argparse.Namespace) -> dict:
