@@ -176,8 +176,10 @@ def answer_by_line(
             for item, done in zip(rows, lines, strict=True)
         ]
         longest = max(len(encode_prompt(tokenizer, t)) for t in texts)
-        budget = min(max_new_tokens - min(used), limit - longest)
-        if budget <= 0:
+        # One generation length (one compiled program) for every line; each row's line is then cut
+        # to what its budget has left.
+        budget = min(max_new_tokens, limit - longest)
+        if budget <= 0 or min(used) >= max_new_tokens:
             break
         tasks = [item.subtasks[min(k, len(item.subtasks) - 1)] for item in rows]
         _, responses = generate_texts(
