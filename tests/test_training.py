@@ -656,6 +656,8 @@ def test_bad_training_settings_are_named(capsys):
         TrainConfig(steps=0, lr=float("nan"))
     with pytest.raises(ConfigError, match=r"remat must be one of"):
         TrainConfig(steps=1, remat="some")
+    with pytest.raises(ConfigError, match=r"loss_chunk must be an integer >= 0, got -1"):
+        TrainConfig(steps=1, loss_chunk=-1)
     with pytest.raises(ConfigError, match=r"--mesh 'data=2,gpu=4'"):
         from meteora_jax.sharding import parse_mesh
 
