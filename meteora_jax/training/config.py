@@ -121,5 +121,13 @@ class TrainConfig:
         """The step at which the cosine schedule reaches 0."""
         return self.steps if self.decay_steps is None else self.decay_steps
 
+    def saves_at(self, step: int) -> bool:
+        """Whether the run checkpoints after `step` (every `save_every` steps, and its last)."""
+        return step % self.save_every == 0 or step == self.steps
+
+    def evaluates_at(self, step: int) -> bool:
+        """Whether the run evaluates after `step` (every `eval_every` steps, and its last)."""
+        return bool(self.eval_every) and step % self.eval_every == 0 or step == self.steps
+
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

@@ -33,3 +33,16 @@ def _cluster_detected() -> bool:
     if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
         return True
     return any(int(env.get(name, "1") or "1") > 1 for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+
+
+def is_main() -> bool:
+    """Whether this is process 0, the one that writes logs and plots."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (nothing to wait for in a single process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        multihost_utils.sync_global_devices(name)

@@ -11,12 +11,10 @@ part in checkpoint saves.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
 import signal
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -29,29 +27,24 @@ from jax.sharding import Mesh
 
 from meteora_jax.api import DTYPES, MeteoRAModel
 from meteora_jax.config import MoELoRAConfig
-from meteora_jax.data.pipeline import BATCH_KEYS, DataConfig, DataStateMismatch, train_batches
+from meteora_jax.data.pipeline import BATCH_KEYS, DataConfig, train_batches
 from meteora_jax.data.tasks import Sample
-from meteora_jax.errors import CheckpointError, ConfigError, TrainingError, describe_os_error, storage_error
+from meteora_jax.errors import ConfigError, TrainingError, describe_os_error, storage_error
 from meteora_jax.io import checkpoint, checksums, files
 from meteora_jax.io.hf import load_llama
 from meteora_jax.io.stacking import AdapterInfo, Path
 from meteora_jax.modeling.attention import check_training_length
 from meteora_jax.sharding import DEFAULT_MESH, MESH_AXES, host_to_global, make_mesh
 from meteora_jax.training import run_lock
-from meteora_jax.training.checkpointing import (
-    RUN_ITEM,
-    RunCheckpoints,
-    flat_state,
-    set_aside,
-    unfinished_steps,
-)
-from meteora_jax.training.config import SHAPE_SETTINGS, TRAIN_BACKEND, TrainConfig
-from meteora_jax.training.curves import write_curves
+from meteora_jax.training.checkpointing import RUN_ITEM, RunCheckpoints, flat_state
+from meteora_jax.training.config import TRAIN_BACKEND, TrainConfig
+from meteora_jax.training.distributed import barrier, is_main
+from meteora_jax.training.resume import RunIdentity, check_schedule_left, restore_last_good
+from meteora_jax.training.run_log import METRICS_FILE, RunLog, log
 from meteora_jax.training.state import TrainState, split_for_training
 from meteora_jax.training.step import batch_sharding, make_train_step
 from meteora_jax.training.stopping import RunStopped, StopRequest, stop_requests
 
-METRICS_FILE, CURVES_FILE = "metrics.jsonl", "curves.png"
 GATE_METRICS = ("gate_loss", "gate_accuracy", "gate_tokens")  # logged only with a gate term
 
 
@@ -107,16 +100,6 @@ class RunResult:
     start_evaluation: dict = dataclasses.field(default_factory=dict)
 
 
-def _is_main() -> bool:
-    return jax.process_index() == 0
-
-
-def log(command: str, message: str) -> None:
-    """One line on stderr from process 0, prefixed by the command."""
-    if _is_main():
-        print(f"meteora-jax {command}: {message}", file=sys.stderr, flush=True)
-
-
 # ----------------------------------------------------------------------------- the output folder
 
 
@@ -161,17 +144,10 @@ def prepare_out(
             f"--out {out} holds {what} a meteora-jax {command} run: choose another folder, "
             "or pass --force to replace it"
         )
-    if _is_main():
+    if is_main():
         log(command, f"--force: replacing {out}")
         shutil.rmtree(out) if os.path.isdir(out) and not os.path.islink(out) else os.remove(out)
-    _barrier("prepare-out")
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
+    barrier("prepare-out")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -201,65 +177,12 @@ def _global_batch(local: dict, sharding_of, global_shape: tuple[int, int]) -> di
     }
 
 
-# ----------------------------------------------------------------------------- resume
-
-
-@dataclasses.dataclass
-class Resumed:
-    step: int
-    run: dict
-
-
-def _shape_of(info: AdapterInfo) -> dict:
-    """An adapter's ranks, alphas and modules (not where it was read from)."""
-    return {**info.to_json(), "source": None}
-
-
-def _check_same_model(meta, moe, infos, base: str, where: str) -> None:
-    problems = []
-    if list(meta.adapter_names) != list(moe.adapter_names):
-        problems.append(f"adapters {list(meta.adapter_names)} saved, {list(moe.adapter_names)} given")
-    elif [_shape_of(a) for a in meta.adapters] != [_shape_of(a) for a in infos]:
-        problems.append("the adapters' ranks, alphas or modules differ from the saved ones")
-    if (tuple(meta.targets), meta.rank) != (tuple(moe.targets), moe.rank):
-        problems.append(
-            f"targets/rank {list(meta.targets)}/{meta.rank} saved, {list(moe.targets)}/{moe.rank} given"
-        )
-    files.raise_problems(ConfigError, f"cannot resume {where}", problems)
-    checkpoint.check_base(meta, base, where)
-
-
-def _check_settings(run: dict, train: TrainConfig, where: str) -> list[str]:
-    """Refuses shape-changing settings that differ; returns notes on the others that changed."""
-    saved = run.get("train", {})
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # what an older run omits
-    changed = [k for k in SHAPE_SETTINGS if saved.get(k, defaults[k]) != getattr(train, k)]
-    if changed:
-        name = changed[0]
-        raise ConfigError(
-            f"cannot resume {where}: it was trained with {name}={saved.get(name)!r}, now {name}="
-            f"{getattr(train, name)!r} (--{name.replace('_', '-')}); use another --out"
-        )
-    now = train.to_json()
-    return [f"{k} {saved[k]!r} -> {now[k]!r}" for k in sorted(now) if k in saved and saved[k] != now[k]]
-
-
-def _check_schedule_left(start: int, train: TrainConfig, where: str) -> None:
-    """Refuses steps that would all run at learning rate 0: the cosine reaches 0 at the horizon
-    (`--decay-steps`) and stays there, so extending a run past it changes nothing."""
-    if start >= train.horizon:
-        raise ConfigError(
-            f"cannot extend {where} from step {start} to --steps {train.steps}: the learning rate is 0 from "
-            f"step {train.horizon} (--decay-steps {train.horizon}) on, so these steps would train nothing; "
-            "raise --decay-steps (or leave it out: the cosine then ends at --steps)"
-        )
-
-
 # ----------------------------------------------------------------------------- the run
 
 
 class _Run:
-    """The state of one `run` call (kept together so each phase is a short method)."""
+    """One `run` call: the model and its step function, then the step loop, which calls the
+    checkpoints (`RunCheckpoints`, `resume`), the log (`RunLog`) and the evaluation."""
 
     def __init__(self, job: Job):
         self.job = job
@@ -277,7 +200,14 @@ class _Run:
                 job.base, self.moe, extra, dtype=compute, param_dtype=jnp.float32, backend=job.backend,
                 attention=job.attention, mesh=self.mesh,
             )  # fmt: skip
-        self.parts, self.state, self.frozen = split_for_training(module, self.cfg)
+        self.parts, state, frozen = split_for_training(module, self.cfg)
+        with jax.set_mesh(self.mesh):
+            self.step_fn = make_train_step(
+                self.parts, self.cfg, state, frozen, self.mesh,
+                batch_shape=(job.data.batch_size, job.data.seq_len), temperature=self.moe.temperature,
+            )  # fmt: skip
+            self.state = jax.device_put(state, self.step_fn.state_shardings)
+            self.frozen = jax.device_put(frozen, self.step_fn.frozen_shardings)
         self.meta = checkpoint.make_meta(self.moe, self.infos, job.base)
         self.batches = train_batches(
             job.tasks,
@@ -287,83 +217,27 @@ class _Run:
             process_count=jax.process_count(),
             prefetch=2,
         )
-        self.records: list[dict] = []
+        self.log = RunLog(self.out, job.command, progress=job.progress)
         self.stop = StopRequest()  # the signal that asked the run to stop (set while it trains)
+        self.checkpoints: RunCheckpoints | None = None  # opened once the run folder is locked
+        self.shared: tuple[set, dict] = (set(), {})  # the arrays saved once (`_shared_params`)
 
-    def log(self, message: str) -> None:
-        log(self.job.command, message)
-
-    # -- resume
-
-    def resume(self, checkpoints: RunCheckpoints) -> int:
-        """Restores the last good step (setting corrupt ones aside); 0 for a new run."""
-        finished = checkpoint.checkpoint_steps(self.out)
-        for step in unfinished_steps(self.out, finished):
-            # Orbax counts any numbered folder as a step and silently skips saving below it.
-            self._set_aside(step, "a step folder without metadata: not a finished step", checkpoints)
-        for step in reversed(finished):
-            where = f"{self.out} (step {step})"
-            try:
-                _, meta = checkpoint.read_meta(self.out, step)
-                run = checkpoints.read_run(step)
-            except checkpoint.CorruptCheckpointError as e:
-                self._set_aside(step, str(e), checkpoints)
-                continue
-            _check_same_model(meta, self.moe, self.infos, self.job.base, where)
-            changes = _check_settings(run, self.cfg, where)
-            template = jax.tree.map(checksums.host_array, flat_state(self.state.opt))
-            try:
-                ckpt, opt = checkpoints.restore(step, template, self.batches)
-            except checkpoint.CorruptCheckpointError as e:
-                self._set_aside(step, str(e), checkpoints)
-                continue
-            except CheckpointError as e:  # readable, but not into this run's state
-                raise ConfigError(
-                    f"cannot resume {where}: {e}. Nothing was changed; use another --out for a new run"
-                ) from None
-            except DataStateMismatch as e:
-                ckpt, opt = self._resume_with_new_data(step, e, checkpoints, template)
-            self._place(ckpt.params, opt)
-            self.records = self._read_records(step)
-            horizon = run.get("train", {}).get("decay_steps") or run.get("train", {}).get("steps")
-            if horizon != self.cfg.horizon:
-                self.log(
-                    f"the schedule's horizon changes from {horizon} to {self.cfg.horizon} steps: "
-                    f"learning rates from step {step} on follow the new cosine "
-                    "(set --decay-steps to keep it fixed)"
-                )
-            if changes:
-                self.log(f"resuming step {step} with changed settings: {'; '.join(changes)}")
-            self.log(f"resumed {self.out} at step {step}")
-            return step
-        return 0
-
-    def _resume_with_new_data(
-        self, step: int, mismatch: DataStateMismatch, checkpoints: RunCheckpoints, template: dict
-    ):
-        """Step `step`'s weights and optimizer with the data stream from its start, when the run
-        allows it (`new_data`); otherwise the refusal, naming what changed and the ways on."""
-        changed = ", ".join(mismatch.changes)
-        if not self.cfg.new_data:
-            raise ConfigError(
-                f"cannot resume {self.out} at step {step}: its data or data settings changed ({mismatch}). "
-                f"Nothing was changed. Pass --new-data to go on from step {step} with them (the data "
-                "stream starts afresh), or another --out for a new run"
-            )
-        self.log(
-            f"step {step}: the data changed ({changed}); going on with it, the data stream from its start"
+    def resume(self) -> int:
+        """Restores the last good step into the state and the log; 0 for a new run."""
+        template = jax.tree.map(checksums.host_array, flat_state(self.state.opt))
+        identity = RunIdentity(self.moe, self.infos, self.job.base, self.cfg)
+        restored = restore_last_good(
+            self.out, self.checkpoints, identity, template, self.batches, self.log.say
         )
-        return checkpoints.restore(step, template, None)
-
-    def _set_aside(self, step: int, reason: str, checkpoints: RunCheckpoints) -> None:
-        if _is_main():
-            set_aside(self.out, step, reason)
-        _barrier(f"set-aside-{step}")
-        checkpoints.reload()
+        if restored is None:
+            return 0
+        self._place(restored.params, restored.opt)
+        self.log.restore(restored.step)
+        return restored.step
 
     def _place(self, params: Mapping, opt: Mapping) -> None:
         """Puts restored host arrays into the train state, sharded as the state is."""
-        shardings = self.state_shardings
+        shardings = self.step_fn.state_shardings
 
         def put(template_state, sharding_state, values: Mapping, key_of):
             pairs = []
@@ -376,31 +250,6 @@ class _Run:
         new_params = put(self.state.params, shardings.params, params, lambda p: tuple(str(x) for x in p))
         new_opt = put(self.state.opt, shardings.opt, opt, lambda p: "/".join(str(x) for x in p))
         self.state = TrainState(new_params, new_opt)
-
-    def _read_records(self, step: int) -> list[dict]:
-        """The logged records up to `step` (the log is rewritten with them). A line that is not a
-        JSON record (one cut by a kill, bytes that are not UTF-8) is left out, said once when it
-        is not the last line."""
-        path = os.path.join(self.out, METRICS_FILE)
-        if not os.path.isfile(path):
-            return []
-        records, bad, last = [], [], 0
-        with open(path, "rb") as f:
-            for number, raw in enumerate(f, 1):
-                last = number
-                if not raw.strip():
-                    continue
-                try:
-                    record = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError):
-                    record = None
-                if not isinstance(record, dict):
-                    bad.append(number)
-                elif isinstance(record.get("step"), int) and record["step"] <= step:
-                    records.append(record)
-        if bad and bad != [last]:  # a last line cut by a kill needs no word
-            self.log(f"{path}: line {bad[0]} ({len(bad)} lines in all) is not a JSON record; left out")
-        return records
 
     # -- the loop
 
@@ -444,45 +293,36 @@ class _Run:
 
     def _run_locked(self) -> RunResult:
         job, cfg = self.job, self.cfg
-        checkpoints = self.checkpoints = RunCheckpoints(self.out, cfg.keep)
+        self.checkpoints = RunCheckpoints(self.out, cfg.keep)
         try:
             with jax.set_mesh(self.mesh):
-                self.step_fn = make_train_step(
-                    self.parts,
-                    cfg,
-                    self.state,
-                    self.frozen,
-                    self.mesh,
-                    batch_shape=(job.data.batch_size, job.data.seq_len),
-                    temperature=self.moe.temperature,
-                )
-                self.state_shardings = self.step_fn.state_shardings
-                self.state = jax.device_put(self.state, self.step_fn.state_shardings)
-                self.frozen = jax.device_put(self.frozen, self.step_fn.frozen_shardings)
-                start = self.resume(checkpoints)
+                start = self.resume()
                 self.shared = self._shared_params()
                 if start >= cfg.steps:
-                    self.log(f"{self.out} already holds step {start} (>= --steps {cfg.steps}): nothing to do")
+                    self.log.say(
+                        f"{self.out} already holds step {start} (>= --steps {cfg.steps}): nothing to do"
+                    )
                     if job.on_save is not None:
                         job.on_save(self._model(), start)
-                    return RunResult(self.out, start, self.records[-1] if self.records else {}, {})
-                _check_schedule_left(start, cfg, self.out)
-                self._write_records()  # a resumed run's log keeps its steps up to `start` only
+                    return RunResult(self.out, start, self.log.last, {})
+                check_schedule_left(start, cfg, self.out)
+                self.log.rewrite()  # a resumed run's log keeps its steps up to `start` only
                 first = self.evaluate(0) if start == 0 and job.evaluate_at_start else {}
-                last, evaluation = self._loop(start, checkpoints)
-            checkpoints.wait()
+                last, evaluation = self._loop(start)
+            self.checkpoints.wait()
         finally:
-            checkpoints.close()
-        if _is_main():
-            write_curves(self.records, os.path.join(self.out, CURVES_FILE))
+            self.checkpoints.close()
+        self.log.write_curves()
         return RunResult(self.out, cfg.steps, last, evaluation, first)
 
-    def _loop(self, start: int, checkpoints: RunCheckpoints) -> tuple[dict, dict]:
+    def _loop(self, start: int) -> tuple[dict, dict]:
+        """Steps `start` .. `steps`. A step's metrics are read back while the next one runs, except
+        where the run saves or evaluates, so the device never waits for the host's logging."""
         cfg, job = self.cfg, self.job
         shape = (job.data.batch_size, job.data.seq_len)
         shardings = {k: batch_sharding(self.mesh, shape) for k in BATCH_KEYS}
         key = jax.random.key(cfg.seed)
-        bar = _progress(job.command, start, cfg.steps, job.progress and _is_main())
+        self.log.start(start, cfg.steps)
         pending, last, evaluation = None, {}, {}
         clock = time.perf_counter()
         for step in range(start, cfg.steps):
@@ -491,39 +331,33 @@ class _Run:
             batch = _global_batch(local, shardings, shape)
             self.state, metrics = self.step_fn(self.frozen, self.state, batch, key)
             if pending is not None:
-                last = self._finish(pending, bar, clock)  # the previous step, now that this one runs
+                last = self._finish(pending, clock)  # the previous step, now that this one runs
                 clock = time.perf_counter()
             pending = (step + 1, metrics, truncated)
             done = step + 1
-            if (
-                done % cfg.save_every == 0
-                or done == cfg.steps
-                or (cfg.eval_every and done % cfg.eval_every == 0)
-            ):
-                last = self._finish(pending, bar, clock)
+            if cfg.saves_at(done) or cfg.evaluates_at(done):
+                last = self._finish(pending, clock)
                 pending, clock = None, time.perf_counter()
-            if done % cfg.save_every == 0 or done == cfg.steps:
-                self.save(checkpoints, done)  # before any evaluation: a failing one loses no step
-            if cfg.eval_every and done % cfg.eval_every == 0 or done == cfg.steps:
+            if cfg.saves_at(done):
+                self.save(done)  # before any evaluation: a failing one loses no step
+            if cfg.evaluates_at(done):
                 evaluation = self.evaluate(done)
             if self.stop.signum is not None and done < cfg.steps:
-                self._stop(pending, bar, clock, checkpoints, done)
-        if bar is not None:
-            bar.close()
+                self._stop(pending, clock, done)
+        self.log.close()
         return last, evaluation
 
-    def _stop(self, pending, bar, clock, checkpoints: RunCheckpoints, done: int) -> None:
+    def _stop(self, pending, clock, done: int) -> None:
         """Saves step `done` (unless just saved) and raises RunStopped, as the signal asked."""
         if pending is not None:
-            self._finish(pending, bar, clock)
-        if done % self.cfg.save_every:
-            self.save(checkpoints, done)
-        if bar is not None:
-            bar.close()
+            self._finish(pending, clock)
+        if not self.cfg.saves_at(done):
+            self.save(done)
+        self.log.close()
         name = signal.Signals(self.stop.signum).name
         raise RunStopped(f"{name} after step {done}", self.stop.signum)
 
-    def _finish(self, pending, bar, clock) -> dict:
+    def _finish(self, pending, clock) -> dict:
         """Checks and logs a finished step's metrics; a non-finite loss stops the run."""
         step, metrics, truncated = pending
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -545,19 +379,16 @@ class _Run:
             "truncated": truncated,
         }
         if truncated:
-            self.log(
+            self.log.say(
                 f"step {step}: {truncated} samples longer than --seq-len {self.job.data.seq_len} "
                 "were truncated"
             )
         if step % self.cfg.log_every == 0 or step == self.cfg.steps:
-            self.records.append(record)
-            self._append_record(record)
-        if bar is not None:
-            shown = {"loss": f"{values['loss']:.4g}"}
-            if gate_term:
-                shown["gate_acc"] = f"{values['gate_accuracy']:.3f}"
-            bar.set_postfix(**shown, tok_s=f"{record['tokens_per_s']:.0f}")
-            bar.update(1)
+            self.log.append(record)
+        shown = {"loss": f"{values['loss']:.4g}"}
+        if gate_term:
+            shown["gate_acc"] = f"{values['gate_accuracy']:.3f}"
+        self.log.advance(**shown, tok_s=f"{record['tokens_per_s']:.0f}")
         return record
 
     def _model(self) -> MeteoRAModel:
@@ -568,10 +399,8 @@ class _Run:
         evaluation = self.job.evaluation
         result = {} if evaluation is None else evaluation(self._model(), self.mesh)
         if result:
-            record = {"step": step, "eval": result}
-            self.records.append(record)
-            self._append_record(record)
-            self.log(f"step {step}: {evaluation.summary(result)}")
+            self.log.append({"step": step, "eval": result})
+            self.log.say(f"step {step}: {evaluation.summary(result)}")
         return result
 
     def _shared_params(self) -> tuple[set, dict]:
@@ -581,10 +410,10 @@ class _Run:
         trained = {tuple(str(p) for p in path) for path, _ in nnx.to_flat_state(self.state.params)}
         frozen = {path: value for path, value in params.items() if path not in trained}
         on_disk = checkpoint.shared_records(self.out)
-        _barrier("shared-checked")  # every process decides on the same file before process 0 writes
+        barrier("shared-checked")  # every process decides on the same file before process 0 writes
         if on_disk is None:
             records = checkpoint.write_shared(self.out, frozen)
-            _barrier("shared-written")
+            barrier("shared-written")
         else:
             records = checkpoint.shared_records_of(frozen)
             changed = sorted(k for k in records if on_disk.get(k, {}).get("sha256") != records[k]["sha256"])
@@ -596,7 +425,7 @@ class _Run:
                 )
         return set(frozen), records
 
-    def save(self, checkpoints: RunCheckpoints, step: int) -> None:
+    def save(self, step: int) -> None:
         module = self.parts.module(self.state.params, self.frozen)
         run = {
             "step": step,
@@ -607,33 +436,11 @@ class _Run:
         }
         shared_paths, shared_records = self.shared
         params = {p: v for p, v in checkpoint.model_params(module).items() if p not in shared_paths}
-        checkpoints.save(
+        self.checkpoints.save(
             step, params, shared_records, self.meta, flat_state(self.state.opt), self.batches, run
         )
         if self.job.on_save is not None:
             self.job.on_save(MeteoRAModel(module, self.infos), step)
-
-    # -- logs (process 0 only)
-
-    def _write_records(self) -> None:
-        if _is_main():
-            text = "".join(json.dumps(r) + "\n" for r in self.records)
-            os.makedirs(self.out, exist_ok=True)
-            files.write_text_atomic(os.path.join(self.out, METRICS_FILE), text)
-
-    def _append_record(self, record: dict) -> None:
-        if _is_main():
-            path = os.path.join(self.out, METRICS_FILE)
-            with files.naming(path, unnamed_only=True), open(path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def _progress(command: str, start: int, total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, desc=command, unit="step", dynamic_ncols=True)
 
 
 def run(job: Job) -> RunResult:

@@ -17,8 +17,6 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 
-import jax
-
 from meteora_jax.config import LlamaConfig
 from meteora_jax.data.pipeline import DataConfig
 from meteora_jax.data.prompts import load_tokenizer, pad_token_of
@@ -31,6 +29,7 @@ from meteora_jax.io.peft_write import update_adapter_files
 from meteora_jax.io.stacking import AdapterInfo, init_gates, moe_config_for, stack_adapters, unstack_adapters
 from meteora_jax.sharding import DEFAULT_MESH
 from meteora_jax.training.config import TRAIN_BACKEND, TrainConfig
+from meteora_jax.training.distributed import is_main
 from meteora_jax.training.loop import Job, RunResult, prepare_out, run
 from meteora_jax.training.lora_init import new_adapter, parse_targets
 from meteora_jax.training.task_eval import TaskEvaluation, scored_samples
@@ -169,7 +168,7 @@ def _writer(spec: LoRASpec, config: LlamaConfig, infos: list[AdapterInfo]):
     def write(model, step: int) -> None:
         stacks = {p: checksums.host_array(v) for p, v in checkpoint.model_params(model.module).items()}
         [adapter] = unstack_adapters(stacks, infos)
-        if jax.process_index() == 0:
+        if is_main():
             update_adapter_files(
                 adapter, out, base_model_name_or_path=os.path.abspath(spec.base), config=config,
                 lora_dropout=spec.lora.dropout,

@@ -12,16 +12,15 @@ loud warning. The training loop still counts the cut samples of every step.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import warnings
 from collections.abc import Mapping, Sequence
 
-import jax
 import numpy as np
 
 from meteora_jax.data.samples import encode_sample
 from meteora_jax.data.tasks import Sample
 from meteora_jax.errors import ConfigError
+from meteora_jax.training.run_log import log
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +95,7 @@ def check_truncation(
         f"their response: {listed}; --seq-len {fits} fits every sample"
     )
     warnings.warn(message, UserWarning, stacklevel=2)
-    if jax.process_index() == 0:
-        print(f"meteora-jax {command}: WARNING: {message}", file=sys.stderr, flush=True)
+    log(command, f"WARNING: {message}")
     return counts
 
 
