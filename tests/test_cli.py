@@ -6,13 +6,14 @@ import dataclasses
 
 import pytest
 
-from meteora_jax.cli import main
-from meteora_jax.commands.training_flags import add_training_flags, run_settings
+from meteora_jax.cli import build_parser, main
+from meteora_jax.commands.training_flags import add_training_flags, data_config, run_settings, train_settings
+from meteora_jax.data.pipeline import DataConfig
 from meteora_jax.sharding import DEFAULT_MESH
-from meteora_jax.training.config import TRAIN_BACKEND
+from meteora_jax.training.config import TRAIN_BACKEND, TrainConfig
 from meteora_jax.training.loop import Job
 from meteora_jax.training.train_gate import RunSpec
-from meteora_jax.training.train_lora import LoRASpec
+from meteora_jax.training.train_lora import LoRASpec, lora_train_config
 
 
 def test_unknown_command_is_refused():
@@ -42,9 +43,22 @@ def test_closed_sets_are_refused_at_parse_time(command, tmp_path, capsys):
 def test_training_defaults_are_declared_once():
     """With no --mesh / --backend, a run gets the specs' own defaults (one declaration each)."""
     parser = argparse.ArgumentParser()
-    add_training_flags(parser, lr=1e-3, clip_norm=1.0, lm_loss="all", eval_what="eval")
-    settings = run_settings(parser.parse_args(["--base", "b"], argparse.Namespace(out="o")))
+    add_training_flags(parser)
+    args = parser.parse_args(["--base", "b"], argparse.Namespace(out="o"))
+    settings = run_settings(args)
+    assert TrainConfig(**train_settings(args)) == TrainConfig()
+    assert data_config(args) == DataConfig()
     for spec in (RunSpec, LoRASpec, Job):
         fields = {f.name: f for f in dataclasses.fields(spec)}
         assert settings["mesh"] == fields["mesh"].default_factory() == DEFAULT_MESH
         assert settings["backend"] == fields["backend"].default == TRAIN_BACKEND
+
+
+def test_train_lora_flags_default_to_the_library_lora_settings(tmp_path):
+    """train-lora's own defaults (learning rate, clipping, response-only loss) are the library's."""
+    from meteora_jax.commands.train_lora import spec_from_args
+
+    argv = ["train-lora", "--base", "b", "--data", "d", "--out", str(tmp_path / "o")]
+    spec = spec_from_args(build_parser().parse_args(argv))
+    assert spec.train == lora_train_config(TrainConfig().steps)
+    assert spec.data == DataConfig(lm_loss="response")

@@ -8,14 +8,13 @@ import json
 
 from meteora_jax.aot.models import MODELS
 from meteora_jax.aot.programs import PROGRAMS
-from meteora_jax.commands.training_flags import add_loss_chunk_flag
+from meteora_jax.commands.training_flags import add_field_flags
 from meteora_jax.errors import MeteoRAError
 from meteora_jax.io.files import write_text_atomic
 from meteora_jax.modeling.attention import IMPLEMENTATIONS
-from meteora_jax.modeling.llama import REMAT_POLICIES
 from meteora_jax.ops.moe_lora import BACKENDS
 from meteora_jax.sharding import DEFAULT_MESH
-from meteora_jax.training.config import COMPUTE_DTYPES, TrainConfig
+from meteora_jax.training.config import TrainConfig
 
 
 class CompileProblems(MeteoRAError):
@@ -46,15 +45,11 @@ def register(subparsers) -> None:
         default=",".join(f"{axis}={size}" for axis, size in DEFAULT_MESH.items()),
         help="data=N,fsdp=N,tensor=N (-1: the rest)",
     )
-    p.add_argument("--dtype", default="bfloat16", choices=COMPUTE_DTYPES, help="compute dtype")
-    p.add_argument(
-        "--remat", default="full", choices=tuple(REMAT_POLICIES), help="decoder-layer remat (training)"
-    )
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="MoE-LoRA backend")
     p.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS, help="attention implementation")
-    p.add_argument("--train-adapters", action="store_true", help="train-gate: train the adapter stacks too")
-    p.add_argument("--top-k", type=int, default=TrainConfig.top_k, help="adapters routed per token")
-    add_loss_chunk_flag(p)
+    # a pod's training runs in bfloat16 with full remat: the defaults compiled unless told
+    fields = ("dtype", "remat", "train_adapters", "top_k", "loss_chunk")
+    add_field_flags(p, TrainConfig, fields, defaults={"dtype": "bfloat16", "remat": "full"})
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.set_defaults(func=run)
 

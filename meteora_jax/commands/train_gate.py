@@ -6,14 +6,18 @@ import argparse
 
 from meteora_jax.commands import adapter_specs
 from meteora_jax.commands.training_flags import (
+    add_field_flags,
     add_training_flags,
     data_config,
+    field_values,
     join_processes,
     run_settings,
     train_settings,
 )
-from meteora_jax.data.sampling import TASK_SAMPLINGS
-from meteora_jax.training.config import GATE_LOSS_GRADS, TrainConfig
+from meteora_jax.data.pipeline import DataConfig
+from meteora_jax.training.config import TrainConfig
+
+GATE_FLAGS = {"model": ("train_adapters", "top_k"), "optimisation": ("gate_loss_weight", "gate_loss_grad")}
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -22,7 +26,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         help="train the gates of a MeteoRA mixture on task folders (resumes a run in --out)",
         description="Train MeteoRA gates: loss = LM CE + W * gate CE. Rerunning the same command resumes.",
     )
-    groups = add_training_flags(p, lr=5e-4, clip_norm=0.3, lm_loss="all", eval_what="held-out routing")
+    groups = add_training_flags(p)
     model, data = groups["model"], groups["data"]
     model.add_argument(
         "--adapter",
@@ -31,23 +35,16 @@ def register(subparsers) -> argparse.ArgumentParser:
         metavar="[NAME=]DIR",
         help="a PEFT adapter folder; repeat in gate order (its name matches a task folder)",
     )
-    model.add_argument("--train-adapters", action="store_true", help="train the LoRA stacks as well")
     model.add_argument(
         "--init-from",
         metavar="CKPT",
         help="start from this checkpoint's gates and adapter stacks (its adapters: --adapter, in order)",
     )
-    model.add_argument("--top-k", type=int, default=2, help="adapters per token (default 2)")
+    add_field_flags(model, TrainConfig, GATE_FLAGS["model"])
     data.add_argument("--data", required=True, metavar="DIR", help="DIR/<task>/train.jsonl (and test.jsonl)")
     data.add_argument("--tasks", nargs="+", metavar="NAME", help="train on these tasks only")
-    data.add_argument("--task-sampling", default="proportional", choices=TASK_SAMPLINGS)
-    groups["optimisation"].add_argument("--gate-loss-weight", type=float, default=50.0)
-    groups["optimisation"].add_argument(
-        "--gate-loss-grad",
-        default="gates",
-        choices=GATE_LOSS_GRADS,
-        help="what the gate term trains: the gates only (default) or everything upstream too (the reference)",
-    )
+    add_field_flags(data, DataConfig, ("task_sampling",))
+    add_field_flags(groups["optimisation"], TrainConfig, GATE_FLAGS["optimisation"])
     groups["run"].add_argument(
         "--out", required=True, metavar="DIR", help="the run folder (a meteora-jax checkpoint)"
     )
@@ -59,13 +56,8 @@ def spec_from_args(args: argparse.Namespace):
     """The `RunSpec` a parsed command line describes."""
     from meteora_jax.training.train_gate import RunSpec
 
-    train = TrainConfig(
-        **train_settings(args),
-        gate_loss_weight=args.gate_loss_weight,
-        gate_loss_grad=args.gate_loss_grad,
-        train_adapters=args.train_adapters,
-        top_k=args.top_k,
-    )
+    own = field_values(args, TrainConfig, [n for names in GATE_FLAGS.values() for n in names])
+    train = TrainConfig(**train_settings(args), **own)
     return RunSpec(
         base=args.base,
         adapters=adapter_specs(args.adapter),

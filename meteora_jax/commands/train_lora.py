@@ -11,6 +11,7 @@ from meteora_jax.commands.training_flags import (
     run_settings,
     train_settings,
 )
+from meteora_jax.training.config import LORA_DEFAULTS
 
 
 def _layers(text: str) -> list[int]:
@@ -29,9 +30,7 @@ def register(subparsers) -> argparse.ArgumentParser:
             "LM loss. --out becomes a PEFT adapter folder, its run state in OUT/training; rerunning resumes."
         ),
     )
-    groups = add_training_flags(
-        p, lr=2e-4, clip_norm=1.0, lm_loss="response", eval_what="held-out NLL and exact match"
-    )
+    groups = add_training_flags(p, defaults={**LORA_DEFAULTS, "lm_loss": "response"})
     groups["data"].add_argument(
         "--data", required=True, metavar="TASK_DIR", help="one task folder: train.jsonl (and test.jsonl)"
     )

@@ -4,21 +4,65 @@ declared once, and the settings objects they become."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from meteora_jax.data.pipeline import DataConfig
-from meteora_jax.data.samples import LM_LOSSES
 from meteora_jax.modeling.attention import IMPLEMENTATIONS
-from meteora_jax.modeling.llama import REMAT_POLICIES
 from meteora_jax.ops.moe_lora import BACKENDS
 from meteora_jax.sharding import DEFAULT_MESH, parse_mesh
-from meteora_jax.training.config import COMPUTE_DTYPES, TRAIN_BACKEND, TrainConfig
+from meteora_jax.training.config import TRAIN_BACKEND, TrainConfig
+
+
+def add_field_flags(group, cls, names: Sequence[str], *, defaults: Mapping[str, Any] | None = None) -> None:
+    """One flag per field of dataclass `cls` in `names`, from the field's declaration (`setting`):
+    `--field-name` with its type, default (or `defaults[name]`, a command's own), choices and help.
+    A boolean that defaults to False is a switch (`--new-data`); one that defaults to True is turned
+    off by `--no-field-name`."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in names:
+        field = fields[name]
+        default = (defaults or {}).get(name, field.default)
+        flag = "--" + name.replace("_", "-")
+        help_text = field.metadata.get("help", "")
+        kind = str(field.type).split("|")[0].strip()
+        if kind == "bool":
+            if default:
+                group.add_argument(
+                    f"--no-{flag[2:]}", dest=name, action="store_false", help=f"turn off: {help_text}"
+                )
+            else:
+                group.add_argument(flag, action="store_true", help=help_text)
+            continue
+        shown = f" (default {default:g})" if kind == "float" else f" (default {default})"
+        shown = "" if default is None else shown
+        meta = field.metadata
+        group.add_argument(
+            flag, type={"int": int, "float": float, "str": str}[kind], default=default,
+            choices=meta.get("choices"), metavar=meta.get("metavar"), help=help_text + shown,
+        )  # fmt: skip
+
+
+def field_values(args: argparse.Namespace, cls, names: Sequence[str]) -> dict:
+    """The parsed values of `add_field_flags`' flags, by field name."""
+    return {name: getattr(args, name) for name in names}
+
+
+TRAIN_FLAGS = {
+    "model": ("dtype", "remat", "loss_chunk"),
+    "optimisation": ("steps", "lr", "warmup_steps", "decay_steps", "weight_decay", "clip_norm", "grad_accum"),
+    "run": ("seed", "save_every", "keep", "eval_every", "log_every", "new_data"),
+}
+DATA_FLAGS = ("seq_len", "batch_size", "packing", "lm_loss")
 
 
 def add_training_flags(
-    p: argparse.ArgumentParser, *, lr: float, clip_norm: float, lm_loss: str, eval_what: str
+    p: argparse.ArgumentParser, *, defaults: Mapping[str, Any] | None = None
 ) -> dict[str, argparse._ArgumentGroup]:
     """Adds the shared flags in groups "model", "data", "optimisation", "run" and "several hosts"
-    (returned, for a command's own flags); the defaults that differ come as arguments."""
+    (returned, for a command's own flags). Each `TrainConfig` / `DataConfig` flag is derived from
+    its field; `defaults` are the command's own defaults where they differ."""
     groups = {
         "model": p.add_argument_group("model"),
         "data": p.add_argument_group("data"),
@@ -26,60 +70,18 @@ def add_training_flags(
         "run": p.add_argument_group("run"),
         "hosts": p.add_argument_group("several hosts (omit on TPU pods / SLURM: auto-detected)"),
     }
-    model = groups["model"]
-    model.add_argument("--base", required=True, metavar="DIR", help="the HF LLaMA base folder")
-    model.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help="compute dtype")
-    model.add_argument("--remat", default="none", choices=tuple(REMAT_POLICIES), help="decoder-layer remat")
-    add_loss_chunk_flag(model)
-    data = groups["data"]
-    data.add_argument(
-        "--seq-len",
-        type=int,
-        default=512,
-        help="slots per row (default 512); samples it would cut are refused or warned about before training",
-    )
-    data.add_argument("--batch-size", type=int, default=8, help="rows of the global batch (default 8)")
-    data.add_argument("--no-packing", dest="packing", action="store_false", help="one sample per row")
-    data.add_argument(
-        "--lm-loss",
-        default=lm_loss,
-        choices=LM_LOSSES,
-        help=f"LM loss on all tokens or the response only (default {lm_loss})",
-    )
-    opt = groups["optimisation"]
-    opt.add_argument("--steps", type=int, default=1000)
-    opt.add_argument("--lr", type=float, default=lr, help=f"peak AdamW learning rate (default {lr:g})")
-    opt.add_argument("--warmup-steps", type=int, default=0)
-    opt.add_argument("--decay-steps", type=int, help="cosine horizon (default --steps)")
-    opt.add_argument("--weight-decay", type=float, default=0.0)
-    opt.add_argument(
-        "--clip-norm",
-        type=float,
-        default=clip_norm,
-        help=f"global grad-norm clip (0: off; default {clip_norm:g})",
-    )
-    opt.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
-    opt.add_argument("--seed", type=int, default=0)
+    groups["model"].add_argument("--base", required=True, metavar="DIR", help="the HF LLaMA base folder")
+    for group, names in TRAIN_FLAGS.items():
+        add_field_flags(groups[group], TrainConfig, names, defaults=defaults)
+    add_field_flags(groups["data"], DataConfig, DATA_FLAGS, defaults=defaults)
     run = groups["run"]
     run.add_argument("--force", action="store_true", help="replace an --out that is not a run of ours")
-    run.add_argument("--save-every", type=int, default=100)
-    run.add_argument("--keep", type=int, default=3, help="checkpoints kept")
-    run.add_argument("--eval-every", type=int, default=0, help=f"{eval_what} every N steps (0: at the end)")
-    run.add_argument("--log-every", type=int, default=1)
-    run.add_argument(
-        "--new-data",
-        action="store_true",
-        help="resume a run whose data or data settings changed: weights and optimizer go on, the data "
-        "stream starts afresh",
-    )
     mesh = ",".join(f"{axis}={size}" for axis, size in DEFAULT_MESH.items())
     run.add_argument("--mesh", default=mesh, metavar="data=N,fsdp=N,tensor=N", help=f"(default {mesh})")
     run.add_argument(
-        "--backend",
-        default=TRAIN_BACKEND,
-        choices=BACKENDS,
+        "--backend", default=TRAIN_BACKEND, choices=BACKENDS,
         help=f"MoE-LoRA backend (default {TRAIN_BACKEND})",
-    )
+    )  # fmt: skip
     run.add_argument(
         "--attention",
         default="auto",
@@ -94,48 +96,14 @@ def add_training_flags(
     return groups
 
 
-def add_loss_chunk_flag(group) -> None:
-    """`--loss-chunk`, the one flag of `TrainConfig.loss_chunk` (training and `compile`)."""
-    group.add_argument(
-        "--loss-chunk",
-        type=int,
-        default=TrainConfig.loss_chunk,
-        metavar="SLOTS",
-        help=f"slots per row the LM loss takes logits of at once (default {TrainConfig.loss_chunk}; 0: all)",
-    )
-
-
 def train_settings(args: argparse.Namespace) -> dict:
     """The shared `TrainConfig` fields of parsed flags (a command adds its own)."""
-    return {
-        "steps": args.steps,
-        "lr": args.lr,
-        "warmup_steps": args.warmup_steps,
-        "decay_steps": args.decay_steps,
-        "weight_decay": args.weight_decay,
-        "clip_norm": args.clip_norm,
-        "grad_accum": args.grad_accum,
-        "remat": args.remat,
-        "loss_chunk": args.loss_chunk,
-        "dtype": args.dtype,
-        "seed": args.seed,
-        "save_every": args.save_every,
-        "keep": args.keep,
-        "eval_every": args.eval_every,
-        "log_every": args.log_every,
-        "new_data": args.new_data,
-    }
+    return field_values(args, TrainConfig, [n for names in TRAIN_FLAGS.values() for n in names])
 
 
-def data_config(args: argparse.Namespace, task_sampling: str = "proportional") -> DataConfig:
-    return DataConfig(
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        packing=args.packing,
-        lm_loss=args.lm_loss,
-        task_sampling=task_sampling,
-        seed=args.seed,
-    )
+def data_config(args: argparse.Namespace, task_sampling: str = DataConfig.task_sampling) -> DataConfig:
+    values = field_values(args, DataConfig, DATA_FLAGS)
+    return DataConfig(**values, task_sampling=task_sampling, seed=args.seed)
 
 
 def run_settings(args: argparse.Namespace) -> dict:

@@ -29,6 +29,7 @@ from meteora_jax.data.samples import LM_LOSSES, encode_sample
 from meteora_jax.data.sampling import TASK_SAMPLINGS, sample_sequence
 from meteora_jax.data.tasks import Sample
 from meteora_jax.errors import ConfigError
+from meteora_jax.settings import check_choices, setting
 
 BATCH_KEYS = ("input_ids", "segment_ids", "positions", "lm_targets", "lm_weights", "gate_labels")
 _STATE_VERSION = 1
@@ -49,12 +50,14 @@ class DataConfig:
         packing_bins: rows of one stream filled together by first-fit packing (1: greedy).
     """
 
-    seq_len: int
-    batch_size: int
-    packing: bool = True
-    lm_loss: str = "all"
-    task_sampling: str = "proportional"
-    seed: int = 0
+    seq_len: int = setting(512, "slots per row; samples it would cut are refused or warned about")
+    batch_size: int = setting(8, "rows of the global batch")
+    packing: bool = setting(True, "several samples per row (off: one sample per row)")
+    lm_loss: str = setting("all", "LM loss on all tokens or the response only", choices=LM_LOSSES)
+    task_sampling: str = setting(
+        "proportional", "every sample once per epoch, or the tasks equally often", choices=TASK_SAMPLINGS
+    )
+    seed: int = setting(0, "the data order")
     packing_bins: int = 4
 
     def __post_init__(self):
@@ -64,12 +67,8 @@ class DataConfig:
                 raise ConfigError(f"DataConfig.{name} must be an integer >= {low}, got {value!r}")
         if not isinstance(self.packing, bool):
             raise ConfigError(f"DataConfig.packing must be True or False, got {self.packing!r}")
-        if self.lm_loss not in LM_LOSSES:
-            raise ConfigError(f"DataConfig.lm_loss must be one of {LM_LOSSES}, got {self.lm_loss!r}")
-        if self.task_sampling not in TASK_SAMPLINGS:
-            raise ConfigError(
-                f"DataConfig.task_sampling must be one of {TASK_SAMPLINGS}, got {self.task_sampling!r}"
-            )
+        for problem in check_choices(self):
+            raise ConfigError(f"DataConfig.{problem}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
             raise ConfigError(f"DataConfig.seed must be an integer in [0, 2**32), got {self.seed!r}")
 

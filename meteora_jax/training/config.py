@@ -8,10 +8,12 @@ import math
 from meteora_jax.errors import ConfigError
 from meteora_jax.inputs import is_int, is_real
 from meteora_jax.modeling.llama import REMAT_POLICIES
+from meteora_jax.settings import check_choices, setting
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 TRAIN_BACKEND = "xla"  # the MoE-LoRA backend training runs use unless told: the dense path
 GATE_LOSS_GRADS = ("gates", "all")
+LORA_DEFAULTS = {"lr": 2e-4, "clip_norm": 1.0}  # where train-lora's defaults differ from train-gate's
 
 # Settings that shape the saved optimizer state: a run cannot resume under other values. (The
 # data layout is checked by the data iterator's own state; other settings may change on resume,
@@ -55,27 +57,35 @@ class TrainConfig:
             resume is refused, naming what changed).
     """
 
-    steps: int
-    lr: float = 5e-4
-    warmup_steps: int = 0
-    decay_steps: int | None = None
-    weight_decay: float = 0.0
-    clip_norm: float = 0.3
-    grad_accum: int = 1
-    gate_loss_weight: float = 50.0
-    gate_loss_grad: str = "gates"
+    steps: int = setting(1000, "optimizer steps")
+    lr: float = setting(5e-4, "peak AdamW learning rate")
+    warmup_steps: int = setting(0, "linear warmup steps")
+    decay_steps: int | None = setting(None, "cosine horizon (default --steps)")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    clip_norm: float = setting(0.3, "global grad-norm clip (0: off)")
+    grad_accum: int = setting(1, "micro-batches per step")
+    gate_loss_weight: float = setting(50.0, "W of loss = LM CE + W * gate CE (0: no gate term)")
+    gate_loss_grad: str = setting(
+        "gates", "what the gate term trains: the gates only, or everything upstream too (the reference)",
+        choices=GATE_LOSS_GRADS,
+    )  # fmt: skip
     train_gates: bool = True
-    train_adapters: bool = False
-    remat: str = "none"
-    loss_chunk: int = 512
-    dtype: str = "float32"
-    top_k: int = 2
-    seed: int = 0
-    save_every: int = 100
-    keep: int = 3
-    eval_every: int = 0
-    log_every: int = 1
-    new_data: bool = False
+    train_adapters: bool = setting(False, "train the LoRA stacks as well")
+    remat: str = setting("none", "decoder-layer remat", choices=tuple(REMAT_POLICIES))
+    loss_chunk: int = setting(
+        512, "slots per row the LM loss takes logits of at once (0: all)", metavar="SLOTS"
+    )
+    dtype: str = setting("float32", "compute dtype", choices=COMPUTE_DTYPES)
+    top_k: int = setting(2, "adapters per token")
+    seed: int = setting(0, "the dropout stream and the data order")
+    save_every: int = setting(100, "checkpoint every N steps")
+    keep: int = setting(3, "checkpoints kept")
+    eval_every: int = setting(0, "held-out evaluation every N steps (0: at the end)")
+    log_every: int = setting(1, "metrics every N steps")
+    new_data: bool = setting(
+        False, "resume a run whose data or data settings changed: weights and optimizer go on, the data "
+        "stream starts afresh",
+    )  # fmt: skip
 
     def __post_init__(self):
         problems = []
@@ -107,12 +117,7 @@ class TrainConfig:
                 problems.append(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.train_gates is False and self.train_adapters is False:
             problems.append("nothing to train: train_gates and train_adapters are both False")
-        if self.gate_loss_grad not in GATE_LOSS_GRADS:
-            problems.append(f"gate_loss_grad must be one of {GATE_LOSS_GRADS}, got {self.gate_loss_grad!r}")
-        if self.remat not in REMAT_POLICIES:
-            problems.append(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
-        if self.dtype not in COMPUTE_DTYPES:
-            problems.append(f"dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
+        problems += check_choices(self)
         if problems:
             raise ConfigError("training settings: " + "; ".join(problems))
 

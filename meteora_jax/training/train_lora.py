@@ -28,7 +28,7 @@ from meteora_jax.io.peft import LoRAAdapter, read_adapter
 from meteora_jax.io.peft_write import update_adapter_files
 from meteora_jax.io.stacking import AdapterInfo, init_gates, moe_config_for, stack_adapters, unstack_adapters
 from meteora_jax.sharding import DEFAULT_MESH
-from meteora_jax.training.config import TRAIN_BACKEND, TrainConfig
+from meteora_jax.training.config import LORA_DEFAULTS, TRAIN_BACKEND, TrainConfig
 from meteora_jax.training.distributed import is_main
 from meteora_jax.training.loop import Job, RunResult, prepare_out, run
 from meteora_jax.training.lora_init import new_adapter, parse_targets
@@ -42,7 +42,7 @@ FIXED = {"train_gates": False, "train_adapters": True, "gate_loss_weight": 0.0, 
 
 def lora_train_config(steps: int, **settings) -> TrainConfig:
     """A `TrainConfig` for train-lora: the adapter alone trains, top-1, no gate term."""
-    return TrainConfig(steps=steps, **{"lr": 2e-4, "clip_norm": 1.0, **settings, **FIXED})
+    return TrainConfig(steps=steps, **{**LORA_DEFAULTS, **settings, **FIXED})
 
 
 @dataclasses.dataclass(frozen=True)
