@@ -10,10 +10,10 @@ from meteora_jax.cli import build_parser, main
 from meteora_jax.commands.training_flags import add_training_flags, data_config, run_settings, train_settings
 from meteora_jax.data.pipeline import DataConfig
 from meteora_jax.sharding import DEFAULT_MESH
+from meteora_jax.training.adapters import LoRASpec, lora_train_config
 from meteora_jax.training.config import TRAIN_BACKEND, TrainConfig
+from meteora_jax.training.gates import RunSpec
 from meteora_jax.training.loop import Job
-from meteora_jax.training.train_gate import RunSpec
-from meteora_jax.training.train_lora import LoRASpec, lora_train_config
 
 
 def test_unknown_command_is_refused():

@@ -37,11 +37,11 @@ from meteora_jax.sharding import make_mesh
 from meteora_jax.training import loop, run_lock
 from meteora_jax.training.checkpointing import RunCheckpoints
 from meteora_jax.training.config import TrainConfig
+from meteora_jax.training.gates import RunSpec, train
 from meteora_jax.training.loop import TrainingError
 from meteora_jax.training.routing_eval import RoutingEvaluation
 from meteora_jax.training.state import shardings_of, split_for_training
 from meteora_jax.training.step import batch_sharding, make_gradients
-from meteora_jax.training.train_gate import RunSpec, train
 
 CONFIG = mj.LlamaConfig(
     vocab_size=101,

@@ -54,7 +54,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def spec_from_args(args: argparse.Namespace):
     """The `RunSpec` a parsed command line describes."""
-    from meteora_jax.training.train_gate import RunSpec
+    from meteora_jax.training.gates import RunSpec
 
     own = field_values(args, TrainConfig, [n for names in GATE_FLAGS.values() for n in names])
     train = TrainConfig(**train_settings(args), **own)
@@ -72,7 +72,7 @@ def spec_from_args(args: argparse.Namespace):
 
 def run_command(args: argparse.Namespace) -> None:
     join_processes(args)
-    from meteora_jax.training.train_gate import train
+    from meteora_jax.training.gates import train
 
     result = train(spec_from_args(args))
     if result.evaluation:

@@ -55,7 +55,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def spec_from_args(args: argparse.Namespace):
     """The `LoRASpec` a parsed command line describes."""
-    from meteora_jax.training.train_lora import LoRASettings, LoRASpec, lora_train_config
+    from meteora_jax.training.adapters import LoRASettings, LoRASpec, lora_train_config
 
     settings = train_settings(args)
     return LoRASpec(
@@ -78,7 +78,7 @@ def spec_from_args(args: argparse.Namespace):
 
 def run_command(args: argparse.Namespace) -> None:
     join_processes(args)
-    from meteora_jax.training.train_lora import train_lora
+    from meteora_jax.training.adapters import train_lora
 
     result = train_lora(spec_from_args(args))
     for when, e in (("before training", result.start_evaluation), (f"step {result.step}", result.evaluation)):

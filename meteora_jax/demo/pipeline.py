@@ -41,9 +41,9 @@ from meteora_jax.errors import ConfigError, OutputExistsError
 from meteora_jax.evaluation.evaluate import EvalSpec, evaluate
 from meteora_jax.inputs import is_int, is_real
 from meteora_jax.io.files import check_output_path, write_text_atomic
+from meteora_jax.training.adapters import LoRASettings, LoRASpec, lora_train_config, train_lora
 from meteora_jax.training.config import TrainConfig
-from meteora_jax.training.train_gate import RunSpec, train
-from meteora_jax.training.train_lora import LoRASettings, LoRASpec, lora_train_config, train_lora
+from meteora_jax.training.gates import RunSpec, train
 
 STAGES_DIR = "stages"
 COMPOSITE_FILE, METRICS_FILE = "composite.jsonl", "metrics.json"

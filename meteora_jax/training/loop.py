@@ -1,8 +1,8 @@
 """The training engine `train-gate` and `train-lora` share: load, resume, step, log, evaluate,
 checkpoint, until `steps`.
 
-`run(job)` trains, resumes or extends the run a `Job` describes (`training.train_gate` and
-`training.train_lora` build one). Running it again on the same run folder resumes from the last
+`run(job)` trains, resumes or extends the run a `Job` describes (`training.gates` and
+`training.adapters` build one). Running it again on the same run folder resumes from the last
 good checkpoint; after a SIGKILL the result equals an uninterrupted run (same batches, same
 dropout keys, same optimizer state). Only process 0 writes logs and plots; every process takes
 part in checkpoint saves.

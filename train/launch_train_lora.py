@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Pod / cluster launcher for adapter training: the `meteora-jax train-lora` command as a script.
 
-Run the same command on every host, as with train/train_gate.py (see train/README.md).
+Run the same command on every host, as with train/launch_train_gate.py (see train/README.md).
 """
 
 import sys
