@@ -169,8 +169,9 @@ def check_output(out: str, converted: bool) -> None:
         assert not os.path.exists(out), "a refused conversion left its output"
 
 
-def run_case(world, corrupt_rel: str, content: bytes, *, use_ckpt: bool = False) -> None:
-    """Copies the inputs, writes `content` over one of them, then loads and converts."""
+def run_case(world, corrupt_rel: str, content: bytes, *, use_ckpt: bool = False) -> tuple[bool, bool]:
+    """Copies the inputs, writes `content` over one of them, then loads and converts; returns
+    whether each was done (False: refused with a MeteoRAError)."""
     with tempfile.TemporaryDirectory() as work, time_bound(SECONDS_PER_EXAMPLE), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         inputs = {
@@ -183,12 +184,13 @@ def run_case(world, corrupt_rel: str, content: bytes, *, use_ckpt: bool = False)
         out = os.path.join(work, "outputs", "converted")
         os.makedirs(os.path.dirname(out))
         if use_ckpt:
-            refused_or_done(lambda: mj.load_model(base, gates=inputs["ckpt"]))
+            loaded = refused_or_done(lambda: mj.load_model(base, gates=inputs["ckpt"]))
             converted = refused_or_done(lambda: convert(base, None, out, gates=inputs["ckpt"]))
         else:
-            refused_or_done(lambda: mj.load_model(base, adapters=adapters))
+            loaded = refused_or_done(lambda: mj.load_model(base, adapters=adapters))
             converted = refused_or_done(lambda: convert(base, adapters, out))
         check_output(out, converted)
+        return loaded, converted
 
 
 def _read(world, rel: str) -> bytes:
@@ -211,8 +213,10 @@ def originals(world):
 
 
 def test_the_uncorrupted_inputs_load_and_convert(world, originals):
-    run_case(world, "base/config.json", originals["config"])
-    run_case(world, "ckpt/0/meta/metadata", originals["meta"], use_ckpt=True)
+    """The positive control: the harness, fed the files as they are, loads and converts them (a
+    harness that refused everything would pass every fuzz case)."""
+    assert run_case(world, "base/config.json", originals["config"]) == (True, True)
+    assert run_case(world, "ckpt/0/meta/metadata", originals["meta"], use_ckpt=True) == (True, True)
 
 
 def test_fuzz_safetensors_header(world, originals):
