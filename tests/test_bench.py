@@ -184,3 +184,34 @@ def test_bench_train_settings_name_a_bad_remat_or_attention():
         TrainBenchSettings(remat="some")
     with pytest.raises(ConfigError, match=r"bench train: attention='flash' is not one of"):
         TrainBenchSettings(attention="flash")
+
+
+def test_the_timed_torch_reference_computes_the_meteora_layer():
+    """The torch algorithm `bench layer` times against ours is the MoE-LoRA layer: its output
+    equals the jnp oracle's on the same weights (float32, scale 1), so the ratio compares like
+    with like."""
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from meteora_jax.bench.torch_reference import GatherBmmLinear
+    from meteora_jax.ops.reference import moe_lora_reference
+    from meteora_jax.ops.routing import RoutingSettings
+
+    generator = torch.Generator().manual_seed(0)
+    base = torch.nn.Linear(24, 40, bias=False)
+    layer = GatherBmmLinear(base, n_adapters=5, rank=3, top_k=2, generator=generator)
+    x = torch.randn(7, 24, generator=generator)
+    with torch.no_grad():
+        got = layer(x).numpy()
+    want, routing = moe_lora_reference(
+        jnp.asarray(x.numpy()),
+        jnp.asarray(base.weight.detach().numpy().T),  # (in, out)
+        jnp.asarray(layer.gate.numpy().T),  # (in, L)
+        jnp.asarray(layer.a.numpy().transpose(0, 2, 1)),  # (L, in, r)
+        jnp.asarray(layer.b.numpy().transpose(0, 2, 1)),  # (L, r, out)
+        jnp.ones(5),
+        RoutingSettings(temperature=jnp.float32(1.0), top_k=2),
+    )
+    assert np.abs(np.asarray(want) - np.asarray(layer.base(x).detach().numpy())).max() > 1e-3  # adapters act
+    np.testing.assert_allclose(got, np.asarray(want), atol=1e-5, rtol=1e-5)
