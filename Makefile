@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: $(STAMP)
-	$(TEST_ENV) $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
+	$(TEST_ENV) $(BIN)/python -m pytest -q -rs -n 2 --dist loadfile --durations=15 tests
 
 # The [tpu] extra (libtpu) into the venv, then programs compiled for TPU slices from this host.
 tpu-compile: $(STAMP)

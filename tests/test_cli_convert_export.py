@@ -246,8 +246,9 @@ def test_user_errors_exit_2_with_one_line(world, tmp_path, capsys):
         code, _, err = run(capsys, *argv)
         assert code == 2 and expected in err and err.count("\n") == 1, err
     assert not (tmp_path / "c").exists() and not (tmp_path / "e").exists()
-    with pytest.raises(SystemExit):
-        main(["export", "--ckpt", world["ckpt"], "--to", "onnx", "--out", str(tmp_path / "x")])
-    with pytest.raises(SystemExit):
+    assert main(["export", "--ckpt", world["ckpt"], "--to", "onnx", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "meteora-jax export: error: argument --to: invalid choice: 'onnx'" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit):  # --help prints the help and exits 0
         main(["--help"])
     assert "convert" in capsys.readouterr().out
