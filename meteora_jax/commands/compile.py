@@ -8,7 +8,7 @@ import json
 
 from meteora_jax.aot.models import MODELS
 from meteora_jax.aot.programs import PROGRAMS
-from meteora_jax.commands.training_flags import add_field_flags
+from meteora_jax.commands.flags import add_field_flags
 from meteora_jax.errors import MeteoRAError
 from meteora_jax.io.files import write_text_atomic
 from meteora_jax.modeling.attention import IMPLEMENTATIONS

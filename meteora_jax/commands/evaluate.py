@@ -9,9 +9,11 @@ import os
 import sys
 
 from meteora_jax.commands import add_model_flags, model_inputs, model_sources
+from meteora_jax.commands.flags import add_field_flags, field_values
 from meteora_jax.data.composite import COMPOSITE_LAYOUTS, CompositeSettings
+from meteora_jax.evaluation.runner import MODES, EvalSettings
 
-MODE_CHOICES = ("meteora", "adapter", "base", "merged")
+SETTINGS_FLAGS = ("batch_size", "max_new_tokens", "routing_temperature", "composite_routing_temperature")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -43,23 +45,14 @@ def register(subparsers) -> argparse.ArgumentParser:
         help="how --composite-n prompts are written: reference (the reference's few-shot prefix) or "
         "numbered (the questions as numbered lines, for models trained on that format)",
     )
-    data.add_argument("--limit", type=int, help="at most N test samples per task (and composite prompts)")
+    add_field_flags(data, EvalSettings, ("limit",))
     data.add_argument("--metrics", metavar="FILE.json", help="task -> metrics overrides of the default table")
     gen = p.add_argument_group("generation")
-    gen.add_argument("--mode", nargs="+", default=["meteora"], choices=MODE_CHOICES, help="default: meteora")
-    gen.add_argument("--batch-size", type=int, default=8)
-    gen.add_argument("--max-new-tokens", type=int, default=128)
+    modes = EvalSettings.modes
     gen.add_argument(
-        "--routing-temperature",
-        type=float,
-        help="gate temperature (default: the model's; composite-3/5/10: the reference's 15/20/30)",
+        "--mode", nargs="+", default=list(modes), choices=MODES, help=f"default: {' '.join(modes)}"
     )
-    gen.add_argument(
-        "--composite-routing-temperature",
-        type=float,
-        help="gate temperature of composite prompts in meteora mode (default: --routing-temperature "
-        "if given, else the reference's 15/20/30 for composite-3/5/10)",
-    )
+    add_field_flags(gen, EvalSettings, SETTINGS_FLAGS)
     gen.add_argument("--seed", type=int, default=0, help="composite prompt sampling (--composite-n)")
     out = p.add_argument_group("output")
     out.add_argument("--out", required=True, metavar="DIR", help="results.json, report.md, predictions.jsonl")
@@ -89,12 +82,9 @@ def run(args: argparse.Namespace) -> None:
         composite_layout=args.composite_layout,
         seed=args.seed,
         metrics=args.metrics,
-        modes=tuple(args.mode),
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        routing_temperature=args.routing_temperature,
-        composite_routing_temperature=args.composite_routing_temperature,
-        limit=args.limit,
+        settings=EvalSettings(
+            modes=tuple(args.mode), limit=args.limit, **field_values(args, EvalSettings, SETTINGS_FLAGS)
+        ),
         out=args.out,
         force=args.force,
         progress=args.progress,

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 
 from meteora_jax.commands import adapter_specs
+from meteora_jax.commands.flags import add_field_flags, field_values
 from meteora_jax.commands.training_flags import (
-    add_field_flags,
     add_training_flags,
     data_config,
-    field_values,
     join_processes,
     run_settings,
     train_settings,

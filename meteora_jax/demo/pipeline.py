@@ -39,6 +39,7 @@ from meteora_jax.demo.report import write_report
 from meteora_jax.demo.setup import DemoBaseSettings, build_demo_base, write_labelled_composite_data
 from meteora_jax.errors import ConfigError, OutputExistsError
 from meteora_jax.evaluation.evaluate import EvalSpec, evaluate
+from meteora_jax.evaluation.runner import EvalSettings
 from meteora_jax.inputs import is_int, is_real
 from meteora_jax.io.files import check_output_path, write_text_atomic
 from meteora_jax.training.adapters import LoRASettings, LoRASpec, lora_train_config, train_lora
@@ -352,14 +353,16 @@ class DemoRun:
             base=self.base,
             tasks_dir=self.data,
             out=self.path("eval", folder),
-            modes=modes,
             composite=self.path("composite", COMPOSITE_FILE),
             metrics=self.path("composite", METRICS_FILE),
-            batch_size=s.eval_batch_size,
-            max_new_tokens=s.max_new_tokens,
-            routing_temperature=s.routing_temperature,
-            composite_routing_temperature=s.composite_routing_temperature,
-            limit=s.eval_limit,
+            settings=EvalSettings(
+                modes=modes,
+                batch_size=s.eval_batch_size,
+                max_new_tokens=s.max_new_tokens,
+                routing_temperature=s.routing_temperature,
+                composite_routing_temperature=s.composite_routing_temperature,
+                limit=s.eval_limit,
+            ),  # fmt: skip
             force=True,  # an eval stage that runs replaces its folder
             progress=self.progress,
             **model,

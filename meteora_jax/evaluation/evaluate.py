@@ -59,12 +59,7 @@ class EvalSpec:
     composite_layout: str = CompositeSettings.layout  # how --composite-n prompts are written
     seed: int = 0
     metrics: str | None = None
-    modes: tuple[str, ...] = ("meteora",)
-    batch_size: int = 8
-    max_new_tokens: int = 128
-    routing_temperature: float | None = None
-    composite_routing_temperature: float | None = None
-    limit: int | None = None
+    settings: EvalSettings = EvalSettings()  # modes, batch size, budget, routing temperatures, limit
     force: bool = False
     progress: bool = True
     inputs: tuple[tuple[str, str], ...] = ()  # (flag, path) the output must not overlap
@@ -75,17 +70,6 @@ class EvalSpec:
                 f"--composite-layout must be one of {', '.join(COMPOSITE_LAYOUTS)}, "
                 f"got {self.composite_layout!r}"
             )
-
-    @property
-    def settings(self) -> EvalSettings:
-        return EvalSettings(
-            modes=self.modes,
-            batch_size=self.batch_size,
-            max_new_tokens=self.max_new_tokens,
-            routing_temperature=self.routing_temperature,
-            limit=self.limit,
-            composite_routing_temperature=self.composite_routing_temperature,
-        )
 
 
 def composite_items(spec: EvalSpec, names: Sequence[str]) -> list[EvalItem]:
@@ -117,7 +101,7 @@ def composite_items(spec: EvalSpec, names: Sequence[str]) -> list[EvalItem]:
         )
         for i, line in enumerate(lines)
     ]
-    return items[: spec.limit]
+    return items[: spec.settings.limit]
 
 
 def check_scoring(items: Sequence[EvalItem], registry) -> dict[str, float]:
@@ -163,7 +147,7 @@ def evaluate(spec: EvalSpec) -> list[str]:
     names = list(spec.tasks) if spec.tasks else task_names(spec.tasks_dir)
     if not names:
         raise ConfigError(f"--tasks {spec.tasks_dir}: no task folder holds a test split (test.jsonl)")
-    by_task = task_items(spec.tasks_dir, names, spec.limit)
+    by_task = task_items(spec.tasks_dir, names, spec.settings.limit)
     composites = composite_items(spec, names)
     for item in composites:
         for task in item.subtasks:

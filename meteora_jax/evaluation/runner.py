@@ -25,6 +25,7 @@ from meteora_jax.data.prompts import encode_prompt, format_prompt
 from meteora_jax.data.tasks import read_task_file
 from meteora_jax.errors import ConfigError
 from meteora_jax.inputs import is_int, is_real
+from meteora_jax.settings import setting
 from meteora_jax.text import GeneratedRouting, generate_texts, generated_routing, routing_rows, stop_ids
 
 MODES = ("meteora", "adapter", "base", "merged")
@@ -57,12 +58,18 @@ class EvalSettings:
     routing temperature if given, else the reference's 15 / 20 / 30 for n = 3 / 5 / 10), and at
     most `limit` test samples per task (None: all)."""
 
-    modes: tuple[str, ...] = ("meteora",)
-    batch_size: int = 8
-    max_new_tokens: int = 128
-    routing_temperature: float | None = None
-    limit: int | None = None
-    composite_routing_temperature: float | None = None
+    modes: tuple[str, ...] = setting(("meteora",), "routing modes to answer in")
+    batch_size: int = setting(8, "prompts per batch")
+    max_new_tokens: int = setting(128, "new tokens per answer (a composite answer's lines together)")
+    routing_temperature: float | None = setting(
+        None, "gate temperature (default: the model's; composite-3/5/10: the reference's 15/20/30)"
+    )
+    limit: int | None = setting(None, "at most N test samples per task (and composite prompts)", metavar="N")
+    composite_routing_temperature: float | None = setting(
+        None,
+        "gate temperature of composite prompts in meteora mode (default: --routing-temperature if "
+        "given, else the reference's 15/20/30 for composite-3/5/10)",
+    )
 
     def __post_init__(self):
         problems = []
