@@ -32,6 +32,7 @@ from meteora_jax.errors import ConfigError, MeteoRAError
 from meteora_jax.inputs import check_tokens, is_int, is_real, resolve_routing
 from meteora_jax.modeling.llama import KVCache
 from meteora_jax.ops.routing import Routing
+from meteora_jax.settings import setting
 
 # Prompt buckets: powers of two from _MIN_BUCKET to _BUCKET_STEP, then multiples of _BUCKET_STEP.
 _MIN_BUCKET, _BUCKET_STEP = 16, 512
@@ -59,14 +60,14 @@ class GenerationSettings:
     padding never forms n-grams; 0: off).
     """
 
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
+    max_new_tokens: int = setting(128, "new tokens per prompt at most")
+    temperature: float = setting(0.0, "sampling temperature (0: greedy)")
+    top_p: float = setting(1.0, "nucleus sampling mass (1: off)")
+    top_k: int = setting(0, "sample among the k most likely tokens (0: off)")
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
-    seed: int = 0
-    no_repeat_ngram_size: int = 0
+    seed: int = setting(0, "the sampling draws")
+    no_repeat_ngram_size: int = setting(0, "ban repeating any n-gram of this size (0: off)")
 
     def __post_init__(self):
         for name in ("max_new_tokens", "top_k", "pad_token_id", "seed", "no_repeat_ngram_size"):
@@ -409,12 +410,12 @@ def generate(
     input_ids,
     max_new_tokens: int = 32,
     attention_mask=None,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
+    temperature: float = GenerationSettings.temperature,
+    top_p: float = GenerationSettings.top_p,
+    top_k: int = GenerationSettings.top_k,
     eos_token_id: int | Sequence[int] | None = None,
-    seed: int = 0,
-    no_repeat_ngram_size: int = 0,
+    seed: int = GenerationSettings.seed,
+    no_repeat_ngram_size: int = GenerationSettings.no_repeat_ngram_size,
     return_routing: bool = False,
     routing_top_k: int | None = None,
     routing_temperature: float | None = None,

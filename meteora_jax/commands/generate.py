@@ -15,9 +15,12 @@ import sys
 import time
 
 from meteora_jax.commands import add_model_flags, model_inputs, model_sources, run_reporting
+from meteora_jax.commands.flags import add_field_flags, field_values
 from meteora_jax.errors import ConfigError, MissingFileError
+from meteora_jax.generation import GenerationSettings
 from meteora_jax.inputs import check_text
 
+SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "no_repeat_ngram_size")
 OUTPUTS = ("--out", "--routing-html", "--routing-png", "--routing-json")
 
 
@@ -45,14 +48,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     text.add_argument("--out", metavar="FILE.jsonl", help="write --prompts results here instead of stdout")
     sampling = p.add_argument_group("sampling")
-    sampling.add_argument("--max-new-tokens", type=int, default=128)
-    sampling.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
-    sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
-    sampling.add_argument(
-        "--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)"
-    )
-    sampling.add_argument("--seed", type=int, default=0)
-    sampling.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    add_field_flags(sampling, GenerationSettings, SAMPLING_FLAGS)
     routing = p.add_argument_group("routing")
     routing.add_argument("--top-k-adapters", type=int, help="adapters per token (default: the model's)")
     routing.add_argument(
@@ -94,12 +90,7 @@ def _generation_kwargs(args, model, tokenizer, batch: int) -> dict:
     from meteora_jax.text import stop_ids  # noqa: PLC0415
 
     kwargs = dict(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        **field_values(args, GenerationSettings, SAMPLING_FLAGS),
         eos_token_id=stop_ids(model, tokenizer),
         pad_token_id=pad_token_of(tokenizer),
         routing_top_k=args.top_k_adapters,
