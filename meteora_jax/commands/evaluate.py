@@ -11,6 +11,7 @@ import sys
 from meteora_jax.commands import add_model_flags, model_inputs, model_sources
 from meteora_jax.commands.flags import add_field_flags, field_values
 from meteora_jax.data.composite import COMPOSITE_LAYOUTS, CompositeSettings
+from meteora_jax.evaluation.evaluate import EvalSpec
 from meteora_jax.evaluation.runner import MODES, EvalSettings
 
 SETTINGS_FLAGS = ("batch_size", "max_new_tokens", "routing_temperature", "composite_routing_temperature")
@@ -28,7 +29,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     model = add_model_flags(p)
     model.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: the base folder)")
-    model.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    model.add_argument("--dtype", default=EvalSpec.dtype, choices=("float32", "bfloat16"))
     data = p.add_argument_group("prompts")
     data.add_argument(
         "--tasks", required=True, metavar="DIR", help="DIR/<task>/test.jsonl (train.jsonl for -n)"
@@ -37,7 +38,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     composite = data.add_mutually_exclusive_group()
     composite.add_argument("--composite", metavar="FILE.jsonl", help="composite prompts (make-composite)")
     composite.add_argument("--composite-n", type=int, metavar="N", help="build composite-N prompts of --task")
-    data.add_argument("--composite-samples", type=int, default=200, help="prompts built for --composite-n")
+    data.add_argument(
+        "--composite-samples",
+        type=int,
+        default=EvalSpec.composite_samples,
+        help="prompts built for --composite-n",
+    )
     data.add_argument(
         "--composite-layout",
         choices=COMPOSITE_LAYOUTS,
@@ -53,7 +59,9 @@ def register(subparsers) -> argparse.ArgumentParser:
         "--mode", nargs="+", default=list(modes), choices=MODES, help=f"default: {' '.join(modes)}"
     )
     add_field_flags(gen, EvalSettings, SETTINGS_FLAGS)
-    gen.add_argument("--seed", type=int, default=0, help="composite prompt sampling (--composite-n)")
+    gen.add_argument(
+        "--seed", type=int, default=EvalSpec.seed, help="composite prompt sampling (--composite-n)"
+    )
     out = p.add_argument_group("output")
     out.add_argument("--out", required=True, metavar="DIR", help="results.json, report.md, predictions.jsonl")
     out.add_argument("--force", action="store_true", help="replace an existing --out")
@@ -63,7 +71,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    from meteora_jax.evaluation.evaluate import EvalSpec, evaluate  # noqa: PLC0415
+    from meteora_jax.evaluation.evaluate import evaluate  # noqa: PLC0415
 
     base, adapters, gates = model_sources(args)
     inputs = [*model_inputs(args, base, adapters), ("--tasks", args.tasks), ("--composite", args.composite)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from meteora_jax.commands.flags import add_field_flags
 from meteora_jax.data import composite
 from meteora_jax.errors import ConfigError
 from meteora_jax.io import files
@@ -25,15 +26,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--preset", choices=list(composite.PRESETS), help="the reference's task list")
     p.add_argument("--subtasks", metavar="A,B,C", help="the sub-tasks, comma-separated, in prompt order")
-    p.add_argument("--samples", type=int, default=200, help="prompts to write (default 200)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every draw (default 0)")
-    p.add_argument(
-        "--layout",
-        choices=composite.COMPOSITE_LAYOUTS,
-        default=composite.CompositeSettings.layout,
-        help="reference: the few-shot prefix of the MeteoRA reference (for real models); numbered: "
-        "the questions as numbered lines, no prefix (for models trained on that format)",
-    )
+    add_field_flags(p, composite.CompositeSettings, ("samples", "seed", "layout"))
     p.add_argument("--out", required=True, metavar="FILE.jsonl", help="the file to write")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=run)

@@ -76,6 +76,7 @@ from meteora_jax.io.files import (
     write_text_atomic,
 )
 from meteora_jax.io.jsonl import read_jsonl
+from meteora_jax.settings import setting
 
 PRESETS = {
     "composite-3": ("logical_deduction", "question_selection", "strategyqa"),
@@ -116,9 +117,14 @@ class CompositeSettings:
 
     n: int | None = None
     subtasks: tuple[str, ...] | None = None
-    samples: int = 200
-    seed: int = 0
-    layout: str = "reference"
+    samples: int = setting(200, "prompts to write")
+    seed: int = setting(0, "seed of every draw")
+    layout: str = setting(
+        "reference",
+        "reference: the few-shot prefix of the MeteoRA reference (for real models); numbered: the "
+        "questions as numbered lines, no prefix (for models trained on that format)",
+        choices=COMPOSITE_LAYOUTS,
+    )
 
     def __post_init__(self):
         problems = []
