@@ -253,6 +253,37 @@ def test_extra_items_are_verified(world, tmp_path):
         checkpoint.restore(folder, extra_items={"opt": None})
 
 
+def test_a_restore_target_of_other_shapes_is_refused_not_called_damage(world, tmp_path):
+    """A caller's target that does not fit the stored item (another optimizer's shapes) is the
+    caller's mistake: a plain CheckpointError naming the entry, never a fallback to older steps."""
+    folder = tmp_path / "run"
+    checkpoint.save_checkpoint(folder, world["model"], world["base"], step=3, extra_items={"opt": OPT})
+    wrong = {"mu": np.zeros((3, 2), np.float32), "count": np.int32(0)}
+    with pytest.raises(
+        CheckpointError,
+        match=r"\(step 3\): its item 'opt' .*\(mu: float32\[2, 3\] stored, "
+        r"float32\[3, 2\] asked",
+    ) as info:
+        checkpoint.restore(folder, extra_items={"opt": wrong})
+    assert not isinstance(info.value, CorruptCheckpointError)
+    one_line(info.value)
+
+
+def test_importing_installs_no_process_wide_hooks():
+    """Importing the checkpoint module leaves logging filters and Python's hooks as they were."""
+    script = (
+        "import logging, sys\n"
+        "before = (sys.unraisablehook, sys.excepthook, *(list(logging.getLogger(n).filters) "
+        "for n in ('absl', 'asyncio', '')))\n"
+        "import meteora_jax.io.checkpoint, meteora_jax.training.loop\n"
+        "after = (sys.unraisablehook, sys.excepthook, *(list(logging.getLogger(n).filters) "
+        "for n in ('absl', 'asyncio', '')))\n"
+        "print(before == after)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "True", done.stdout + done.stderr
+
+
 def test_save_args_with_a_training_loops_own_manager(world, tmp_path):
     """The training loop saves through `save_args` with its own (async) manager; restore verifies."""
     params = checkpoint.model_params(world["model"].module)

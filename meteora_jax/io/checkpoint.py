@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
@@ -40,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from meteora_jax.config import LlamaConfig, MoELoRAConfig, projection_shape
@@ -204,18 +204,6 @@ def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
         for name in os.listdir(directory)
         if name.isdigit() and os.path.isdir(os.path.join(directory, name, META_ITEM))
     )
-
-
-class _SkippedItemsFilter(logging.Filter):
-    """Drops Orbax's warning that a step holds items a read did not ask for: reading only the
-    parameters and metadata of a training step (which also holds optimizer and data state) is
-    the normal case here, not a problem to report."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "was found in the checkpoint, but could not be restored" not in record.getMessage()
-
-
-logging.getLogger("absl").addFilter(_SkippedItemsFilter())
 
 
 def check_path_text(directory: str | os.PathLike, setting: str) -> None:
@@ -444,6 +432,8 @@ def _meta_json(directory: str, step: int) -> Any:
             return manager.restore(step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))[
                 META_ITEM
             ]
+    except MemoryError:
+        raise
     except Exception as e:  # Orbax / JSON errors of a damaged file: translated into one line
         raise _read_error(e, os.path.join(directory, str(step), META_ITEM, META_FILE), step) from None
 
@@ -542,7 +532,7 @@ def _restore_items(directory: str, step: int, extra_items: Mapping[str, Any]) ->
     misfit = None
     try:
         with _manager(directory, extra=tuple(extra_items)) as manager:
-            stored = manager.item_metadata(step)
+            stored = {n: _item_metadata(directory, step, n) for n in (PARAMS_ITEM, *extra_items)}
             targets = {PARAMS_ITEM: _host_target(stored[PARAMS_ITEM])}
             for name, target in extra_items.items():
                 targets[name] = _host_target(stored[name]) if target is None else target
@@ -552,6 +542,8 @@ def _restore_items(directory: str, step: int, extra_items: Mapping[str, Any]) ->
                     step,
                     args=ocp.args.Composite(**{n: ocp.args.StandardRestore(t) for n, t in targets.items()}),
                 )
+    except MemoryError:
+        raise
     except Exception as e:  # Orbax / tensorstore errors of damaged files: translated into one line
         raise _read_error(e, os.path.join(directory, str(step)), step) from None
     if misfit is not None:
@@ -559,42 +551,64 @@ def _restore_items(directory: str, step: int, extra_items: Mapping[str, Any]) ->
     return {name: restored[name] for name in targets}
 
 
-def _entry_names(tree) -> set[str]:
+def _item_metadata(directory: str, step: int, name: str):
+    """The stored array metadata of one item, read by its own handler: the manager's
+    `item_metadata` reads every item of the step and warns about those it has no handler for
+    (a training step's data position), though reading only some of them is normal here."""
+    return ocp.StandardCheckpointHandler().metadata(epath.Path(directory, str(step), name))
+
+
+def _entries(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{entry path: (shape, dtype name)} of a stored item's metadata or a restore target."""
     leaves = jax.tree_util.tree_leaves_with_path(getattr(tree, "tree", tree))
-    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path) for path, _ in leaves}
+    entries = {}
+    for path, leaf in leaves:
+        if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+            leaf = np.asarray(leaf)
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        entries[name] = (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+    return entries
 
 
 def _entries_misfit(name: str, stored, target) -> str | None:
     """What differs between the entries of item `name` as stored and the restore `target` (None:
     the same, or no target). A step saved under other settings (another optimizer chain) is not
-    damaged: it is refused by name, never read into the wrong places."""
+    damaged: it is refused by name, never read into the wrong places. Checked before reading, so
+    that whatever fails during the read itself is the files' fault."""
     if target is None:
         return None
-    have, want = _entry_names(stored), _entry_names(target)
-    if have == want:
-        return None
-    saved_only, asked_only = sorted(have - want), sorted(want - have)
-    return (
-        f"its item {name!r} holds other entries than this run's (saved only: "
-        f"{', '.join(saved_only[:3]) or 'none'}; this run's only: {', '.join(asked_only[:3]) or 'none'}): "
-        "it was saved with other settings or another meteora-jax version"
-    )
+    have, want = _entries(stored), _entries(target)
+    if have.keys() != want.keys():
+        saved_only = ", ".join(sorted(have.keys() - want.keys())[:3]) or "none"
+        asked_only = ", ".join(sorted(want.keys() - have.keys())[:3]) or "none"
+        return (
+            f"its item {name!r} holds other entries than this run's (saved only: {saved_only}; this "
+            f"run's only: {asked_only}): it was saved with other settings or another meteora-jax version"
+        )
+    other = [
+        f"{k}: {have[k][1]}{list(have[k][0])} stored, {want[k][1]}{list(want[k][0])} asked"
+        for k in sorted(have)
+        if have[k] != want[k]
+    ]
+    if other:
+        return f"its item {name!r} holds arrays of other shapes or types than asked ({'; '.join(other[:3])})"
+    return None
 
 
 # A tensorstore read error names the array as Orbax stored it ("layers.mlp.up_proj.gate/0.0.0")
-# and the item folder it read ('at local file "/ckpt/0/params/"').
+# and the item folder it read ('at local file "/ckpt/0/params/"'): kept to name them in ours.
 _ARRAY_IN_ERROR = re.compile(r'Error reading "([^"/]+)(?:/[^"]*)?"')
 _FOLDER_IN_ERROR = re.compile(r'at local file "([^"]*)"')
 _MAX_DETAIL = 200  # characters of the underlying error kept in ours
 _OCDBT_PREFIX = re.compile(r'Error reading "[^"]*" in OCDBT database at local file "[^"]*":\s*')
 
 
-def _read_error(error: Exception, path: str, step: int) -> CheckpointError:
+def _read_error(error: Exception, path: str, step: int) -> CorruptCheckpointError:
     """One line for an Orbax / tensorstore / JSON failure to read `path` (a file or step folder).
 
-    Read failures (tensorstore status codes, OSError, bad JSON) mean a damaged step:
-    CorruptCheckpointError. Anything else (a restore target that does not fit) stays a plain
-    CheckpointError, so `restore_latest_good` does not skip a good step for a caller's mistake.
+    Called only for failures of reads whose request was checked first (the items exist, the
+    targets hold the stored entries, shapes and types), so the failure is the files': the step
+    is damaged, and `restore_latest_good` may fall back to the one before it.
     """
     quiet_orbax_teardown()
     text = (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -606,13 +620,6 @@ def _read_error(error: Exception, path: str, step: int) -> CheckpointError:
         'Error opening "zarr" driver: ', ""
     )
     detail = detail if len(detail) <= _MAX_DETAIL else detail[: _MAX_DETAIL - 3] + "..."
-    damaged = isinstance(error, OSError | json.JSONDecodeError | UnicodeDecodeError) or re.match(
-        r"[A-Z_]{4,}: ", text
-    )
-    if not damaged:
-        return CheckpointError(
-            f"{path} (step {step}){named}: cannot be restored ({type(error).__name__}: {detail})"
-        )
     return CorruptCheckpointError(
         f"{path} (step {step}){named}: cannot be read, the checkpoint is damaged ({detail})"
     )

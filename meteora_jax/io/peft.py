@@ -15,6 +15,9 @@ DoRA, biases, modules_to_save, embedding / lm_head LoRA, inits that rewrite the 
 (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), and other LoRA variants. Stricter than PEFT, which
 only warns: a targeted module without tensors, or tensors for an untargeted module, is an
 error (PEFT would silently run such a module with its random / zero initial weights).
+
+PEFT's own functions are not called: PEFT needs torch, which reading an adapter here must not;
+tests/test_peft_io.py holds ours equal to PEFT's matching over every LLaMA module name.
 """
 
 from __future__ import annotations
