@@ -30,7 +30,6 @@ def _dtype(name: str, setting: str):
     return DTYPES[name]
 
 
-@nnx.jit(static_argnames=("return_routing",), graph=True, graph_updates=True)
 def _forward(module, input_ids, attention_mask, positions, cache, routing, return_routing):
     return module(
         input_ids,
@@ -115,15 +114,17 @@ class MeteoRAModel:
         leaf = next(iter(jax.tree.leaves(nnx.state(self.module, nnx.Param))), None)
         return set(leaf.devices()) if isinstance(leaf, jax.Array) else {jax.devices()[0]}
 
-    def _forward(self) -> Callable:
-        """The jitted forward bound to `module` with its graph walk cached (`nnx.cached_partial`):
-        later calls skip the per-call split, and still see in-place updates of its variables
-        (a training step, `nnx.update`); assigning another module to `.module` rebinds."""
+    def forward_program(self) -> Callable:
+        """The jitted forward bound to `module` (`nnx.jit_partial`): its variables are flattened
+        once, so a call costs what the program costs (no per-call graph walk, no copy of the
+        parameters out of the program, which `graph_updates` would add), and it still sees
+        in-place updates of their values (a training step, `nnx.update`). Assigning another
+        module to `.module` rebinds."""
         if self._bound is None or self._bound[0] is not self.module:
-            self._bound = (
-                self.module,
-                nnx.cached_partial(_forward, self.module, graph=True, graph_updates=True),
+            program = nnx.jit_partial(
+                _forward, self.module, static_argnames=("return_routing",), graph=True, graph_updates=False
             )
+            self._bound = (self.module, program)
         return self._bound[1]
 
     def __call__(
@@ -170,7 +171,7 @@ class MeteoRAModel:
             return_routing=return_routing,
             return_logits=return_gate_logits,
         )
-        out = self._forward()(
+        out = self.forward_program()(
             tokens.input_ids,
             tokens.attention_mask,
             tokens.positions,
