@@ -41,9 +41,9 @@ class TrainBenchSettings:
     lora_rank: int = 8
     top_k: int = 2
     tokens: int = 512
-    repeats: int = 3
+    repeats: int = 5
     seed: int = 0
-    backend: str = "xla"  # the MeteoRA variants' MoE-LoRA backend (the plain LoRA is always dense)
+    backend: str = "auto"  # the MeteoRA variants' MoE-LoRA backend (the plain LoRA is always dense)
     remat: str = "none"  # what each layer keeps for the backward pass (REMAT_POLICIES)
     attention: str = "auto"  # the attention implementation of every variant
     memory_only: bool = False  # compile and report peak memory, no timing

@@ -8,11 +8,13 @@ import json
 
 from meteora_jax.bench.generate import GenerateBenchSettings, bench_generate, format_bench
 from meteora_jax.bench.layer import LLAMA3_8B_LAYER, BenchSettings, bench
+from meteora_jax.bench.train import TrainBenchSettings
 from meteora_jax.config import LlamaConfig
 from meteora_jax.errors import ConfigError
 from meteora_jax.io.files import check_output_path, write_text_atomic
 from meteora_jax.modeling.attention import IMPLEMENTATIONS
 from meteora_jax.modeling.llama import REMAT_POLICIES
+from meteora_jax.ops import BACKENDS
 
 # A small whole model for `bench model` (random weights: nothing is downloaded).
 SMALL_MODEL = dataclasses.replace(
@@ -46,22 +48,44 @@ def register(subparsers) -> None:
         help="one LLaMA-3-8B decoder layer, a whole model, jitted generation (decode tokens/s), or one "
         "gate-training step vs a plain-LoRA step",
     )
-    parser.add_argument("--adapters", type=int, default=28)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--tokens", type=int, nargs="+", default=[512, 2048], help="prefill token counts")
-    parser.add_argument("--decode-tokens", type=int, nargs="*", default=[1, 8])
-    parser.add_argument("--decode-context", type=int, default=512, help="cached tokens before a decode step")
-    parser.add_argument("--backend", nargs="+", default=["auto"], help="MoE-LoRA backends to time")
-    parser.add_argument("--repeats", type=int, default=5)
+    # Unset flags leave each bench's own default (BenchSettings, GenerateBenchSettings,
+    # TrainBenchSettings), shown in the help.
+    layer, gen, train = BenchSettings(), GenerateBenchSettings(), TrainBenchSettings()
+    parser.add_argument("--adapters", type=int, help=f"adapters (default {layer.adapters})")
+    parser.add_argument("--rank", type=int, help=f"LoRA rank (default {layer.rank})")
+    parser.add_argument("--top-k", type=int, help=f"adapters per token (default {layer.top_k})")
+    parser.add_argument(
+        "--tokens", type=int, nargs="+",
+        help=f"prefill token counts (layer, model: default {list(layer.prefill_tokens)}; train: the first, "
+        f"default {train.tokens})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--decode-tokens",
+        type=int,
+        nargs="*",
+        help=f"decode step tokens (default {list(layer.decode_tokens)})",
+    )
+    parser.add_argument(
+        "--decode-context",
+        type=int,
+        help=f"cached tokens before a decode step ({layer.decode_context})",
+    )
+    parser.add_argument(
+        "--backend", nargs="+", choices=BACKENDS,
+        help="MoE-LoRA backends to time (layer, model; generate and train time the first; default auto)",
+    )  # fmt: skip
+    parser.add_argument("--repeats", type=int, help=f"timed repeats (default {layer.repeats})")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch reference algorithm")
     parser.add_argument("--base", help="HF model folder whose config.json sizes the model (weights unused)")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="generate: batch sizes")
-    parser.add_argument("--new-tokens", type=int, default=32, help="generate: tokens decoded per run")
-    parser.add_argument("--prompt-length", type=int, default=64, help="generate: prompt tokens")
     parser.add_argument(
-        "--mixtures", nargs="+", default=["28x8", "64x64"], metavar="LxR", help="train: adapters x rank"
+        "--batch", type=int, nargs="+", help=f"generate: batch sizes (default {list(gen.batch_sizes)})"
     )
+    parser.add_argument("--new-tokens", type=int, help=f"generate: tokens per run ({gen.new_tokens})")
+    parser.add_argument("--prompt-length", type=int, help=f"generate: prompt tokens ({gen.prompt_length})")
+    parser.add_argument(
+        "--mixtures", nargs="+", metavar="LxR",
+        help=f"train: adapters x rank (default {' '.join(f'{n}x{r}' for n, r in train.mixtures)})",
+    )  # fmt: skip
     parser.add_argument(
         "--layers", type=int, help="decoder layers (layer, train: default 1; generate: the shape's own)"
     )
@@ -71,8 +95,12 @@ def register(subparsers) -> None:
         help="generate: the model's shape instead of --base: small (hidden 512, 4 layers; the default) "
         "or llama3-8b (LLaMA-3-8B layers with an 8192-token vocabulary; give --layers)",
     )
-    parser.add_argument("--remat", default="none", choices=tuple(REMAT_POLICIES), help="train: remat policy")
-    parser.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS, help="train: attention")
+    parser.add_argument(
+        "--remat", choices=tuple(REMAT_POLICIES), help=f"train: remat policy (default {train.remat})"
+    )
+    parser.add_argument(
+        "--attention", choices=IMPLEMENTATIONS, help=f"train: attention (default {train.attention})"
+    )
     parser.add_argument(
         "--memory-only", action="store_true", help="train: compile and report peak memory, no timing"
     )
@@ -102,14 +130,16 @@ def run(args: argparse.Namespace) -> None:
     # Without torch, `bench` raises a ConfigError that names the install command and --no-torch.
     torch_reference = args.what == "layer" and not args.no_torch
     settings = BenchSettings(
-        adapters=args.adapters,
-        rank=args.rank,
-        top_k=args.top_k,
-        prefill_tokens=tuple(args.tokens),
-        decode_tokens=tuple(args.decode_tokens),
-        decode_context=args.decode_context,
-        backends=tuple(args.backend),
-        repeats=args.repeats,
+        **given(
+            adapters=args.adapters,
+            rank=args.rank,
+            top_k=args.top_k,
+            prefill_tokens=args.tokens and tuple(args.tokens),
+            decode_tokens=None if args.decode_tokens is None else tuple(args.decode_tokens),
+            decode_context=args.decode_context,
+            backends=args.backend and tuple(args.backend),
+            repeats=args.repeats,
+        ),
         torch_reference=torch_reference,
     )
     rows = bench(config, settings)
@@ -117,6 +147,11 @@ def run(args: argparse.Namespace) -> None:
         payload = {"what": args.what, "config": config.to_hf_dict(), "settings": dataclasses.asdict(settings),
                    "results": rows}  # fmt: skip
         write_json(payload, args.json)
+
+
+def given(**values) -> dict:
+    """The flags the user gave (not None): the rest keep the settings' own defaults."""
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def write_json(payload, path: str) -> None:
@@ -133,14 +168,16 @@ def run_generate(args: argparse.Namespace) -> None:
                                                  "num_hidden_layers", "num_attention_heads",
                                                  "num_key_value_heads")}  # fmt: skip
     settings = GenerateBenchSettings(
-        num_adapters=args.adapters,
-        rank=args.rank,
-        top_k=args.top_k,
-        prompt_length=args.prompt_length,
-        new_tokens=args.new_tokens,
-        batch_sizes=tuple(args.batch),
-        repeats=args.repeats,
-        backend=args.backend[0],
+        **given(
+            num_adapters=args.adapters,
+            rank=args.rank,
+            top_k=args.top_k,
+            prompt_length=args.prompt_length,
+            new_tokens=args.new_tokens,
+            batch_sizes=args.batch and tuple(args.batch),
+            repeats=args.repeats,
+            backend=args.backend and args.backend[0],
+        ),
         **overrides,
     )
     report = bench_generate(settings)
@@ -158,19 +195,21 @@ def _mixture(text: str) -> tuple[int, int]:
 
 def run_train(args: argparse.Namespace) -> None:
     """One gate-training step (gates only, and with adapters) vs one plain-LoRA step, per mixture."""
-    from meteora_jax.bench.train import TrainBenchSettings, bench_train  # noqa: PLC0415
+    from meteora_jax.bench.train import bench_train  # noqa: PLC0415
 
     config = LlamaConfig.from_hf(args.base) if args.base else LLAMA3_8B_LAYER
     config = dataclasses.replace(config, num_hidden_layers=args.layers or 1, vocab_size=256)
     settings = TrainBenchSettings(
-        mixtures=tuple(_mixture(m) for m in args.mixtures),
-        lora_rank=args.rank,
-        top_k=args.top_k,
-        tokens=args.tokens[0],
-        repeats=args.repeats,
-        backend=args.backend[0],
-        remat=args.remat,
-        attention=args.attention,
+        **given(
+            mixtures=args.mixtures and tuple(_mixture(m) for m in args.mixtures),
+            lora_rank=args.rank,
+            top_k=args.top_k,
+            tokens=args.tokens and args.tokens[0],
+            repeats=args.repeats,
+            backend=args.backend and args.backend[0],
+            remat=args.remat,
+            attention=args.attention,
+        ),
         memory_only=args.memory_only,
     )
     rows = bench_train(config, settings)
