@@ -50,6 +50,18 @@ def test_bench_layer_writes_ratios(tmp_path, monkeypatch, capsys):
     assert "torch reference algorithm" in out and "auto ran xla_gather (q_proj, k_proj" in out
 
 
+def test_bench_model_times_the_public_call_beside_its_program_and_torch(tmp_path, capsys):
+    out = tmp_path / "model.json"
+    argv = ["bench", "model", "--layers", "1", "--tokens", "12", "--adapters", "3", "--rank", "2"]
+    assert main([*argv, "--repeats", "1", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    timed = {"base", "meteora", "base[program]", "meteora[program]", "torch_base", "torch_reference"}
+    assert set(row["ms"]) == timed and all(ms > 0 for ms in row["ms"].values())
+    assert set(row["call_over_program"]) == {"base", "meteora"}
+    assert row["torch_reference_over_torch_base"] > 0 and row["torch_base_over_ours"] > 0
+    assert "public call over its program" in capsys.readouterr().out
+
+
 def test_bench_rejects_bad_settings(capsys):
     assert main(["bench", "layer", "--adapters", "2", "--top-k", "3", "--no-torch"]) == 2
     assert "top_k" in capsys.readouterr().err
@@ -109,7 +121,7 @@ def test_bench_shape_conflicts_are_named(tmp_path, capsys):
     assert main(["bench", "generate", "--shape", "llama3-8b", "--base", str(tmp_path)]) == 2
     assert f"--shape and --base both size the model (--base {tmp_path})" in capsys.readouterr().err
     assert main(["bench", "layer", "--shape", "small"]) == 2
-    assert "--shape sizes `bench generate` only, not `bench layer`" in capsys.readouterr().err
+    assert "--shape sizes `bench generate` and `bench model`, not `bench layer`" in capsys.readouterr().err
 
 
 def test_device_check_small_runs_on_cpu(capsys):

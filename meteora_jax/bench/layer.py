@@ -69,7 +69,7 @@ class BenchSettings:
             raise ConfigError("bench needs repeats, adapters, rank >= 1 and 1 <= top_k <= adapters")
 
 
-def _model(config: LlamaConfig, n_adapters: int, rank: int, top_k: int, backend: str, seed: int):
+def build_model(config: LlamaConfig, n_adapters: int, rank: int, top_k: int, backend: str, seed: int):
     """A random model; with adapters, random non-zero A, B and gates on all seven projections."""
     moe = None
     if n_adapters:
@@ -129,7 +129,7 @@ def auto_choices(config: LlamaConfig, settings: BenchSettings, tokens: int) -> d
     return choices
 
 
-def _torch_reference() -> ModuleType:
+def torch_reference_module() -> ModuleType:
     """The torch reference module (imports torch; raises ConfigError, not ImportError, without it)."""
     from meteora_jax.bench import torch_reference  # noqa: PLC0415  (torch is optional)
 
@@ -141,16 +141,16 @@ def bench(config: LlamaConfig, settings: BenchSettings, log=print) -> list[dict]
 
     Raises ConfigError when `settings.torch_reference` is set and torch is not installed.
     """
-    torch_reference = _torch_reference() if settings.torch_reference else None
-    models = {"base": _model(config, 0, settings.rank, 1, "xla", settings.seed)}
-    models["lora"] = _model(config, 1, settings.rank, 1, "xla", settings.seed)
+    torch_reference = torch_reference_module() if settings.torch_reference else None
+    models = {"base": build_model(config, 0, settings.rank, 1, "xla", settings.seed)}
+    models["lora"] = build_model(config, 1, settings.rank, 1, "xla", settings.seed)
     for backend in settings.backends:
-        models[f"meteora[{backend}]"] = _model(
+        models[f"meteora[{backend}]"] = build_model(
             config, settings.adapters, settings.rank, settings.top_k, backend, settings.seed
         )
     # The base again, allocated last: where in memory a model lands moves its time by a few %
     # (measured up to ~4%), so the denominator is the faster of the two base copies.
-    models["base_again"] = _model(config, 0, settings.rank, 1, "xla", settings.seed)
+    models["base_again"] = build_model(config, 0, settings.rank, 1, "xla", settings.seed)
     cases = [("prefill", t, 0) for t in settings.prefill_tokens]
     cases += [("decode", t, settings.decode_context) for t in settings.decode_tokens]
     rows = []

@@ -37,7 +37,9 @@ class GatherBmmLinear(torch.nn.Module):
         self.a = torch.randn(n_adapters, rank, d_in, generator=generator) * 0.02
         self.b = torch.randn(n_adapters, d_out, rank, generator=generator) * 0.02
 
-    def forward(self, x):  # x: (T, in)
+    def forward(self, x):  # x: (..., in): every leading position is a token
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
         t = x.shape[0]
         top_z, top_i = torch.topk(x @ self.gate.T, self.top_k, dim=-1)
         w = torch.softmax(top_z, dim=-1)  # (T, k)
@@ -45,7 +47,7 @@ class GatherBmmLinear(torch.nn.Module):
         b_sel = self.b[top_i].reshape(t * self.top_k, *self.b.shape[1:])  # (T*k, out, r)
         x_rep = x.repeat_interleave(self.top_k, dim=0).unsqueeze(-1)  # (T*k, in, 1)
         out = torch.bmm(b_sel, torch.bmm(a_sel, x_rep)).reshape(t, self.top_k, -1)
-        return self.base(x) + (out * w.unsqueeze(-1)).sum(1)
+        return (self.base(x) + (out * w.unsqueeze(-1)).sum(1)).reshape(*lead, -1)
 
 
 class TorchDecoderLayer(torch.nn.Module):

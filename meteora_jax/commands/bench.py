@@ -1,4 +1,4 @@
-"""`meteora-jax bench layer|model`: MoE-LoRA overhead against its baselines, measured side by side."""
+"""`meteora-jax bench layer|model|generate|train`: MoE-LoRA cost against its baselines, side by side."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 
 from meteora_jax.bench.generate import GenerateBenchSettings, bench_generate, format_bench
 from meteora_jax.bench.layer import LLAMA3_8B_LAYER, BenchSettings, bench
+from meteora_jax.bench.model import ModelBenchSettings, bench_model
 from meteora_jax.bench.train import TrainBenchSettings
 from meteora_jax.config import LlamaConfig
 from meteora_jax.errors import ConfigError
@@ -16,21 +17,8 @@ from meteora_jax.modeling.attention import IMPLEMENTATIONS
 from meteora_jax.modeling.llama import REMAT_POLICIES
 from meteora_jax.ops import BACKENDS
 
-# A small whole model for `bench model` (random weights: nothing is downloaded).
-SMALL_MODEL = dataclasses.replace(
-    LLAMA3_8B_LAYER,
-    vocab_size=32000,
-    hidden_size=1024,
-    intermediate_size=3584,
-    num_hidden_layers=8,
-    num_attention_heads=16,
-    num_key_value_heads=4,
-    head_dim=64,
-)
-
-
-# `bench generate --shape`: the model each name builds (random weights).
-GENERATE_SHAPES = {
+# `bench generate|model --shape`: the model each name builds (random weights: nothing is downloaded).
+SHAPES = {
     "small": GenerateBenchSettings().llama(),
     "llama3-8b": dataclasses.replace(LLAMA3_8B_LAYER, vocab_size=8192, num_hidden_layers=32),
 }
@@ -45,8 +33,8 @@ def register(subparsers) -> None:
     parser.add_argument(
         "what",
         choices=("layer", "model", "generate", "train"),
-        help="one LLaMA-3-8B decoder layer, a whole model, jitted generation (decode tokens/s), or one "
-        "gate-training step vs a plain-LoRA step",
+        help="one LLaMA-3-8B decoder layer, a whole model through the public call, jitted generation "
+        "(decode tokens/s), or one gate-training step vs a plain-LoRA step",
     )
     # Unset flags leave each bench's own default (BenchSettings, GenerateBenchSettings,
     # TrainBenchSettings), shown in the help.
@@ -91,9 +79,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--shape",
-        choices=tuple(GENERATE_SHAPES),
-        help="generate: the model's shape instead of --base: small (hidden 512, 4 layers; the default) "
-        "or llama3-8b (LLaMA-3-8B layers with an 8192-token vocabulary; give --layers)",
+        choices=tuple(SHAPES),
+        help="generate, model: the model's shape instead of --base: small (hidden 512, 4 layers; the "
+        "default) or llama3-8b (LLaMA-3-8B layers with an 8192-token vocabulary; give --layers)",
     )
     parser.add_argument(
         "--remat", choices=tuple(REMAT_POLICIES), help=f"train: remat policy (default {train.remat})"
@@ -115,20 +103,18 @@ def run(args: argparse.Namespace) -> None:
         raise ConfigError(f"--layers must be at least 1, got {args.layers}")
     if args.shape is not None and args.base:
         raise ConfigError(f"--shape and --base both size the model (--base {args.base}); give one")
-    if args.shape is not None and args.what != "generate":
-        raise ConfigError(f"--shape sizes `bench generate` only, not `bench {args.what}`")
+    if args.shape is not None and args.what not in ("generate", "model"):
+        raise ConfigError(f"--shape sizes `bench generate` and `bench model`, not `bench {args.what}`")
     if args.what == "generate":
         return run_generate(args)
     if args.what == "train":
         return run_train(args)
-    if args.base:
-        config = LlamaConfig.from_hf(args.base)
-    else:
-        config = LLAMA3_8B_LAYER if args.what == "layer" else SMALL_MODEL
-    if args.what == "layer":
-        config = dataclasses.replace(config, num_hidden_layers=args.layers or 1, vocab_size=256)
+    if args.what == "model":
+        return run_model(args)
+    config = LlamaConfig.from_hf(args.base) if args.base else LLAMA3_8B_LAYER
+    config = dataclasses.replace(config, num_hidden_layers=args.layers or 1, vocab_size=256)
     # Without torch, `bench` raises a ConfigError that names the install command and --no-torch.
-    torch_reference = args.what == "layer" and not args.no_torch
+    torch_reference = not args.no_torch
     settings = BenchSettings(
         **given(
             adapters=args.adapters,
@@ -159,9 +145,31 @@ def write_json(payload, path: str) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2))
 
 
+def run_model(args: argparse.Namespace) -> None:
+    """The whole model through the public call, its plain program, and torch's, side by side."""
+    config = LlamaConfig.from_hf(args.base) if args.base else SHAPES[args.shape or "small"]
+    if args.layers:
+        config = dataclasses.replace(config, num_hidden_layers=args.layers)
+    settings = ModelBenchSettings(
+        **given(
+            adapters=args.adapters,
+            rank=args.rank,
+            top_k=args.top_k,
+            tokens=args.tokens and tuple(args.tokens),
+            backend=args.backend and args.backend[0],
+            repeats=args.repeats,
+        ),
+        torch_reference=not args.no_torch,
+    )
+    rows = bench_model(config, settings)
+    if args.json:
+        write_json({"what": "model", "config": config.to_hf_dict(), "settings": dataclasses.asdict(settings),
+                    "results": rows}, args.json)  # fmt: skip
+
+
 def run_generate(args: argparse.Namespace) -> None:
     """Decode tokens/s and prefill time of a MeteoRA model vs its base, batch by batch."""
-    config = LlamaConfig.from_hf(args.base) if args.base else GENERATE_SHAPES[args.shape or "small"]
+    config = LlamaConfig.from_hf(args.base) if args.base else SHAPES[args.shape or "small"]
     if args.layers:
         config = dataclasses.replace(config, num_hidden_layers=args.layers)
     overrides = {f: getattr(config, f) for f in ("vocab_size", "hidden_size", "intermediate_size",

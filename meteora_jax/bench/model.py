@@ -1,0 +1,144 @@
+"""`meteora-jax bench model`: a whole model's forward through the public call, side by side.
+
+Variants, each timed on the same prompt of `tokens` tokens (batch 1, no cache) in one run
+(interleaved repeats, medians; `meteora_jax.bench.timing`):
+
+- `base`, `meteora`: `MeteoRAModel.__call__`, what a user calls (`load_model(...)(ids)`);
+- `base[program]`, `meteora[program]`: a plain `jax.jit` over `nnx.split` / `nnx.merge` of the
+  same modules, the program alone: the public call should cost the same;
+- `torch_base`: transformers' `LlamaForCausalLM` with the same shapes (sdpa attention);
+  `torch_reference`: the same with the reference's per-token gather-bmm MoE-LoRA
+  (`meteora_jax.bench.torch_reference.GatherBmmLinear`) in every projection, when torch is there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from meteora_jax.api import MeteoRAModel
+from meteora_jax.bench.layer import build_model, torch_reference_module
+from meteora_jax.bench.timing import SETTLE_SECONDS, interleaved, medians
+from meteora_jax.config import LlamaConfig
+from meteora_jax.errors import ConfigError
+from meteora_jax.inputs import resolve_routing
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelBenchSettings:
+    """L `adapters` of `rank` with top-k routing, timed at each prompt length of `tokens`."""
+
+    adapters: int = 28
+    rank: int = 8
+    top_k: int = 2
+    tokens: tuple[int, ...] = (512,)
+    backend: str = "auto"
+    repeats: int = 5
+    torch_reference: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.repeats < 1 or self.rank < 1 or not 1 <= self.top_k <= self.adapters:
+            raise ConfigError("bench model needs repeats, rank >= 1 and 1 <= top_k <= adapters")
+        if not self.tokens or min(self.tokens) < 1:
+            raise ConfigError(f"bench model needs token counts >= 1, got {list(self.tokens)}")
+
+
+def _program(model: MeteoRAModel, ids: jax.Array):
+    """The forward as a plain jit over the split module (what the public call should cost)."""
+    graphdef, state = nnx.split(model.module)
+    routing = resolve_routing(model.moe, ids.shape[0])
+    forward = jax.jit(lambda state, ids, routing: nnx.merge(graphdef, state)(ids, routing=routing).logits)
+    return lambda: forward(state, ids, routing)
+
+
+def _torch_runs(config: LlamaConfig, settings: ModelBenchSettings, ids: np.ndarray) -> dict:
+    """{"torch_base": run, "torch_reference": run}: transformers' LLaMA without / with the
+    reference's MoE-LoRA algorithm in every projection."""
+    reference = torch_reference_module()
+    import torch  # noqa: PLC0415 (present: the import above checked it)
+    import transformers  # noqa: PLC0415
+
+    torch.manual_seed(settings.seed)
+    hf = {k: v for k, v in config.to_hf_dict().items() if k != "architectures"}
+    hf_config = transformers.LlamaConfig(**hf, attn_implementation="sdpa")
+    base = transformers.LlamaForCausalLM(hf_config).eval()
+    fused = transformers.LlamaForCausalLM(hf_config).eval()
+    fused.load_state_dict(base.state_dict())
+    generator = torch.Generator().manual_seed(settings.seed)
+    for layer in fused.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    wrapped = reference.GatherBmmLinear(
+                        child, settings.adapters, settings.rank, settings.top_k, generator
+                    )
+                    setattr(parent, name, wrapped)
+    tokens = torch.as_tensor(ids, dtype=torch.long)
+
+    def run(model):
+        with torch.inference_mode():
+            model(input_ids=tokens, use_cache=False)
+
+    return {"torch_base": lambda: run(base), "torch_reference": lambda: run(fused)}
+
+
+def bench_model(config: LlamaConfig, settings: ModelBenchSettings, log=print) -> list[dict]:
+    """One row per prompt length: times (ms), and the ratios the README reports."""
+    models = {
+        "base": MeteoRAModel(build_model(config, 0, settings.rank, 1, "xla", settings.seed)),
+        "meteora": MeteoRAModel(
+            build_model(
+                config, settings.adapters, settings.rank, settings.top_k, settings.backend, settings.seed
+            )
+        ),
+    }
+    rows = []
+    for tokens in tqdm(settings.tokens, desc="bench model", unit="case"):
+        ids = (
+            np.random.default_rng(settings.seed).integers(3, config.vocab_size, (1, tokens)).astype(np.int32)
+        )
+        runs = {}
+        for name, model in models.items():
+            runs[name] = lambda model=model, ids=ids: model(ids).logits
+            runs[f"{name}[program]"] = _program(model, jnp.asarray(ids))
+        if settings.torch_reference:
+            runs.update(_torch_runs(config, settings, ids))
+        ms = {
+            n: s * 1e3
+            for n, s in medians(interleaved(runs, settings.repeats, settle_s=SETTLE_SECONDS)).items()
+        }
+        row = {
+            "tokens": tokens, "adapters": settings.adapters, "rank": settings.rank, "top_k": settings.top_k,
+            "ms": ms,
+            "meteora_over_base": ms["meteora"] / ms["base"],
+            "call_over_program": {n: ms[n] / ms[f"{n}[program]"] for n in models},
+        }  # fmt: skip
+        if settings.torch_reference:
+            row["torch_base_over_ours"] = ms["torch_base"] / ms["base[program]"]
+            row["torch_reference_over_torch_base"] = ms["torch_reference"] / ms["torch_base"]
+            row["torch_reference_over_meteora"] = ms["torch_reference"] / ms["meteora"]
+        rows.append(row)
+        log(format_model_row(row))
+    return rows
+
+
+def format_model_row(row: dict) -> str:
+    calls = ", ".join(f"{n} {r:.3f}x" for n, r in row["call_over_program"].items())
+    text = (
+        f"{row['tokens']} tok (L={row['adapters']}, r={row['rank']}, top-{row['top_k']}): base "
+        f"{row['ms']['base']:.1f} ms; meteora {row['meteora_over_base']:.3f}x base; public call over "
+        f"its program: {calls}"
+    )
+    if "torch_base_over_ours" in row:
+        text += (
+            f"; torch base {row['torch_base_over_ours']:.3f}x our base program; reference algorithm "
+            f"{row['torch_reference_over_torch_base']:.3f}x torch base, "
+            f"{row['torch_reference_over_meteora']:.2f}x meteora's wall time"
+        )
+    return text
