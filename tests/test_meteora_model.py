@@ -5,6 +5,8 @@ One tiny GQA base, six PEFT adapters that between them use every adapter feature
 and the model's random gates (read back out of it).
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +27,7 @@ from flax import nnx
 import meteora_jax as mj
 from meteora_jax.config import PROJECTIONS, MoELoRAConfig
 from meteora_jax.errors import ConfigError, MeteoRAError
+from meteora_jax.inputs import check_tokens, resolve_routing
 from meteora_jax.modeling.llama import LlamaForCausalLM
 from meteora_jax.ops import BACKENDS
 
@@ -157,6 +160,32 @@ def test_temperature_is_a_runtime_setting_that_never_recompiles(fused):
     fused(ids, temperature=7.0)
     assert program._cache_size() <= before + 1  # only return_routing=True adds a program
     assert float(jnp.max(high)) < float(jnp.max(low)), "a higher temperature flattens the weights"
+
+
+def test_the_public_call_returns_no_parameter_copies(fused):
+    """The program behind `model(ids)` outputs the logits alone, as a plain jit of the module
+    does; a forward jitted with `graph_updates=True` (the positive control) returns every
+    parameter too, a copy per call."""
+    ids = ids_of(4, 2, 9)
+    tokens = check_tokens(ids, fused.config.vocab_size)
+    routing = resolve_routing(fused.moe, 2)
+    args = (tokens.input_ids, tokens.attention_mask, tokens.positions, None, routing)
+    logits_bytes = 2 * 9 * fused.config.vocab_size * 4
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(fused.module, nnx.Param)))
+
+    def out_bytes(lowered) -> int:
+        lowered = getattr(lowered, "lowered", lowered)  # nnx.jit's stage wraps jax's
+        return sum(math.prod(o.shape) * o.dtype.itemsize for o in jax.tree.leaves(lowered.out_info))
+
+    program = fused.forward_program()
+    public = program.jitted_fn.lower(program.partial_args, *args, return_routing=False)
+    graphdef, state = nnx.split(fused.module)
+    plain = jax.jit(lambda state, *a: nnx.merge(graphdef, state)(*a[:3], cache=a[3], routing=a[4]).logits)
+    assert out_bytes(public) == out_bytes(plain.lower(state, *args)) == logits_bytes
+    updating = nnx.jit(
+        lambda m, *a: m(*a[:3], cache=a[3], routing=a[4]).logits, graph=True, graph_updates=True
+    )
+    assert out_bytes(updating.lower(fused.module, *args)) >= logits_bytes + param_bytes
 
 
 def test_left_padded_rows_and_kv_cache(fused):
