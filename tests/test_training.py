@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import json
 import os
 import re
@@ -56,13 +57,19 @@ MOE = MoELoRAConfig(("a", "b", "c", "d"), PROJECTIONS, 4, top_k=2)
 B, S = 8, 12
 
 
-def _module() -> LlamaForCausalLM:
-    """Random model whose adapters really change the output (so the LM loss depends on the gates)."""
+@functools.cache
+def _module_parts() -> tuple:
     module = LlamaForCausalLM(CONFIG, MOE, rngs=nnx.Rngs(0))
     lora = nnx.state(module, nnx.LoRAParam)
     keys = iter(jax.random.split(jax.random.key(7), len(jax.tree.leaves(lora))))
     nnx.update(module, jax.tree.map(lambda a: 0.3 * jax.random.normal(next(keys), a.shape), lora))
-    return module
+    return nnx.split(module)
+
+
+def _module() -> LlamaForCausalLM:
+    """Random model whose adapters really change the output (so the LM loss depends on the gates):
+    built once (its eager initialisers compile dozens of tiny programs), a fresh module each call."""
+    return nnx.merge(*_module_parts())
 
 
 def _batch(seed: int = 0) -> dict:
@@ -89,8 +96,9 @@ def _batch(seed: int = 0) -> dict:
 def _gradients(mesh_shape, grad_accum=1, train_adapters=False, **train_kw):
     mesh = make_mesh(*mesh_shape, devices=jax.devices()[: int(np.prod(mesh_shape))])
     cfg = TrainConfig(steps=1, grad_accum=grad_accum, train_adapters=train_adapters, **train_kw)
+    module = _module()  # outside the mesh: eager programs compiled under a mesh are its own
     with jax.set_mesh(mesh):
-        parts, state, frozen = split_for_training(_module(), cfg)
+        parts, state, frozen = split_for_training(module, cfg)
         params = jax.device_put(state.params, shardings_of(state.params, mesh))
         frozen = jax.device_put(frozen, shardings_of(frozen, mesh))
         batch = {k: jax.device_put(v, batch_sharding(mesh, (B, S))) for k, v in _batch().items()}
