@@ -22,6 +22,7 @@ from meteora_jax.modeling.llama import CausalLMOutput, KVCache, LlamaForCausalLM
 from meteora_jax.ops import BACKENDS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DEFAULT_DTYPE = "float32"  # what a loaded model computes in unless told
 
 
 def _dtype(name: str, setting: str):
@@ -190,7 +191,7 @@ def load_model(
     gates: str | os.PathLike | None = None,
     top_k: int | None = None,
     temperature: float | None = None,
-    dtype: str = "float32",
+    dtype: str = DEFAULT_DTYPE,
     backend: str = "auto",
     *,
     param_dtype: str | None = None,

@@ -11,6 +11,7 @@ from meteora_jax.commands.training_flags import (
     run_settings,
     train_settings,
 )
+from meteora_jax.training.adapters import LoRASettings
 from meteora_jax.training.config import LORA_DEFAULTS
 
 
@@ -44,7 +45,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     lora.add_argument(
         "--rslora", action="store_true", default=None, help="scale by alpha / sqrt(r) (rank-stabilised LoRA)"
     )
-    lora.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout in training (default 0)")
+    lora.add_argument(
+        "--dropout", type=float, default=LoRASettings.dropout,
+        help=f"LoRA dropout in training (default {LoRASettings.dropout:g})",
+    )  # fmt: skip
     lora.add_argument(
         "--init-from", metavar="PEFT_DIR", help="continue this PEFT adapter instead of a new one"
     )

@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 
 from meteora_jax import viz
+from meteora_jax.api import DEFAULT_DTYPE
 from meteora_jax.data.composite import COMPOSITE_LAYOUTS, CompositeSettings
 from meteora_jax.errors import ConfigError
 from meteora_jax.evaluation.registry import load_registry
@@ -51,7 +52,7 @@ class EvalSpec:
     adapters: Mapping[str, str] | None = None
     gates: str | None = None
     tokenizer: str | None = None
-    dtype: str = "float32"
+    dtype: str = DEFAULT_DTYPE
     tasks: Sequence[str] | None = None
     composite: str | None = None
     composite_n: int | None = None
