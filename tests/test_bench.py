@@ -65,6 +65,8 @@ def test_bench_model_times_the_public_call_beside_its_program_and_torch(tmp_path
 def test_bench_rejects_bad_settings(capsys):
     assert main(["bench", "layer", "--adapters", "2", "--top-k", "3", "--no-torch"]) == 2
     assert "top_k" in capsys.readouterr().err
+    assert main(["bench", "model", "--backend", "fast"]) == 2  # refused at parse time, before any model
+    assert "argument --backend: invalid choice: 'fast'" in capsys.readouterr().err
 
 
 def test_bench_layer_without_torch_says_how_to_install_it(monkeypatch, capsys):
