@@ -57,8 +57,8 @@ def _program(model: MeteoRAModel, ids: jax.Array):
     return lambda: forward(state, ids, routing)
 
 
-def _torch_runs(config: LlamaConfig, settings: ModelBenchSettings, ids: np.ndarray) -> dict:
-    """{"torch_base": run, "torch_reference": run}: transformers' LLaMA without / with the
+def _torch_models(config: LlamaConfig, settings: ModelBenchSettings) -> dict:
+    """{"torch_base": model, "torch_reference": model}: transformers' LLaMA without / with the
     reference's MoE-LoRA algorithm in every projection."""
     reference = torch_reference_module()
     import torch  # noqa: PLC0415 (present: the import above checked it)
@@ -79,13 +79,19 @@ def _torch_runs(config: LlamaConfig, settings: ModelBenchSettings, ids: np.ndarr
                         child, settings.adapters, settings.rank, settings.top_k, generator
                     )
                     setattr(parent, name, wrapped)
+    return {"torch_base": base, "torch_reference": fused}
+
+
+def _torch_run(model, ids: np.ndarray):
+    import torch  # noqa: PLC0415 (only reached once _torch_models has imported it)
+
     tokens = torch.as_tensor(ids, dtype=torch.long)
 
-    def run(model):
+    def run():
         with torch.inference_mode():
             model(input_ids=tokens, use_cache=False)
 
-    return {"torch_base": lambda: run(base), "torch_reference": lambda: run(fused)}
+    return run
 
 
 def bench_model(config: LlamaConfig, settings: ModelBenchSettings, log=print) -> list[dict]:
@@ -98,6 +104,7 @@ def bench_model(config: LlamaConfig, settings: ModelBenchSettings, log=print) ->
             )
         ),
     }
+    torch_models = _torch_models(config, settings) if settings.torch_reference else {}
     rows = []
     for tokens in tqdm(settings.tokens, desc="bench model", unit="case"):
         ids = (
@@ -107,8 +114,7 @@ def bench_model(config: LlamaConfig, settings: ModelBenchSettings, log=print) ->
         for name, model in models.items():
             runs[name] = lambda model=model, ids=ids: model(ids).logits
             runs[f"{name}[program]"] = _program(model, jnp.asarray(ids))
-        if settings.torch_reference:
-            runs.update(_torch_runs(config, settings, ids))
+        runs.update({name: _torch_run(model, ids) for name, model in torch_models.items()})
         ms = {
             n: s * 1e3
             for n, s in medians(interleaved(runs, settings.repeats, settle_s=SETTLE_SECONDS)).items()
