@@ -17,9 +17,10 @@ from meteora_jax.inputs import check_fits_memory, check_tokens, is_int, resolve_
 from meteora_jax.io import gates as gates_io
 from meteora_jax.io.hf import load_llama
 from meteora_jax.io.stacking import AdapterInfo
-from meteora_jax.modeling.attention import IMPLEMENTATIONS
+from meteora_jax.modeling.attention import DEFAULT_ATTENTION, IMPLEMENTATIONS
 from meteora_jax.modeling.llama import CausalLMOutput, KVCache, LlamaForCausalLM
 from meteora_jax.ops import BACKENDS
+from meteora_jax.ops.moe_lora import DEFAULT_BACKEND
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DEFAULT_DTYPE = "float32"  # what a loaded model computes in unless told
@@ -192,11 +193,11 @@ def load_model(
     top_k: int | None = None,
     temperature: float | None = None,
     dtype: str = DEFAULT_DTYPE,
-    backend: str = "auto",
+    backend: str = DEFAULT_BACKEND,
     *,
     param_dtype: str | None = None,
     scan_layers: bool = True,
-    attention: str = "auto",
+    attention: str = DEFAULT_ATTENTION,
     mesh: jax.sharding.Mesh | None = None,
     seed: int = 0,
 ) -> MeteoRAModel:

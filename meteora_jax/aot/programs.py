@@ -19,7 +19,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from meteora_jax.config import PROJECTIONS, LlamaConfig, MoELoRAConfig
 from meteora_jax.data.pipeline import BATCH_KEYS
 from meteora_jax.generation import GenerationPlan, SamplingArrays, prefill_program, step_program
+from meteora_jax.modeling.attention import DEFAULT_ATTENTION
 from meteora_jax.modeling.llama import LlamaForCausalLM
+from meteora_jax.ops.moe_lora import DEFAULT_BACKEND
 from meteora_jax.ops.routing import RoutingSettings
 from meteora_jax.training.adapters import lora_train_config
 from meteora_jax.training.config import TrainConfig
@@ -44,8 +46,8 @@ class ProgramSpec:
     adapters: int
     rank: int
     train: TrainConfig
-    backend: str = "auto"
-    attention: str = "auto"
+    backend: str = DEFAULT_BACKEND
+    attention: str = DEFAULT_ATTENTION
     scan_layers: bool = True
 
 

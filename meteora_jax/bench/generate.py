@@ -36,6 +36,7 @@ from meteora_jax.generation import (
 )
 from meteora_jax.inputs import resolve_routing
 from meteora_jax.modeling.llama import LlamaForCausalLM
+from meteora_jax.ops.moe_lora import DEFAULT_BACKEND
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +57,7 @@ class GenerateBenchSettings:
     batch_sizes: tuple[int, ...] = (1, 8)
     repeats: int = 5
     dtype: str = "float32"
-    backend: str = "auto"
+    backend: str = DEFAULT_BACKEND
     seed: int = 0
 
     def __post_init__(self):

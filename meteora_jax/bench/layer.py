@@ -29,7 +29,7 @@ from meteora_jax.bench.timing import SETTLE_SECONDS, interleaved, medians
 from meteora_jax.config import PROJECTIONS, LlamaConfig, MoELoRAConfig, projection_shape
 from meteora_jax.errors import ConfigError
 from meteora_jax.modeling.llama import KVCache, LlamaForCausalLM
-from meteora_jax.ops.moe_lora import choose_backend
+from meteora_jax.ops.moe_lora import DEFAULT_BACKEND, choose_backend
 from meteora_jax.ops.routing import RoutingSettings
 
 # LLaMA-3-8B's decoder layer (the vocabulary is irrelevant to a layer and kept tiny).
@@ -59,7 +59,7 @@ class BenchSettings:
     prefill_tokens: tuple[int, ...] = (512, 2048)
     decode_tokens: tuple[int, ...] = (1, 8)
     decode_context: int = 512
-    backends: tuple[str, ...] = ("auto",)
+    backends: tuple[str, ...] = (DEFAULT_BACKEND,)
     repeats: int = 5
     torch_reference: bool = True
     seed: int = 0

@@ -27,6 +27,7 @@ from meteora_jax.bench.timing import SETTLE_SECONDS, interleaved, medians
 from meteora_jax.config import LlamaConfig
 from meteora_jax.errors import ConfigError
 from meteora_jax.inputs import resolve_routing
+from meteora_jax.ops.moe_lora import DEFAULT_BACKEND
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +38,7 @@ class ModelBenchSettings:
     rank: int = 8
     top_k: int = 2
     tokens: tuple[int, ...] = (512,)
-    backend: str = "auto"
+    backend: str = DEFAULT_BACKEND
     repeats: int = 5
     torch_reference: bool = True
     seed: int = 0

@@ -25,8 +25,9 @@ from tqdm import tqdm
 from meteora_jax.bench.timing import interleaved, medians
 from meteora_jax.config import PROJECTIONS, LlamaConfig, MoELoRAConfig
 from meteora_jax.errors import ConfigError
-from meteora_jax.modeling.attention import IMPLEMENTATIONS
+from meteora_jax.modeling.attention import DEFAULT_ATTENTION, IMPLEMENTATIONS
 from meteora_jax.modeling.llama import REMAT_POLICIES, LlamaForCausalLM
+from meteora_jax.ops.moe_lora import DEFAULT_BACKEND
 from meteora_jax.sharding import make_mesh
 from meteora_jax.training.config import TrainConfig
 from meteora_jax.training.state import split_for_training
@@ -43,9 +44,9 @@ class TrainBenchSettings:
     tokens: int = 512
     repeats: int = 5
     seed: int = 0
-    backend: str = "auto"  # the MeteoRA variants' MoE-LoRA backend (the plain LoRA is always dense)
+    backend: str = DEFAULT_BACKEND  # the MeteoRA variants' MoE-LoRA backend (the plain LoRA is always dense)
     remat: str = "none"  # what each layer keeps for the backward pass (REMAT_POLICIES)
-    attention: str = "auto"  # the attention implementation of every variant
+    attention: str = DEFAULT_ATTENTION  # the attention implementation of every variant
     memory_only: bool = False  # compile and report peak memory, no timing
 
     def __post_init__(self):

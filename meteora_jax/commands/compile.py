@@ -11,8 +11,8 @@ from meteora_jax.aot.programs import PROGRAMS
 from meteora_jax.commands.flags import add_field_flags
 from meteora_jax.errors import MeteoRAError
 from meteora_jax.io.files import write_text_atomic
-from meteora_jax.modeling.attention import IMPLEMENTATIONS
-from meteora_jax.ops.moe_lora import BACKENDS
+from meteora_jax.modeling.attention import DEFAULT_ATTENTION, IMPLEMENTATIONS
+from meteora_jax.ops.moe_lora import BACKENDS, DEFAULT_BACKEND
 from meteora_jax.sharding import DEFAULT_MESH
 from meteora_jax.training.config import TrainConfig
 
@@ -45,8 +45,10 @@ def register(subparsers) -> None:
         default=",".join(f"{axis}={size}" for axis, size in DEFAULT_MESH.items()),
         help="data=N,fsdp=N,tensor=N (-1: the rest)",
     )
-    p.add_argument("--backend", default="auto", choices=BACKENDS, help="MoE-LoRA backend")
-    p.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS, help="attention implementation")
+    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=BACKENDS, help="MoE-LoRA backend")
+    p.add_argument(
+        "--attention", default=DEFAULT_ATTENTION, choices=IMPLEMENTATIONS, help="attention implementation"
+    )
     # a pod's training runs in bfloat16 with full remat: the defaults compiled unless told
     fields = ("dtype", "remat", "train_adapters", "top_k", "loss_chunk")
     add_field_flags(p, TrainConfig, fields, defaults={"dtype": "bfloat16", "remat": "full"})

@@ -9,7 +9,7 @@ from typing import Any
 
 from meteora_jax.commands.flags import add_field_flags, field_values
 from meteora_jax.data.pipeline import DataConfig
-from meteora_jax.modeling.attention import IMPLEMENTATIONS
+from meteora_jax.modeling.attention import DEFAULT_ATTENTION, IMPLEMENTATIONS
 from meteora_jax.ops.moe_lora import BACKENDS
 from meteora_jax.sharding import DEFAULT_MESH, parse_mesh
 from meteora_jax.training.config import TRAIN_BACKEND, TrainConfig
@@ -49,7 +49,7 @@ def add_training_flags(
     )  # fmt: skip
     run.add_argument(
         "--attention",
-        default="auto",
+        default=DEFAULT_ATTENTION,
         choices=IMPLEMENTATIONS,
         help="attention implementation (default auto: cuDNN flash on GPU in bf16, splash on TPU, else XLA)",
     )

@@ -24,8 +24,10 @@ from meteora_jax.errors import CheckpointError, MissingFileError, OutputExistsEr
 from meteora_jax.io import checksums
 from meteora_jax.io.files import raise_problems, staged_directory, write_text_atomic
 from meteora_jax.io.safetensors_io import FLOAT_DTYPES, SafetensorsFile, save_file
+from meteora_jax.modeling.attention import DEFAULT_ATTENTION
 from meteora_jax.modeling.llama import LlamaForCausalLM
 from meteora_jax.modeling.moe_lora import BASE_PARAMS
+from meteora_jax.ops.moe_lora import DEFAULT_BACKEND
 from meteora_jax.sharding import active_mesh, variable_sharding
 
 CONFIG_FILE = "config.json"
@@ -207,8 +209,8 @@ def load_llama(
     dtype=jnp.float32,
     param_dtype=None,
     scan_layers: bool = True,
-    backend: str = "auto",
-    attention: str = "auto",
+    backend: str = DEFAULT_BACKEND,
+    attention: str = DEFAULT_ATTENTION,
     mesh: jax.sharding.Mesh | None = None,
 ) -> LlamaForCausalLM:
     """Loads a HF LLaMA folder into a `LlamaForCausalLM`, with MeteoRA layers when `moe` is given.

@@ -26,6 +26,7 @@ from meteora_jax.sharding import logical_to_spec, partitioned_mesh, per_device
 from pallas_kernels import target_platform
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+DEFAULT_ATTENTION = "auto"  # picked per platform, dtype and shape by `resolve_attention`
 SPLASH_BLOCK = 128  # splash attention's query / key block: T must be a multiple of it
 # XLA attends longer query runs in blocks of this many queries, each block recomputed in the
 # backward pass, so the float32 (N, T, S) logits never exist whole: N * 512 * S per block instead

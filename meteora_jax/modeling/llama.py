@@ -20,9 +20,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from meteora_jax.config import LlamaConfig, MoELoRAConfig
-from meteora_jax.modeling.attention import AttentionMask, attend, resolve_attention
+from meteora_jax.modeling.attention import DEFAULT_ATTENTION, AttentionMask, attend, resolve_attention
 from meteora_jax.modeling.moe_lora import ForwardContext, GateStats, MoELoRALinear, project
 from meteora_jax.modeling.rope import apply_rope, rope_tables
+from meteora_jax.ops.moe_lora import DEFAULT_BACKEND
 from meteora_jax.ops.routing import Routing, RoutingSettings
 from meteora_jax.sharding import constrain
 
@@ -249,8 +250,8 @@ class LlamaForCausalLM(nnx.Module):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         scan_layers: bool = True,
-        backend: str = "auto",
-        attention: str = "auto",
+        backend: str = DEFAULT_BACKEND,
+        attention: str = DEFAULT_ATTENTION,
         rngs: nnx.Rngs,
     ):
         resolve_attention(attention, dtype=dtype, head_dim=config.head_dim, length=0, cached=False)

@@ -36,6 +36,7 @@ from meteora_jax.sharding import logical_to_spec, partitioned_mesh, per_device
 from pallas_kernels.grouping import group_metadata, sort_pairs, tile_rows_for, visit_row_mask
 
 BACKENDS = ("auto", "xla", "xla_grouped", "xla_gather", "xla_pairs", "ragged", "pallas")
+DEFAULT_BACKEND = "auto"  # picked per platform and shape by `choose_backend`
 CPU_DENSE_COLUMNS = 256  # on CPU, dense prefill up to this many adapter columns L*R at any width
 CPU_PAIR_FLOATS = 32768  # on CPU, decode loops over pairs once one adapter, R*(D + O), is this large
 
@@ -203,7 +204,7 @@ def lora_delta(
     routing: Routing,
     scale_l: jax.Array,
     *,
-    backend: str = "auto",
+    backend: str = DEFAULT_BACKEND,
 ) -> jax.Array:
     """The LoRA part of the MeteoRA linear: sum_j w_j * s_{id_j} * (x @ A_{id_j}) @ B_{id_j}.
 
@@ -240,7 +241,7 @@ def moe_lora(
     scale_l: jax.Array,
     settings: RoutingSettings,
     *,
-    backend: str = "auto",
+    backend: str = DEFAULT_BACKEND,
     lora_x_md: jax.Array | None = None,
     forced_m: jax.Array | None = None,
 ) -> tuple[jax.Array, Routing]:

@@ -27,6 +27,7 @@ from meteora_jax.io import checkpoint, checksums
 from meteora_jax.io.peft import LoRAAdapter, read_adapter
 from meteora_jax.io.peft_write import update_adapter_files
 from meteora_jax.io.stacking import AdapterInfo, init_gates, moe_config_for, stack_adapters, unstack_adapters
+from meteora_jax.modeling.attention import DEFAULT_ATTENTION
 from meteora_jax.sharding import DEFAULT_MESH
 from meteora_jax.training.config import LORA_DEFAULTS, TRAIN_BACKEND, TrainConfig
 from meteora_jax.training.distributed import is_main
@@ -78,7 +79,7 @@ class LoRASpec:
     lora: LoRASettings = LoRASettings()
     mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_MESH))
     backend: str = TRAIN_BACKEND
-    attention: str = "auto"
+    attention: str = DEFAULT_ATTENTION
     force: bool = False
     progress: bool = True
 

@@ -14,6 +14,7 @@ from meteora_jax.data.tasks import load_tasks
 from meteora_jax.errors import ConfigError
 from meteora_jax.io import checkpoint
 from meteora_jax.io import gates as gates_io
+from meteora_jax.modeling.attention import DEFAULT_ATTENTION
 from meteora_jax.sharding import DEFAULT_MESH
 from meteora_jax.training.config import TRAIN_BACKEND, TrainConfig
 from meteora_jax.training.loop import Job, RunResult, prepare_out, run
@@ -35,7 +36,7 @@ class RunSpec:
     tasks: Sequence[str] | None = None
     init_from: str | None = None  # a checkpoint of these adapters: start from its gates and stacks
     backend: str = TRAIN_BACKEND
-    attention: str = "auto"
+    attention: str = DEFAULT_ATTENTION
     force: bool = False
     progress: bool = True
 

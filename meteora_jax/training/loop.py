@@ -33,7 +33,7 @@ from meteora_jax.errors import ConfigError, TrainingError, describe_os_error, st
 from meteora_jax.io import checkpoint, checksums, files
 from meteora_jax.io.hf import load_llama
 from meteora_jax.io.stacking import AdapterInfo, Path
-from meteora_jax.modeling.attention import check_training_length
+from meteora_jax.modeling.attention import DEFAULT_ATTENTION, check_training_length
 from meteora_jax.sharding import DEFAULT_MESH, MESH_AXES, host_to_global, make_mesh
 from meteora_jax.training import run_lock
 from meteora_jax.training.checkpointing import RUN_ITEM, RunCheckpoints, flat_state
@@ -81,7 +81,7 @@ class Job:
     mixture: Callable[[], Mixture]
     mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_MESH))
     backend: str = TRAIN_BACKEND
-    attention: str = "auto"
+    attention: str = DEFAULT_ATTENTION
     progress: bool = True
     evaluation: Evaluation | None = None
     evaluate_at_start: bool = False
