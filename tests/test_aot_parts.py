@@ -12,9 +12,9 @@ import jax
 import pytest
 from flax import nnx
 
+from meteora_jax.aot.analysis import REMAT_WARNING, Report, captured_stderr, collectives, unsplit_weights
 from meteora_jax.aot.compile import CompileRequest, extrapolate_layers
 from meteora_jax.aot.models import MODELS, model_config
-from meteora_jax.aot.report import REMAT_WARNING, Report, captured_stderr, collectives, unsplit_weights
 from meteora_jax.aot.topology import CHIPS, parse_topology
 from meteora_jax.config import LlamaConfig
 from meteora_jax.errors import ConfigError

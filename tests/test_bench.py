@@ -208,7 +208,7 @@ def test_the_timed_torch_reference_computes_the_meteora_layer():
     import torch
 
     from meteora_jax.bench.torch_reference import GatherBmmLinear
-    from meteora_jax.ops.reference import moe_lora_reference
+    from meteora_jax.ops.moe_lora_reference import moe_lora_reference
     from meteora_jax.ops.routing import RoutingSettings
 
     generator = torch.Generator().manual_seed(0)

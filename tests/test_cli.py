@@ -11,9 +11,9 @@ from meteora_jax.commands.training_flags import add_training_flags, data_config,
 from meteora_jax.data.pipeline import DataConfig
 from meteora_jax.sharding import DEFAULT_MESH
 from meteora_jax.training.adapters import LoRASpec, lora_train_config
-from meteora_jax.training.config import TRAIN_BACKEND, TrainConfig
 from meteora_jax.training.gates import RunSpec
 from meteora_jax.training.loop import Job
+from meteora_jax.training.train_config import TRAIN_BACKEND, TrainConfig
 
 
 def test_unknown_command_is_refused(capsys):

@@ -13,7 +13,7 @@ import os
 import pytest
 
 from meteora_jax.cli import main
-from meteora_jax.demo.pipeline import DemoRun, DemoSettings, run_demo
+from meteora_jax.demo.stages import DemoRun, DemoSettings, run_demo
 from meteora_jax.errors import ConfigError
 
 FAST = DemoSettings.fast()

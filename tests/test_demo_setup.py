@@ -44,7 +44,7 @@ def test_labelled_composite_data_adds_segments_samples_to_the_train_splits(tmp_p
     composite prompts dealt round-robin into the train splits, which `load_tasks` reads."""
     from meteora_jax.data.tasks import load_tasks
     from meteora_jax.demo.setup import write_labelled_composite_data
-    from meteora_jax.demo.tasks import write_tasks
+    from meteora_jax.demo.synthetic import write_tasks
 
     data = os.fspath(tmp_path / "data")
     write_tasks(data, train=4, test=2, tasks=("reverse", "upper", "shift"))

@@ -6,7 +6,7 @@ import numpy as np
 
 from meteora_jax.data.composite import answer_text, composite_text
 from meteora_jax.data.prompts import format_prompt
-from meteora_jax.demo.tasks import (
+from meteora_jax.demo.synthetic import (
     COPY_CHARACTERS,
     PRETRAIN_TASKS,
     TASKS,

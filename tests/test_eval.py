@@ -15,7 +15,7 @@ from matplotlib import image as mpimg
 import meteora_jax as mj
 from meteora_jax.cli import main
 from meteora_jax.data.prompts import encode_prompt, format_prompt, load_tokenizer
-from meteora_jax.demo.tasks import write_tiny_setup
+from meteora_jax.demo.synthetic import write_tiny_setup
 from meteora_jax.evaluation.evaluate import check_scoring
 from meteora_jax.evaluation.registry import load_registry
 from meteora_jax.evaluation.report import report_markdown

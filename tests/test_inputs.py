@@ -14,7 +14,7 @@ from meteora_jax.config import PROJECTIONS, MoELoRAConfig
 from meteora_jax.errors import ConfigError, MeteoRAError
 from meteora_jax.inputs import check_tokens, is_int, is_real, resolve_routing
 from meteora_jax.modeling.llama import LlamaForCausalLM
-from meteora_jax.modeling.moe_lora import GateParam
+from meteora_jax.modeling.meteora_linear import GateParam
 
 CONFIG = mj.LlamaConfig(
     vocab_size=97,

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from meteora_jax.demo.tasks import write_tiny_setup
+from meteora_jax.demo.synthetic import write_tiny_setup
 from meteora_jax.io.safetensors_io import SafetensorsFile
 
 STEPS = 3

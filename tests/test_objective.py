@@ -23,10 +23,10 @@ from flax import nnx
 import meteora_jax as mj
 from meteora_jax.ops.routing import RoutingSettings
 from meteora_jax.sharding import make_mesh
-from meteora_jax.training.config import TrainConfig
 from meteora_jax.training.losses import objective
 from meteora_jax.training.state import shardings_of, split_for_training
 from meteora_jax.training.step import batch_sharding, make_gradients
+from meteora_jax.training.train_config import TrainConfig
 
 # Their union is six of the seven projections (k_proj has no adapter, so no gate): the gate
 # mean counts 2 layers x 6 projections per labelled token.

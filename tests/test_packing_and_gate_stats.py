@@ -12,7 +12,7 @@ from flax import nnx
 import meteora_jax as mj
 from meteora_jax.config import PROJECTIONS, MoELoRAConfig
 from meteora_jax.modeling.llama import LlamaForCausalLM, segment_positions
-from meteora_jax.modeling.moe_lora import GateParam, gate_stats
+from meteora_jax.modeling.meteora_linear import GateParam, gate_stats
 from meteora_jax.ops.routing import RoutingSettings
 
 CONFIG = mj.LlamaConfig(

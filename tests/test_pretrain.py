@@ -14,7 +14,7 @@ from flax import nnx
 from meteora_jax.data.prompts import load_tokenizer
 from meteora_jax.data.tasks import Sample
 from meteora_jax.demo.pretrain import PretrainSettings, Readout, pretrain, pretraining_objective
-from meteora_jax.demo.tasks import LETTERS, write_tiny_setup
+from meteora_jax.demo.synthetic import LETTERS, write_tiny_setup
 from meteora_jax.io.hf import load_llama
 from meteora_jax.sharding import make_mesh
 from meteora_jax.training.loop import TrainingError

@@ -14,7 +14,7 @@ from meteora_jax.cli import main
 from meteora_jax.data.pipeline import DataConfig, train_batches
 from meteora_jax.data.prompts import format_prompt, load_tokenizer
 from meteora_jax.data.tasks import load_tasks, read_task_file
-from meteora_jax.demo.tasks import write_tiny_setup
+from meteora_jax.demo.synthetic import write_tiny_setup
 from meteora_jax.evaluation.runner import task_items
 
 

@@ -3,8 +3,8 @@
 import json
 import os
 
-from meteora_jax.training.config import TrainConfig
 from meteora_jax.training.run_log import METRICS_FILE, RunLog
+from meteora_jax.training.train_config import TrainConfig
 
 
 def test_a_restored_log_keeps_the_steps_up_to_the_resumed_one(tmp_path, capsys):

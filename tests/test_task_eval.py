@@ -11,7 +11,7 @@ import pytest
 
 import meteora_jax as mj
 from meteora_jax.data.prompts import encode_example, load_tokenizer, pad_token_of
-from meteora_jax.demo.tasks import write_tiny_setup
+from meteora_jax.demo.synthetic import write_tiny_setup
 from meteora_jax.sharding import make_mesh
 from meteora_jax.training.task_eval import ScoredSample, score
 

@@ -22,7 +22,7 @@ from meteora_jax.cli import main  # noqa: E402
 from meteora_jax.config import LlamaConfig  # noqa: E402
 from meteora_jax.modeling.attention import AttentionMask, attend  # noqa: E402
 from meteora_jax.sharding import logical_to_spec, make_mesh  # noqa: E402
-from meteora_jax.training.config import TrainConfig  # noqa: E402
+from meteora_jax.training.train_config import TrainConfig  # noqa: E402
 
 CONFIG = LlamaConfig(
     vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,

@@ -21,12 +21,12 @@ from conftest import kill_after_first_save, max_abs, torch_logits
 import meteora_jax as mj
 from meteora_jax.cli import main
 from meteora_jax.data.pipeline import DataConfig
-from meteora_jax.demo.tasks import write_tiny_setup
+from meteora_jax.demo.synthetic import write_tiny_setup
 from meteora_jax.errors import ConfigError
 from meteora_jax.io.safetensors_io import SafetensorsFile
 from meteora_jax.training.adapters import LoRASettings, LoRASpec, lora_train_config, train_lora
-from meteora_jax.training.config import TrainConfig
 from meteora_jax.training.loop import TrainingError
+from meteora_jax.training.train_config import TrainConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:no gates given")
 STEPS, SAVE_EVERY = 40, 8

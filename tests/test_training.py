@@ -1,6 +1,6 @@
 """Gate training: the step on every mesh, micro-batches, and whole runs (resume, faults, refusals).
 
-Runs use `meteora_jax.demo.tasks.write_tiny_setup`: a tiny base with its own tokenizer, three
+Runs use `meteora_jax.demo.synthetic.write_tiny_setup`: a tiny base with its own tokenizer, three
 random adapters and three string tasks; every run is a few seconds on 8 simulated CPU devices.
 """
 
@@ -30,19 +30,19 @@ from meteora_jax.data.pipeline import DataConfig
 from meteora_jax.data.prompts import load_tokenizer
 from meteora_jax.data.samples import encode_sample
 from meteora_jax.data.tasks import load_tasks
-from meteora_jax.demo.tasks import write_tiny_setup
+from meteora_jax.demo.synthetic import write_tiny_setup
 from meteora_jax.errors import ConfigError, MeteoRAError
 from meteora_jax.io import checkpoint
 from meteora_jax.modeling.llama import LlamaForCausalLM
 from meteora_jax.sharding import make_mesh
 from meteora_jax.training import loop, run_lock
 from meteora_jax.training.checkpointing import RunCheckpoints
-from meteora_jax.training.config import TrainConfig
 from meteora_jax.training.gates import RunSpec, train
 from meteora_jax.training.loop import TrainingError
 from meteora_jax.training.routing_eval import RoutingEvaluation
 from meteora_jax.training.state import shardings_of, split_for_training
 from meteora_jax.training.step import batch_sharding, make_gradients
+from meteora_jax.training.train_config import TrainConfig
 
 CONFIG = mj.LlamaConfig(
     vocab_size=101,

@@ -16,11 +16,11 @@ from meteora_jax.data.pipeline import DataConfig
 from meteora_jax.data.prompts import load_tokenizer
 from meteora_jax.data.samples import encode_sample
 from meteora_jax.data.tasks import load_tasks
-from meteora_jax.demo.tasks import write_tiny_setup
+from meteora_jax.demo.synthetic import write_tiny_setup
 from meteora_jax.errors import ConfigError
 from meteora_jax.training.adapters import LoRASpec, lora_train_config, train_lora
-from meteora_jax.training.config import TrainConfig
 from meteora_jax.training.gates import RunSpec, train
+from meteora_jax.training.train_config import TrainConfig
 from meteora_jax.training.truncation import FileCuts, check_truncation, count_cuts
 
 BOS, EOS = 1, 2

@@ -8,13 +8,13 @@ import re
 
 import jax
 
+from meteora_jax.aot.analysis import Report, captured_stderr, make_report, program_cost
 from meteora_jax.aot.models import model_config
 from meteora_jax.aot.programs import PROGRAMS, ProgramSpec, lower
-from meteora_jax.aot.report import Report, captured_stderr, make_report, program_cost
 from meteora_jax.aot.topology import Topology, parse_topology
 from meteora_jax.errors import ConfigError, MeteoRAError
 from meteora_jax.sharding import make_mesh, parse_mesh
-from meteora_jax.training.config import TrainConfig
+from meteora_jax.training.train_config import TrainConfig
 
 _ADAPTERS = re.compile(r"^(\d+)x(\d+)$")
 

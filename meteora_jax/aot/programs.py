@@ -24,9 +24,9 @@ from meteora_jax.modeling.llama import LlamaForCausalLM
 from meteora_jax.ops.moe_lora import DEFAULT_BACKEND
 from meteora_jax.ops.routing import RoutingSettings
 from meteora_jax.training.adapters import lora_train_config
-from meteora_jax.training.config import TrainConfig
 from meteora_jax.training.state import shardings_of, split_for_training
 from meteora_jax.training.step import batch_sharding, make_train_step
+from meteora_jax.training.train_config import TrainConfig
 
 PROGRAMS = ("train-gate", "train-lora", "prefill", "decode")
 

@@ -29,9 +29,9 @@ from meteora_jax.modeling.attention import DEFAULT_ATTENTION, IMPLEMENTATIONS
 from meteora_jax.modeling.llama import REMAT_POLICIES, LlamaForCausalLM
 from meteora_jax.ops.moe_lora import DEFAULT_BACKEND
 from meteora_jax.sharding import make_mesh
-from meteora_jax.training.config import TrainConfig
 from meteora_jax.training.state import split_for_training
 from meteora_jax.training.step import make_train_step
+from meteora_jax.training.train_config import TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ from meteora_jax.io.files import write_text_atomic
 from meteora_jax.modeling.attention import DEFAULT_ATTENTION, IMPLEMENTATIONS
 from meteora_jax.ops.moe_lora import BACKENDS, DEFAULT_BACKEND
 from meteora_jax.sharding import DEFAULT_MESH
-from meteora_jax.training.config import TrainConfig
+from meteora_jax.training.train_config import TrainConfig
 
 
 class CompileProblems(MeteoRAError):
@@ -57,8 +57,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from meteora_jax.aot.analysis import format_report  # noqa: PLC0415
     from meteora_jax.aot.compile import CompileRequest, compile_program  # noqa: PLC0415  (jax, libtpu)
-    from meteora_jax.aot.report import format_report  # noqa: PLC0415
 
     request = CompileRequest.from_flags(
         topology=args.topology, slices=args.slices, model=args.model, adapters=args.adapters,

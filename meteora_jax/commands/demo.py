@@ -29,8 +29,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from meteora_jax.demo.pipeline import DemoSettings, run_demo  # noqa: PLC0415
-    from meteora_jax.demo.report import report_path  # noqa: PLC0415
+    from meteora_jax.demo.stages import DemoSettings, run_demo  # noqa: PLC0415
+    from meteora_jax.demo.summary import report_path  # noqa: PLC0415
 
     settings = DemoSettings.fast() if args.fast else DemoSettings()
     run_demo(args.out, settings, force=args.force, progress=not args.no_progress)

@@ -14,7 +14,7 @@ from meteora_jax.commands.training_flags import (
     train_settings,
 )
 from meteora_jax.data.pipeline import DataConfig
-from meteora_jax.training.config import TrainConfig
+from meteora_jax.training.train_config import TrainConfig
 
 GATE_FLAGS = {"model": ("train_adapters", "top_k"), "optimisation": ("gate_loss_weight", "gate_loss_grad")}
 

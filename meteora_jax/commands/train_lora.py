@@ -12,7 +12,7 @@ from meteora_jax.commands.training_flags import (
     train_settings,
 )
 from meteora_jax.training.adapters import LoRASettings
-from meteora_jax.training.config import LORA_DEFAULTS
+from meteora_jax.training.train_config import LORA_DEFAULTS
 
 
 def _layers(text: str) -> list[int]:

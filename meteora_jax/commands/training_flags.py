@@ -12,7 +12,7 @@ from meteora_jax.data.pipeline import DataConfig
 from meteora_jax.modeling.attention import DEFAULT_ATTENTION, IMPLEMENTATIONS
 from meteora_jax.ops.moe_lora import BACKENDS
 from meteora_jax.sharding import DEFAULT_MESH, parse_mesh
-from meteora_jax.training.config import TRAIN_BACKEND, TrainConfig
+from meteora_jax.training.train_config import TRAIN_BACKEND, TrainConfig
 
 TRAIN_FLAGS = {
     "model": ("dtype", "remat", "loss_chunk"),

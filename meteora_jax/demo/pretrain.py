@@ -30,10 +30,10 @@ from jax.sharding import Mesh
 from meteora_jax.data.pipeline import BATCH_KEYS, DataConfig, train_batches
 from meteora_jax.data.tasks import Sample
 from meteora_jax.modeling.llama import LlamaForCausalLM
-from meteora_jax.training.config import TrainConfig
 from meteora_jax.training.loop import TrainingError
 from meteora_jax.training.state import optimizer_transform, shardings_of
 from meteora_jax.training.step import batch_sharding
+from meteora_jax.training.train_config import TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)

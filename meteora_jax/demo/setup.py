@@ -21,7 +21,7 @@ from flax import nnx
 from meteora_jax.data.composite import INSTRUCTION, answer_text, composite_text
 from meteora_jax.data.prompts import PROMPT_TEMPLATE, check_round_trip, format_prompt, train_tiny_tokenizer
 from meteora_jax.demo.pretrain import PretrainSettings, Readout, pretrain
-from meteora_jax.demo.tasks import (
+from meteora_jax.demo.synthetic import (
     PRETRAIN_TASKS,
     TASKS,
     labelled_composite_samples,

@@ -66,7 +66,7 @@ from meteora_jax.io.files import raise_problems, staged_directory
 from meteora_jax.io.peft import lora_scaling
 from meteora_jax.io.safetensors_io import SafetensorsFile, save_file
 from meteora_jax.io.stacking import AdapterInfo, Path, param_path
-from meteora_jax.modeling.moe_lora import AdapterScale, GateParam
+from meteora_jax.modeling.meteora_linear import AdapterScale, GateParam
 
 PARAMS_ITEM = "params"
 META_ITEM = "meta"

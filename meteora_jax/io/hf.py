@@ -26,7 +26,7 @@ from meteora_jax.io.files import raise_problems, staged_directory, write_text_at
 from meteora_jax.io.safetensors_io import FLOAT_DTYPES, SafetensorsFile, save_file
 from meteora_jax.modeling.attention import DEFAULT_ATTENTION
 from meteora_jax.modeling.llama import LlamaForCausalLM
-from meteora_jax.modeling.moe_lora import BASE_PARAMS
+from meteora_jax.modeling.meteora_linear import BASE_PARAMS
 from meteora_jax.ops.moe_lora import DEFAULT_BACKEND
 from meteora_jax.sharding import active_mesh, variable_sharding
 

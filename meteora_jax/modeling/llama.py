@@ -21,7 +21,7 @@ from flax import nnx
 
 from meteora_jax.config import LlamaConfig, MoELoRAConfig
 from meteora_jax.modeling.attention import DEFAULT_ATTENTION, AttentionMask, attend, resolve_attention
-from meteora_jax.modeling.moe_lora import ForwardContext, GateStats, MoELoRALinear, project
+from meteora_jax.modeling.meteora_linear import ForwardContext, GateStats, MoELoRALinear, project
 from meteora_jax.modeling.rope import apply_rope, rope_tables
 from meteora_jax.ops.moe_lora import DEFAULT_BACKEND
 from meteora_jax.ops.routing import Routing, RoutingSettings

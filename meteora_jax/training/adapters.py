@@ -29,11 +29,11 @@ from meteora_jax.io.peft_write import update_adapter_files
 from meteora_jax.io.stacking import AdapterInfo, init_gates, moe_config_for, stack_adapters, unstack_adapters
 from meteora_jax.modeling.attention import DEFAULT_ATTENTION
 from meteora_jax.sharding import DEFAULT_MESH
-from meteora_jax.training.config import LORA_DEFAULTS, TRAIN_BACKEND, TrainConfig
 from meteora_jax.training.distributed import is_main
 from meteora_jax.training.loop import Job, RunResult, prepare_out, run
 from meteora_jax.training.lora_init import new_adapter, parse_targets
 from meteora_jax.training.task_eval import TaskEvaluation, scored_samples
+from meteora_jax.training.train_config import LORA_DEFAULTS, TRAIN_BACKEND, TrainConfig
 from meteora_jax.training.truncation import check_truncation, heldout_within
 
 RUN_SUBDIR = "training"  # OUT/training: the run state beside the PEFT files

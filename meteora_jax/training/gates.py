@@ -16,9 +16,9 @@ from meteora_jax.io import checkpoint
 from meteora_jax.io import gates as gates_io
 from meteora_jax.modeling.attention import DEFAULT_ATTENTION
 from meteora_jax.sharding import DEFAULT_MESH
-from meteora_jax.training.config import TRAIN_BACKEND, TrainConfig
 from meteora_jax.training.loop import Job, RunResult, prepare_out, run
 from meteora_jax.training.routing_eval import RoutingEvaluation
+from meteora_jax.training.train_config import TRAIN_BACKEND, TrainConfig
 from meteora_jax.training.truncation import check_truncation, heldout_within
 
 

@@ -37,13 +37,13 @@ from meteora_jax.modeling.attention import DEFAULT_ATTENTION, check_training_len
 from meteora_jax.sharding import DEFAULT_MESH, MESH_AXES, host_to_global, make_mesh
 from meteora_jax.training import run_lock
 from meteora_jax.training.checkpointing import RUN_ITEM, RunCheckpoints, flat_state
-from meteora_jax.training.config import TRAIN_BACKEND, TrainConfig
 from meteora_jax.training.distributed import barrier, is_main
 from meteora_jax.training.resume import RunIdentity, check_schedule_left, restore_last_good
 from meteora_jax.training.run_log import METRICS_FILE, RunLog, log
 from meteora_jax.training.state import TrainState, split_for_training
 from meteora_jax.training.step import batch_sharding, make_train_step
 from meteora_jax.training.stopping import RunStopped, StopRequest, stop_requests
+from meteora_jax.training.train_config import TRAIN_BACKEND, TrainConfig
 
 GATE_METRICS = ("gate_loss", "gate_accuracy", "gate_tokens")  # logged only with a gate term
 

@@ -15,8 +15,8 @@ from meteora_jax.errors import CheckpointError, ConfigError
 from meteora_jax.io import checkpoint, files
 from meteora_jax.io.stacking import AdapterInfo
 from meteora_jax.training.checkpointing import RunCheckpoints, set_aside, unfinished_steps
-from meteora_jax.training.config import SHAPE_SETTINGS, TrainConfig
 from meteora_jax.training.distributed import barrier, is_main
+from meteora_jax.training.train_config import SHAPE_SETTINGS, TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)

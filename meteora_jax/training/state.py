@@ -18,9 +18,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meteora_jax.modeling.llama import LlamaForCausalLM
-from meteora_jax.modeling.moe_lora import GateParam
+from meteora_jax.modeling.meteora_linear import GateParam
 from meteora_jax.sharding import variable_sharding
-from meteora_jax.training.config import TrainConfig
+from meteora_jax.training.train_config import TrainConfig
 
 
 def trainable_kinds(config: TrainConfig):

@@ -24,9 +24,9 @@ from jax.sharding import Mesh, NamedSharding
 from meteora_jax.data.pipeline import BATCH_KEYS
 from meteora_jax.ops.routing import RoutingSettings
 from meteora_jax.sharding import constrain, logical_to_spec
-from meteora_jax.training.config import TrainConfig
 from meteora_jax.training.losses import Denominators, LossSums, denominators, loss_sums, objective
 from meteora_jax.training.state import TrainParts, TrainState, learning_rate, shardings_of
+from meteora_jax.training.train_config import TrainConfig
 
 METRICS = ("loss", "lm_loss", "gate_loss", "gate_accuracy", "grad_norm", "lr", "lm_tokens", "gate_tokens")
 

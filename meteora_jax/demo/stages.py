@@ -35,16 +35,16 @@ from collections.abc import Callable, Sequence
 from meteora_jax.data.composite import build_composite, write_composite
 from meteora_jax.data.pipeline import DataConfig
 from meteora_jax.demo.pretrain import PretrainSettings
-from meteora_jax.demo.report import write_report
 from meteora_jax.demo.setup import DemoBaseSettings, build_demo_base, write_labelled_composite_data
+from meteora_jax.demo.summary import write_report
 from meteora_jax.errors import ConfigError, OutputExistsError
 from meteora_jax.evaluation.evaluate import EvalSpec, evaluate
 from meteora_jax.evaluation.runner import EvalSettings
 from meteora_jax.inputs import is_int, is_real
 from meteora_jax.io.files import check_output_path, write_text_atomic
 from meteora_jax.training.adapters import LoRASettings, LoRASpec, lora_train_config, train_lora
-from meteora_jax.training.config import TrainConfig
 from meteora_jax.training.gates import RunSpec, train
+from meteora_jax.training.train_config import TrainConfig
 
 STAGES_DIR = "stages"
 COMPOSITE_FILE, METRICS_FILE = "composite.jsonl", "metrics.json"
