@@ -82,19 +82,26 @@ def checkpoint_folder(path: str, option: str = "--ckpt") -> str:
     return path
 
 
+def add_adapter_flag(group, *, required: bool = False, note: str = "") -> None:
+    """`--adapter [NAME=]DIR`, repeated in gate order (`adapter_specs` reads it): the one
+    declaration every command naming PEFT adapters shares; `note` adds to its help."""
+    group.add_argument(
+        "--adapter",
+        action="append",
+        required=required,
+        default=None if required else [],
+        metavar="[NAME=]DIR",
+        help="a PEFT adapter folder; repeat in gate order" + (f" ({note})" if note else ""),
+    )
+
+
 def add_model_flags(p: argparse.ArgumentParser):
     """The flags naming a model to run (a checkpoint, or a base with adapters and gates), in a
     "model" group (returned, for a command's own model flags)."""
     model = p.add_argument_group("model")
     model.add_argument("--ckpt", help="a meteora-jax checkpoint folder (its base folder is read from it)")
     model.add_argument("--base", metavar="DIR", help="the HF LLaMA base folder (overrides the checkpoint's)")
-    model.add_argument(
-        "--adapter",
-        action="append",
-        default=[],
-        metavar="[NAME=]DIR",
-        help="a PEFT adapter folder; repeat in gate order",
-    )
+    add_adapter_flag(model)
     model.add_argument(
         "--gates", metavar="FILE|CKPT", help="trained gates: MeteoRA model.safetensors or a checkpoint"
     )

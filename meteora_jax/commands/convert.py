@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from meteora_jax.commands import adapter_specs
+from meteora_jax.commands import adapter_specs, add_adapter_flag
 from meteora_jax.io import checkpoint, files, gates
 
 
@@ -15,13 +15,7 @@ def register(subparsers) -> None:
         "convert", help="fuse PEFT adapters (and trained gates) over a base into a meteora-jax checkpoint"
     )
     convert.add_argument("--base", required=True, help="the HF LLaMA base folder")
-    convert.add_argument(
-        "--adapter",
-        action="append",
-        required=True,
-        metavar="[NAME=]DIR",
-        help="a PEFT adapter folder; repeat in gate order (name: the folder's name unless NAME= is given)",
-    )
+    add_adapter_flag(convert, required=True, note="name: the folder's name unless NAME= is given")
     convert.add_argument(
         "--gates",
         metavar="FILE|CKPT",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from meteora_jax.commands import adapter_specs
+from meteora_jax.commands import adapter_specs, add_adapter_flag
 from meteora_jax.commands.flags import add_field_flags, field_values
 from meteora_jax.commands.training_flags import (
     add_training_flags,
@@ -27,13 +27,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     groups = add_training_flags(p)
     model, data = groups["model"], groups["data"]
-    model.add_argument(
-        "--adapter",
-        action="append",
-        required=True,
-        metavar="[NAME=]DIR",
-        help="a PEFT adapter folder; repeat in gate order (its name matches a task folder)",
-    )
+    add_adapter_flag(model, required=True, note="its name matches a task folder")
     model.add_argument(
         "--init-from",
         metavar="CKPT",
