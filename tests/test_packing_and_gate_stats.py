@@ -116,17 +116,25 @@ def test_remat_and_unrolled_layers_give_the_same_gradients():
     ids = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (2, 9)), jnp.int32)
     labels = jnp.asarray(rng.integers(0, 4, (2, 9)), jnp.int32)
 
-    def loss(m, remat):
-        out = m(ids, gate_labels=labels, remat=remat)
+    def loss(m):
+        out = m(ids, gate_labels=labels)
         ce = sum(jnp.sum(s.ce_sum) for s in out.gate_stats.values())
         return ce + jnp.mean(out.logits**2)
 
-    @nnx.jit(static_argnums=1)  # compiled: op-by-op the unrolled backward dominated the test
-    def gate_grads(m, remat):
-        return nnx.grad(loss, argnums=nnx.DiffState(0, GateParam))(m, remat)
+    @nnx.jit  # compiled: op-by-op the unrolled backward dominated the test
+    def gate_grads(m):
+        return nnx.grad(loss, argnums=nnx.DiffState(0, GateParam))(m)
 
-    base = jax.tree.leaves(gate_grads(module, "none"))
-    others = [gate_grads(module, remat) for remat in ("dots", "full")]
-    others.append(gate_grads(_module(False, moe), "none"))
+    def remat_grads(m, remat):
+        m.configure_training(remat=remat)
+        return gate_grads(m)
+
+    base = jax.tree.leaves(remat_grads(module, "none"))
+    others = [remat_grads(module, remat) for remat in ("dots", "full")]
+    others.append(remat_grads(_module(False, moe), "none"))
     for got in others:
         assert max(max_abs(a, b) for a, b in zip(jax.tree.leaves(got), base, strict=True)) <= 1e-5
+    with pytest.raises(ValueError, match=r"remat='some' is not one of \('none', 'dots', 'full'\)"):
+        module.configure_training(remat="some")
+    with pytest.raises(ValueError, match=r"gate_loss_grad='input' is not one of \('gates', 'all'\)"):
+        module.configure_training(gate_loss_grad="input")

@@ -33,6 +33,8 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs only
     "full": jax.checkpoint_policies.nothing_saveable,  # keep the layer input, recompute the rest
 }
+# What the gate loss's gradient reaches: each gate alone ("gates"), or everything upstream too.
+GATE_LOSS_GRADS = ("gates", "all")
 
 
 def segment_positions(segment_ids_bt: jax.Array) -> jax.Array:
@@ -257,6 +259,8 @@ class LlamaForCausalLM(nnx.Module):
         resolve_attention(attention, dtype=dtype, head_dim=config.head_dim, length=0, cached=False)
         self.attention = attention
         self.config = config
+        self.remat = "none"
+        self.gate_loss_grad = "gates"
         self.moe = moe
         self.dtype = dtype
         self.scan_layers = scan_layers
@@ -281,6 +285,18 @@ class LlamaForCausalLM(nnx.Module):
             else Linear(d, v, ("embed", "vocab"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         )
 
+    def configure_training(self, *, remat: str = "none", gate_loss_grad: str = "gates") -> None:
+        """Training-only settings of the forward pass. remat: what each decoder layer keeps for
+        the backward pass (`REMAT_POLICIES`); gate_loss_grad: "gates" holds each gate's input
+        constant in the gate loss (its gradient reaches the gates only), "all" lets it flow
+        upstream (`GATE_LOSS_GRADS`)."""
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r} is not one of {tuple(REMAT_POLICIES)}")
+        if gate_loss_grad not in GATE_LOSS_GRADS:
+            raise ValueError(f"gate_loss_grad={gate_loss_grad!r} is not one of {GATE_LOSS_GRADS}")
+        self.remat = remat
+        self.gate_loss_grad = gate_loss_grad
+
     def __call__(
         self,
         input_ids: jax.Array,
@@ -293,8 +309,6 @@ class LlamaForCausalLM(nnx.Module):
         dropout_rng: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         gate_labels: jax.Array | None = None,
-        gate_loss_grad: str = "gates",
-        remat: str = "none",
         head: bool = True,
     ) -> CausalLMOutput:
         """Forward pass over input_ids (B, T).
@@ -307,15 +321,11 @@ class LlamaForCausalLM(nnx.Module):
         segment_ids: (B, T) packed rows (training): tokens attend only within their own
         segment, 0 marks padding, and positions restart per segment unless given; replaces
         attention_mask and excludes a cache. gate_labels: (B, T) task label per token (-1: none)
-        for the MeteoRA gate loss, returned as `gate_stats`; gate_loss_grad: "gates" holds each
-        gate's input constant in that loss (its gradient reaches the gates only), "all" lets it
-        flow upstream (`TrainConfig.gate_loss_grad`). remat: "none" | "dots" | "full",
-        what each decoder layer keeps for the backward pass (REMAT_POLICIES). head=False skips
-        the LM head: `.hidden` instead of `.logits` (training's chunked cross entropy).
+        for the MeteoRA gate loss, returned as `gate_stats` (`configure_training` sets what its
+        gradient reaches). head=False skips the LM head: `.hidden` instead of `.logits`
+        (training's chunked cross entropy).
         """
         b, t = input_ids.shape
-        if remat not in REMAT_POLICIES:
-            raise ValueError(f"remat={remat!r} is not one of {tuple(REMAT_POLICIES)}")
         if segment_ids is not None:
             if cache is not None or attention_mask is not None:
                 raise ValueError("segment_ids replace attention_mask and cannot be used with a cache")
@@ -362,8 +372,9 @@ class LlamaForCausalLM(nnx.Module):
         )
         labels_m = None if gate_labels is None else gate_labels.reshape(b * t).astype(jnp.int32)
         walk = _LayerWalk(
-            routing, labels_m, gate_loss_grad, return_routing, REMAT_POLICIES[remat], remat != "none"
-        )
+            routing, labels_m, self.gate_loss_grad, return_routing, REMAT_POLICIES[self.remat],
+            self.remat != "none",
+        )  # fmt: skip
         x_btd, kv, routes, stats = self._run_layers(
             x_btd, (cos_bth, sin_bth, mask), kv, write_index, layer_keys, walk
         )

@@ -80,10 +80,8 @@ def make_gradients(parts: TrainParts, config: TrainConfig, *, temperature: float
             positions=micro["positions"],
             segment_ids=micro["segment_ids"],
             gate_labels=micro["gate_labels"] if with_gate_term else None,
-            gate_loss_grad=config.gate_loss_grad,
             routing=routing,
             dropout_rng=key,
-            remat=config.remat,
             head=config.loss_chunk == 0,
         )
         sums = loss_sums(out, micro, module.head_kernel(), config.loss_chunk)

@@ -7,12 +7,11 @@ import math
 
 from meteora_jax.errors import ConfigError
 from meteora_jax.inputs import is_int, is_real
-from meteora_jax.modeling.llama import REMAT_POLICIES
+from meteora_jax.modeling.llama import GATE_LOSS_GRADS, REMAT_POLICIES
 from meteora_jax.settings import check_choices, setting
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 TRAIN_BACKEND = "xla"  # the MoE-LoRA backend training runs use unless told: the dense path
-GATE_LOSS_GRADS = ("gates", "all")
 LORA_DEFAULTS = {"lr": 2e-4, "clip_norm": 1.0}  # where train-lora's defaults differ from train-gate's
 
 # Settings that shape the saved optimizer state: a run cannot resume under other values. (The
