@@ -15,11 +15,14 @@ from meteora_jax.commands import (
     generate,
     make_composite,
     run_reporting,
+    serve,
     train_gate,
     train_lora,
 )
 
-COMMANDS = (demo, convert, export, generate, train_gate, train_lora, make_composite, evaluate, bench, compile)
+COMMANDS = (
+    demo, convert, export, generate, train_gate, train_lora, make_composite, evaluate, serve, bench, compile
+)  # fmt: skip
 
 
 class UsageError(Exception):

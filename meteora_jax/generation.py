@@ -204,7 +204,7 @@ def _ban_repeated_ngrams(logits_bv, tokens_bs, real_bs, cur, n: int):
     return logits_bv.at[jnp.arange(b)[:, None], banned_bw].min(fill_bw)
 
 
-def _top_p_filter(logits_bv, top_p):
+def top_p_filter(logits_bv, top_p):
     """Keeps the smallest set of most likely tokens whose probability reaches top_p.
 
     transformers' rule, step for step: sort ascending, drop tokens while the cumulative mass
@@ -226,7 +226,7 @@ def _sample(logits_bv, key, sampling: SamplingArrays):
         kth_b = jax.lax.top_k(logits_bv, sampling.top_k)[0][:, -1]
         logits_bv = jnp.where(logits_bv < kth_b[:, None], -jnp.inf, logits_bv)
     logits_bv = jax.lax.cond(
-        sampling.top_p < 1, lambda x: _top_p_filter(x, sampling.top_p), lambda x: x, logits_bv
+        sampling.top_p < 1, lambda x: top_p_filter(x, sampling.top_p), lambda x: x, logits_bv
     )
     return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
 

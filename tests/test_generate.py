@@ -192,7 +192,7 @@ def test_filters_equal_transformers_warpers():
     logits[3, :3] = 10.0  # three tokens tied for the top
     for top_p in (0.05, 0.5, 0.9, 0.999, 1.0):
         want = np.isinf(transformers.TopPLogitsWarper(top_p)(None, torch.tensor(logits)).numpy())
-        got = np.isinf(np.asarray(gen._top_p_filter(logits, np.float32(top_p))))
+        got = np.isinf(np.asarray(gen.top_p_filter(logits, np.float32(top_p))))
         np.testing.assert_array_equal(got[:3], want[:3], err_msg=f"top_p={top_p}")
         # Ties break by sort order (torch's sort is not stable); the kept count must agree.
         np.testing.assert_array_equal(got.sum(-1), want.sum(-1), err_msg=f"top_p={top_p}")

@@ -120,7 +120,7 @@ class MoELoRALinear(nnx.Module):
         labels, its GateStats (computed here, per layer, so no (layers x tokens x L) tensor of
         gate logits is ever kept)."""
         b, t, d = x_btd.shape
-        settings = ctx.settings
+        settings = ctx.settings.per_token(t)
         if ctx.gate_labels_m is not None and not ctx.detach_gate_input and not settings.return_logits:
             settings = dataclasses.replace(settings, return_logits=True)
         x_md = x_btd.reshape(b * t, d).astype(self.dtype)
@@ -140,7 +140,7 @@ class MoELoRALinear(nnx.Module):
             settings,
             backend=self.backend,
             lora_x_md=lora_x,
-            forced_m=None if ctx.settings.forced_ids is None else jnp.repeat(ctx.settings.forced_ids, t),
+            forced_m=settings.forced_ids,
         )
         stats = None
         if ctx.gate_labels_m is not None:

@@ -254,7 +254,7 @@ def moe_lora(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
-    routing = route(x_md, gate_dl, settings, forced_m)
+    routing = route(x_md, gate_dl, settings, forced_m, settings.gated_rows)
     lora_x = x_md if lora_x_md is None else lora_x_md
     delta = lora_delta(lora_x, a_ldr, b_lro, routing, scale_l, backend=backend)
     y_mo = jnp.dot(x_md, kernel_do.astype(x_md.dtype)) + delta

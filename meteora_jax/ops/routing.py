@@ -16,12 +16,27 @@ import jax.numpy as jnp
 class RoutingSettings:
     """Run-time routing knobs. `top_k` is static (it shapes arrays); `temperature` is traced,
     so changing it never recompiles. `return_logits` keeps the raw gate logits (training).
-    `forced_ids` pins each batch row to one adapter (weight 1), like PEFT's `adapter_names`."""
+    `forced_ids` pins each batch row to one adapter (weight 1), like PEFT's `adapter_names`.
+    Per-row settings (a server's rows are different requests): `temperature` of shape (B,),
+    `row_top_k` (B,), each row's own k <= `top_k` (its weights over its k best adapters), and
+    `gated_rows` (B,) bool, the rows that follow their gates while the others are forced."""
 
-    temperature: jax.Array
+    temperature: jax.Array  # () or (B,) float32
     top_k: int = dataclasses.field(metadata=dict(static=True), default=2)
     return_logits: bool = dataclasses.field(metadata=dict(static=True), default=False)
     forced_ids: jax.Array | None = None  # (B,) int32: one adapter per row, bypassing the gate; -1 = none
+    row_top_k: jax.Array | None = None  # (B,) int32 in [1, top_k]
+    gated_rows: jax.Array | None = None  # (B,) bool, with forced_ids
+
+    def per_token(self, tokens_per_row: int) -> RoutingSettings:
+        """The per-row settings repeated for each of a row's tokens: (B,) -> (B * T,) (as the
+        layers flatten tokens); scalar settings as they are."""
+        rows = lambda a: None if a is None or a.ndim == 0 else jnp.repeat(a, tokens_per_row)  # noqa: E731
+        temperature = self.temperature if self.temperature.ndim == 0 else rows(self.temperature)
+        return dataclasses.replace(
+            self, temperature=temperature, forced_ids=rows(self.forced_ids), row_top_k=rows(self.row_top_k),
+            gated_rows=rows(self.gated_rows),
+        )  # fmt: skip
 
 
 @jax.tree_util.register_dataclass
@@ -53,19 +68,42 @@ def tempered_softmax(top_z: jax.Array, temperature: jax.Array) -> jax.Array:
 
 
 def route(
-    x_md: jax.Array, gate_dl: jax.Array, settings: RoutingSettings, forced_m: jax.Array | None = None
+    x_md: jax.Array,
+    gate_dl: jax.Array,
+    settings: RoutingSettings,
+    forced_m: jax.Array | None = None,
+    gated_m: jax.Array | None = None,
 ) -> Routing:
     """Chooses top-k adapters per token; weights = softmax(z[ids] / T) (k == 1 gives 1).
 
     forced_m: (M,) adapter id per token overriding the gate (k = 1, weight 1; -1: weight 0).
+    gated_m: (M,) bool, the tokens that follow the gate despite `forced_m` (k columns, a forced
+    token's weight in the first). Per-token settings (`RoutingSettings.per_token`): a
+    temperature (M,) and `row_top_k` (M,), whose columns past a token's own k get weight 0.
     """
     z_ml = gate_logits(x_md, gate_dl)
     if forced_m is not None:
-        ids = jnp.maximum(forced_m, 0).astype(jnp.int32)[:, None]
-        weights = (forced_m >= 0).astype(jnp.float32)[:, None]
-        return Routing(ids=ids, weights=weights, logits=z_ml if settings.return_logits else None)
+        forced_ids = jnp.maximum(forced_m, 0).astype(jnp.int32)[:, None]
+        forced_weights = (forced_m >= 0).astype(jnp.float32)[:, None]
+        if gated_m is None:
+            return Routing(
+                ids=forced_ids, weights=forced_weights, logits=z_ml if settings.return_logits else None
+            )
+        gated = route(x_md, gate_dl, dataclasses.replace(settings, return_logits=False))
+        pad = lambda a: jnp.pad(a, ((0, 0), (0, settings.top_k - 1)))  # noqa: E731
+        return Routing(
+            ids=jnp.where(gated_m[:, None], gated.ids, pad(forced_ids)),
+            weights=jnp.where(gated_m[:, None], gated.weights, pad(forced_weights)),
+            logits=z_ml if settings.return_logits else None,
+        )
     top_z, ids = jax.lax.top_k(z_ml, settings.top_k)
-    weights = tempered_softmax(top_z, settings.temperature)
+    temperature = settings.temperature
+    if temperature.ndim == 1:
+        temperature = temperature[:, None]
+    if settings.row_top_k is not None:
+        kept = jnp.arange(settings.top_k)[None, :] < settings.row_top_k[:, None]
+        top_z = jnp.where(kept, top_z, -jnp.inf)
+    weights = tempered_softmax(top_z, temperature)
     return Routing(
         ids=ids.astype(jnp.int32), weights=weights, logits=z_ml if settings.return_logits else None
     )

@@ -1,0 +1,1 @@
+"""Serving the fused model: continuous batching and an OpenAI-compatible HTTP API."""
