@@ -91,6 +91,29 @@ def test_bench_generate_runs(tmp_path, monkeypatch):
     assert report
 
 
+def test_bench_serve_reports_throughput_and_first_token_per_concurrency(tmp_path, monkeypatch, capsys):
+    """`bench serve` drives the engine with 1 and 3 clients for the fused model and its base: every
+    request's tokens are counted (tokens/s > 0), every figure is there, and the table says it."""
+    import meteora_jax.commands.bench as command
+
+    tiny = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    original = command.GenerateBenchSettings
+    monkeypatch.setattr(command, "GenerateBenchSettings", lambda **kw: original(**{**kw, **tiny}))
+    out = tmp_path / "serve.json"
+    argv = ["bench", "serve", "--adapters", "3", "--rank", "2", "--clients", "1", "3", "--new-tokens", "3"]
+    assert main([*argv, "--prompt-length", "5", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["clients"] for r in report["results"]] == [1, 3]
+    for row in report["results"]:
+        for name in ("base", "meteora"):
+            assert row[name]["tokens_per_s"] > 0 and row[name]["first_token_s"] > 0
+    assert set(report["scaling"]) == {"base", "meteora"}
+    assert "| 3 |" in capsys.readouterr().out
+    assert main(["bench", "serve", "--clients", "0"]) == 2
+    assert "clients must be positive, got (0,)" in capsys.readouterr().err
+
+
 def test_bench_generate_shape_sizes_the_model(monkeypatch):
     """--shape llama3-8b builds LLaMA-3-8B layers (8192-token vocabulary), --layers sets their number."""
     import meteora_jax.commands.bench as command

@@ -223,7 +223,28 @@ def test_a_client_gone_mid_stream_frees_its_slot(served):
     deadline = time.monotonic() + 10
     while server.engine.active and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not server.engine.active
+    assert not server.engine.active and server.engine.stats.requests_cancelled >= 1
+
+
+def test_a_client_gone_before_its_answer_cancels_it(model, tokenizer):
+    """Not streamed: a client that stops waiting cancels its request. (Its own engine, started
+    only once the client has given up, so the request cannot have been answered already.)"""
+    engine = Engine(model, slots=1, max_length=MAX_LENGTH, max_queue=4)
+    engine.warm_up()
+    server = Server(model, tokenizer, engine, name=NAME, eos_ids=())
+    url, stop = _serve(server)
+    try:
+        with pytest.raises(httpx2.ReadTimeout):
+            httpx2.post(url + "/v1/completions", json={"prompt": PROMPTS[5], "max_tokens": 50}, timeout=0.3)
+        time.sleep(0.2)  # the disconnect reaches the server
+        engine.start()
+        deadline = time.monotonic() + 10
+        while engine.stats.requests_cancelled == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        stop()
+        engine.stop(timeout=10)
+    assert engine.stats.requests_cancelled == 1 and engine.stats.generated_tokens == 0
 
 
 def test_32_clients_200_requests_nothing_lost_or_mixed_and_no_compile(client, served):

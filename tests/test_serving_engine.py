@@ -82,7 +82,7 @@ def test_greedy_answers_equal_generate_while_requests_join_and_leave(model, engi
     """Seven requests of different lengths and budgets over three slots: rows are refilled while
     others decode and the cache compacts several times; every answer is `generate`'s, and no
     program compiles."""
-    lengths, budgets = (5, 12, 3, 20, 7, 16, 9), (12, 4, 20, 9, 15, 6, 11)
+    lengths, budgets = (5, 12, 3, 20, 7, 16, 9), (30, 4, 30, 19, 30, 20, 28)
     prompts = prompts_of(lengths)
     counter = CompileCount()
     jax.monitoring.register_event_duration_secs_listener(counter)

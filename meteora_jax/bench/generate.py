@@ -89,7 +89,8 @@ class GenerateBenchSettings:
         return MoELoRAConfig(adapter_names=names, targets=PROJECTIONS, rank=self.rank, top_k=self.top_k)
 
 
-def _models(s: GenerateBenchSettings) -> dict[str, MeteoRAModel]:
+def bench_models(s: GenerateBenchSettings) -> dict[str, MeteoRAModel]:
+    """{"base": the random base, "meteora": the same base with `s.num_adapters` random adapters}."""
     dtype = DTYPES[s.dtype]
     kw = dict(dtype=dtype, param_dtype=dtype, backend=s.backend)
     base = LlamaForCausalLM(s.llama(), rngs=nnx.Rngs(s.seed), **kw)
@@ -128,7 +129,7 @@ def bench_generate(settings: GenerateBenchSettings | None = None, **overrides) -
     speed (1.0: no overhead; the target is >= 0.90 for decode).
     """
     s = dataclasses.replace(settings or GenerateBenchSettings(), **overrides)
-    models = _models(s)
+    models = bench_models(s)
     runs = {}  # interleaved: base, meteora, base, ... (everything compiled before any timing)
     for name, model in models.items():
         for b in s.batch_sizes:

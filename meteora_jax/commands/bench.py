@@ -9,6 +9,7 @@ import json
 from meteora_jax.bench.generate import GenerateBenchSettings, bench_generate, format_bench
 from meteora_jax.bench.layer import LLAMA3_8B_LAYER, BenchSettings, bench
 from meteora_jax.bench.model import ModelBenchSettings, bench_model
+from meteora_jax.bench.serve import ServeBenchSettings, bench_serve, format_serve
 from meteora_jax.bench.train import TrainBenchSettings
 from meteora_jax.config import LlamaConfig
 from meteora_jax.errors import ConfigError
@@ -32,13 +33,19 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "what",
-        choices=("layer", "model", "generate", "train"),
+        choices=("layer", "model", "generate", "serve", "train"),
         help="one LLaMA-3-8B decoder layer, a whole model through the public call, jitted generation "
-        "(decode tokens/s), or one gate-training step vs a plain-LoRA step",
+        "(decode tokens/s), the serving engine under concurrent clients, or one gate-training step vs "
+        "a plain-LoRA step",
     )
     # Unset flags leave each bench's own default (BenchSettings, GenerateBenchSettings,
     # TrainBenchSettings), shown in the help.
-    layer, gen, train = BenchSettings(), GenerateBenchSettings(), TrainBenchSettings()
+    layer, gen, train, srv = (
+        BenchSettings(),
+        GenerateBenchSettings(),
+        TrainBenchSettings(),
+        ServeBenchSettings(),
+    )
     parser.add_argument("--adapters", type=int, help=f"adapters (default {layer.adapters})")
     parser.add_argument("--rank", type=int, help=f"LoRA rank (default {layer.rank})")
     parser.add_argument("--top-k", type=int, help=f"adapters per token (default {layer.top_k})")
@@ -68,8 +75,19 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--batch", type=int, nargs="+", help=f"generate: batch sizes (default {list(gen.batch_sizes)})"
     )
-    parser.add_argument("--new-tokens", type=int, help=f"generate: tokens per run ({gen.new_tokens})")
-    parser.add_argument("--prompt-length", type=int, help=f"generate: prompt tokens ({gen.prompt_length})")
+    parser.add_argument(
+        "--new-tokens",
+        type=int,
+        help=f"generate, serve: tokens per run / request ({gen.new_tokens}, {srv.new_tokens})",
+    )
+    parser.add_argument(
+        "--prompt-length",
+        type=int,
+        help=f"generate, serve: prompt tokens ({gen.prompt_length}, {srv.prompt_length})",
+    )
+    parser.add_argument(
+        "--clients", type=int, nargs="+", help=f"serve: concurrent clients (default {list(srv.clients)})"
+    )
     parser.add_argument(
         "--mixtures", nargs="+", metavar="LxR",
         help=f"train: adapters x rank (default {' '.join(f'{n}x{r}' for n, r in train.mixtures)})",
@@ -80,7 +98,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--shape",
         choices=tuple(SHAPES),
-        help="generate, model: the model's shape instead of --base: small (hidden 512, 4 layers; the "
+        help="generate, serve, model: the model's shape instead of --base: small (hidden 512, 4 layers; the "
         "default) or llama3-8b (LLaMA-3-8B layers with an 8192-token vocabulary; give --layers)",
     )
     parser.add_argument(
@@ -103,9 +121,9 @@ def run(args: argparse.Namespace) -> None:
         raise ConfigError(f"--layers must be at least 1, got {args.layers}")
     if args.shape is not None and args.base:
         raise ConfigError(f"--shape and --base both size the model (--base {args.base}); give one")
-    if args.shape is not None and args.what not in ("generate", "model"):
-        raise ConfigError(f"--shape sizes `bench generate` and `bench model`, not `bench {args.what}`")
-    if args.what == "generate":
+    if args.shape is not None and args.what not in ("generate", "serve", "model"):
+        raise ConfigError(f"--shape sizes `bench generate|serve|model`, not `bench {args.what}`")
+    if args.what in ("generate", "serve"):
         return run_generate(args)
     if args.what == "train":
         return run_train(args)
@@ -168,7 +186,8 @@ def run_model(args: argparse.Namespace) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    """Decode tokens/s and prefill time of a MeteoRA model vs its base, batch by batch."""
+    """Decode tokens/s and prefill time of a MeteoRA model vs its base, batch by batch (generate),
+    or the serving engine's tokens/s and time to first token by concurrent clients (serve)."""
     config = LlamaConfig.from_hf(args.base) if args.base else SHAPES[args.shape or "small"]
     if args.layers:
         config = dataclasses.replace(config, num_hidden_layers=args.layers)
@@ -180,14 +199,26 @@ def run_generate(args: argparse.Namespace) -> None:
             num_adapters=args.adapters,
             rank=args.rank,
             top_k=args.top_k,
-            prompt_length=args.prompt_length,
-            new_tokens=args.new_tokens,
+            prompt_length=None if args.what == "serve" else args.prompt_length,
+            new_tokens=None if args.what == "serve" else args.new_tokens,
             batch_sizes=args.batch and tuple(args.batch),
             repeats=args.repeats,
             backend=args.backend and args.backend[0],
         ),
         **overrides,
     )
+    if args.what == "serve":
+        serve = ServeBenchSettings(
+            **given(
+                clients=args.clients and tuple(args.clients), prompt_length=args.prompt_length,
+                new_tokens=args.new_tokens, repeats=args.repeats,
+            )
+        )  # fmt: skip
+        report = bench_serve(settings, serve)
+        print(format_serve(report))
+        if args.json:
+            write_json({"what": "serve", **report}, args.json)
+        return
     report = bench_generate(settings)
     print(format_bench(report))
     if args.json:

@@ -97,6 +97,14 @@ class TextStream:
         self._push("end", "stop" if self.stopped else reason, None, 0)
 
 
+async def _cancel_on_disconnect(request: HTTPRequest, job: Request) -> None:
+    """Cancels `job` when the client of a non-streamed request hangs up (its body is read, so
+    the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancelled.set()
+
+
 def _overlap(text: str, stop: str) -> int:
     """Length of the longest end of `text` that begins `stop` (held back until it is decided)."""
     for n in range(min(len(text), len(stop) - 1), 0, -1):
@@ -307,13 +315,17 @@ class Server:
                 headers={"Cache-Control": "no-cache"},
             )  # fmt: skip
         text, routing = [], [] if query.return_routing else None
-        while True:
-            kind, value, entries = await next_event()
-            if kind == "end":
-                break
-            text.append(value)
-            if routing is not None and entries:
-                routing.extend(entries)
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
+        try:
+            while True:
+                kind, value, entries = await next_event()
+                if kind == "end":
+                    break
+                text.append(value)
+                if routing is not None and entries:
+                    routing.extend(entries)
+        finally:
+            watcher.cancel()
         if value == "cancelled":
             error = RequestError("the server stopped before the answer was complete", status=503)
             return self._error(error, endpoint)

@@ -1,15 +1,16 @@
 """Continuous batching: a fixed number of decode slots over one KV cache, fed by a thread.
 
-Dimensions: B slots, C cache slots per row, P a prompt bucket, V vocab,
-L adapters, Y layers.
+Dimensions: B slots, C cache slots per row, G prompts prefilled together, P a prompt bucket,
+V vocab, L adapters, Y layers.
 
 Rows share the cache's write position (`KVCache.index`), as in `generate`; what makes them
 independent requests is each row's `valid` mask: a token's RoPE position is the count of valid
-slots before it, so a row may start anywhere. Three compiled programs serve all traffic:
+slots before it, so a row may start anywhere. Three kinds of compiled program serve all traffic:
 
-- `admit` (one per prompt bucket): prefills one prompt into a fresh one-row cache, copies it into
-  its row at slots [index - P, index), resets the row's sampling and routing settings and draws
-  its first token;
+- `admit` (one per prompt bucket and group size G, powers of two up to B): prefills G waiting
+  prompts of one bucket into a fresh G-row cache, copies each into a free row at slots
+  [index - P, index), sets those rows' sampling and routing settings and draws their first
+  tokens (a burst of requests costs one prefill, not one each);
 - `decode` (one): feeds every row's last token at `index` and draws the next one per row (each
   row its own temperature, top-p, seed and routing);
 - `compact` (one): when `index` reaches C, shifts every row left by `max_length`; a live request
@@ -20,7 +21,8 @@ below the largest bucket, so any prompt fits before it, and a compaction comes e
 `max_length` steps.
 
 Each draw also returns the routing that wrote the token: the adapters' weights averaged over all
-layers and projections (L,). Programs are compiled by `warm_up` and never by traffic.
+layers and projections (L,). `Engine.warm_up` compiles them ahead of time; the loop calls
+only the compiled executables.
 """
 
 from __future__ import annotations
@@ -81,15 +83,20 @@ class RowSettings:
 
 def draw(logits_bv, temperature_b, top_p_b, seed_b, step_b) -> jax.Array:
     """(B,) next tokens, each row by its own settings: argmax at temperature 0, else a draw from
-    logits / T under the row's top-p, keyed by (seed, step) so a row never depends on others."""
+    logits / T under the row's top-p, keyed by (seed, step) so a row never depends on others.
+    The sampling and the top-p sort run only when some row asks for them (`lax.cond`)."""
+    logits_bv = logits_bv.astype(jnp.float32)
+    greedy_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
 
-    def one(logits_v, temperature, top_p, seed, step):
-        key = jax.random.fold_in(jax.random.key(seed), step)
-        scaled = logits_v / jnp.maximum(temperature, 1e-6)
-        sampled = jax.random.categorical(key, top_p_filter(scaled[None], top_p)[0])
-        return jnp.where(temperature > 0, sampled, jnp.argmax(logits_v)).astype(jnp.int32)
+    def sample(logits_bv):
+        scaled_bv = logits_bv / jnp.maximum(temperature_b, 1e-6)[:, None]
+        nucleus = jax.vmap(lambda row_v, top_p: top_p_filter(row_v[None], top_p)[0])
+        scaled_bv = jax.lax.cond(jnp.any(top_p_b < 1), lambda x: nucleus(x, top_p_b), lambda x: x, scaled_bv)
+        keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(seed_b, step_b)
+        sampled_b = jax.vmap(jax.random.categorical)(keys, scaled_bv).astype(jnp.int32)
+        return jnp.where(temperature_b > 0, sampled_b, greedy_b)
 
-    return jax.vmap(one)(logits_bv.astype(jnp.float32), temperature_b, top_p_b, seed_b, step_b)
+    return jax.lax.cond(jnp.any(temperature_b > 0), sample, lambda _: greedy_b, logits_bv)
 
 
 def adapter_mix(routing, num_adapters: int, position: int) -> jax.Array:
@@ -119,57 +126,59 @@ def _mix(module, routing, rows: int, position: int) -> jax.Array:
     return adapter_mix(routing, module.moe.num_adapters, position)
 
 
-def _set_row(a: jax.Array, slot: jax.Array, value) -> jax.Array:
-    return a.at[slot].set(jnp.asarray(value, a.dtype))
+def _set_rows(a: jax.Array, slots_g: jax.Array, values_g) -> jax.Array:
+    return a.at[slots_g].set(jnp.asarray(values_g, a.dtype))
 
 
-@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("s",))
 def admit(
-    graphdef, params, s: Slots, ids_1p, mask_1p, slot, row: tuple
+    graphdef, params, s: Slots, ids_gp, mask_gp, slots_g, rows: tuple
 ) -> tuple[Slots, jax.Array, jax.Array]:
-    """Prefills one prompt (left-padded to its bucket P) into row `slot`; returns (slots, first
-    token (), its routing (L,))."""
+    """Prefills G prompts (left-padded to one bucket P) together into rows `slots_g` (G,);
+    `rows`: the `RowSettings.arrays` fields stacked (G,). Returns (slots, first tokens (G,),
+    their routing (G, L))."""
     module = nnx.merge(graphdef, params)
-    temperature, top_p, seed, adapter, routing_temperature, routing_top_k = row
+    temperature, top_p, seed, adapter, routing_temperature, routing_top_k = rows
     s = dataclasses.replace(
         s,
-        temperature_b=_set_row(s.temperature_b, slot, temperature),
-        top_p_b=_set_row(s.top_p_b, slot, top_p),
-        seed_b=_set_row(s.seed_b, slot, seed),
-        forced_b=_set_row(s.forced_b, slot, adapter),
-        routing_temperature_b=_set_row(s.routing_temperature_b, slot, routing_temperature),
-        routing_top_k_b=_set_row(s.routing_top_k_b, slot, routing_top_k),
+        temperature_b=_set_rows(s.temperature_b, slots_g, temperature),
+        top_p_b=_set_rows(s.top_p_b, slots_g, top_p),
+        seed_b=_set_rows(s.seed_b, slots_g, seed),
+        forced_b=_set_rows(s.forced_b, slots_g, adapter),
+        routing_temperature_b=_set_rows(s.routing_temperature_b, slots_g, routing_temperature),
+        routing_top_k_b=_set_rows(s.routing_top_k_b, slots_g, routing_top_k),
     )
     routing = _routing(module, s)
     if routing is not None:
-        pick = lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1)  # noqa: E731
+        pick = lambda a: a[slots_g]  # noqa: E731
         routing = dataclasses.replace(
             routing, temperature=pick(routing.temperature), forced_ids=pick(routing.forced_ids),
             row_top_k=pick(routing.row_top_k), gated_rows=pick(routing.gated_rows),
         )  # fmt: skip
-    p = ids_1p.shape[1]
-    fresh = KVCache.init(module.config, 1, p, dtype=s.cache.k.dtype)
-    out = module(ids_1p, attention_mask=mask_1p, cache=fresh, routing=routing, return_routing=True)
+    g, p = ids_gp.shape
+    fresh = KVCache.init(module.config, g, p, dtype=s.cache.k.dtype)
+    out = module(ids_gp, attention_mask=mask_gp, cache=fresh, routing=routing, return_routing=True)
     start = s.cache.index - p
-    cache = s.cache
-    k = jax.lax.dynamic_update_slice(cache.k, out.cache.k, (0, slot, start, 0, 0))
-    v = jax.lax.dynamic_update_slice(cache.v, out.cache.v, (0, slot, start, 0, 0))
-    valid_c = jax.lax.dynamic_update_slice(
-        jnp.zeros(cache.valid.shape[1], bool), mask_1p[0].astype(bool), (start,)
-    )
-    valid = cache.valid.at[slot].set(valid_c)
-    token = draw(out.logits[:, -1], temperature[None], top_p[None], jnp.asarray(seed, jnp.uint32)[None],
-                 jnp.zeros((1,), jnp.int32))[0]  # fmt: skip
+    k, v, valid = s.cache.k, s.cache.v, s.cache.valid
+    for i in range(g):  # G row copies into the shared cache
+        k = jax.lax.dynamic_update_slice(k, out.cache.k[:, i : i + 1], (0, slots_g[i], start, 0, 0))
+        v = jax.lax.dynamic_update_slice(v, out.cache.v[:, i : i + 1], (0, slots_g[i], start, 0, 0))
+        row_c = jax.lax.dynamic_update_slice(
+            jnp.zeros(valid.shape[1], bool), mask_gp[i].astype(bool), (start,)
+        )
+        valid = valid.at[slots_g[i]].set(row_c)
+    tokens = draw(
+        out.logits[:, -1], jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32),
+        jnp.asarray(seed, jnp.uint32), jnp.zeros((g,), jnp.int32),
+    )  # fmt: skip
     s = dataclasses.replace(
         s,
-        cache=dataclasses.replace(cache, k=k, v=v, valid=valid),
-        last_b=_set_row(s.last_b, slot, token),
-        step_b=_set_row(s.step_b, slot, 1),
+        cache=dataclasses.replace(s.cache, k=k, v=v, valid=valid),
+        last_b=_set_rows(s.last_b, slots_g, tokens),
+        step_b=_set_rows(s.step_b, slots_g, 1),
     )
-    return s, token, _mix(module, out.routing, 1, p - 1)[0]
+    return s, tokens, _mix(module, out.routing, g, p - 1)
 
 
-@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("s",))
 def decode(graphdef, params, s: Slots) -> tuple[Slots, jax.Array, jax.Array]:
     """One step for every row: feeds its last token, draws the next; returns (slots, tokens (B,),
     their routing (B, L)). Free rows decode too (their results are dropped)."""
@@ -181,8 +190,7 @@ def decode(graphdef, params, s: Slots) -> tuple[Slots, jax.Array, jax.Array]:
     return s, tokens, _mix(module, out.routing, tokens.shape[0], 0)
 
 
-@partial(jax.jit, static_argnames=("shift",), donate_argnames=("s",))
-def compact(s: Slots, shift: int) -> Slots:
+def compact(s: Slots, *, shift: int) -> Slots:
     """Moves every row `shift` slots to the left (the oldest `shift` slots are dropped)."""
     c = s.cache
     roll = lambda a, axis: jnp.roll(a, -shift, axis=axis)  # noqa: E731
@@ -213,6 +221,7 @@ class EngineStats:
     """Counters for /metrics (written by the engine thread, read by the server)."""
 
     requests_finished: int = 0
+    requests_cancelled: int = 0  # cancelled before or while running (a client gone, the engine stopped)
     prompt_tokens: int = 0
     generated_tokens: int = 0
     decode_steps: int = 0
@@ -240,12 +249,18 @@ class Engine:
         self.capacity = self.floor + max_length
         model.check_cache_fits(slots, self.capacity, f"serve (--slots {slots}, --max-length {max_length})")
         self.index = self.floor  # the cache's write position, mirrored on the host
+        # Prompts prefilled together: powers of two up to the slots (a burst of requests costs
+        # one prefill per bucket, not one per request).
+        self.group_sizes = tuple(1 << i for i in range(slots.bit_length()) if 1 << i <= slots)
         self.stats = EngineStats()
         self.queue: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self.active: dict[int, Request] = {}
         self.state = self._empty()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._admit_programs: dict[tuple[int, int], Callable] = {}  # (bucket, group size) -> `admit`
+        self._decode_program: Callable | None = None
+        self._compact_program: Callable | None = None
 
     def _empty(self) -> Slots:
         b = self.slots
@@ -274,18 +289,24 @@ class Engine:
         return (1.0, 1) if moe is None else (float(moe.temperature), int(moe.top_k))
 
     def warm_up(self) -> None:
-        """Compiles every program (each prompt bucket's `admit`, `decode`, `compact`) on a scratch
-        state, so no request waits for a compile."""
+        """Compiles every program ahead of time (`admit` per bucket and group size, `decode`,
+        `compact`); the loop calls only these executables, so traffic cannot compile anything."""
         s = self._empty()
         row = RowSettings().arrays()
+        admit_jit = jax.jit(partial(admit, self.graphdef), donate_argnums=(1,))
         for p in self.buckets:
-            ids = np.full((1, p), self.pad_id, np.int32)
-            s, token, _ = admit(
-                self.graphdef, self.params, s, ids, np.ones((1, p), np.int32), np.int32(0), row
-            )
-        s, tokens, _ = decode(self.graphdef, self.params, s)
-        s = compact(s, self.max_length)
-        jax.block_until_ready(s)
+            for g in self.group_sizes:
+                ids = np.full((g, p), self.pad_id, np.int32)
+                rows = tuple(np.stack([value] * g) for value in row)
+                slots = np.arange(g, dtype=np.int32)
+                lowered = admit_jit.lower(self.params, s, ids, np.ones((g, p), np.int32), slots, rows)
+                self._admit_programs[(p, g)] = lowered.compile()
+        self._decode_program = (
+            jax.jit(partial(decode, self.graphdef), donate_argnums=(1,)).lower(self.params, s).compile()
+        )
+        self._compact_program = (
+            jax.jit(partial(compact, shift=self.max_length), donate_argnums=(0,)).lower(s).compile()
+        )
 
     def submit(self, request: Request) -> None:
         """Queues a request (raises QueueFull when `max_queue` wait already)."""
@@ -299,6 +320,8 @@ class Engine:
         return self.queue.qsize()
 
     def start(self) -> None:
+        if self._decode_program is None:
+            raise RuntimeError("Engine.start: call warm_up first (it compiles the programs)")
         self._thread = threading.Thread(target=self._loop, name="meteora-engine", daemon=True)
         self._thread.start()
 
@@ -321,57 +344,72 @@ class Engine:
     def _loop(self) -> None:
         try:
             while not self._stop.is_set():
-                self._admit_waiting()
                 if not self.active:
-                    try:
-                        request = self.queue.get(timeout=0.05)
+                    try:  # idle: wait for a request rather than spin
+                        first = self.queue.get(timeout=0.05)
                     except queue.Empty:
                         continue
-                    self._admit(request)
-                    continue
-                self._step()
+                    self._admit_waiting([first])
+                else:
+                    self._admit_waiting([])
+                if self.active:
+                    self._step()
         finally:
             for slot in list(self.active):
                 self._release(slot, "cancelled")
             while not self.queue.empty():
                 self.queue.get_nowait().finish("cancelled")
 
-    def _admit_waiting(self) -> None:
-        while len(self.active) < self.slots and not self.queue.empty():
-            self._admit(self.queue.get_nowait())
+    def _admit_waiting(self, taken: list[Request]) -> None:
+        """Admits as many waiting requests as there are free slots, those of one prompt bucket
+        together, in groups of the compiled sizes (largest first)."""
+        free = [i for i in range(self.slots) if i not in self.active]
+        while len(taken) < len(free) and not self.queue.empty():
+            taken.append(self.queue.get_nowait())
+        by_bucket: dict[int, list[Request]] = {}
+        for request in taken:
+            if request.cancelled.is_set():
+                self.stats.requests_cancelled += 1
+                request.finish("cancelled")
+            else:
+                by_bucket.setdefault(prompt_bucket(len(request.ids)), []).append(request)
+        for p, group in by_bucket.items():
+            while group:
+                g = max(size for size in self.group_sizes if size <= len(group))
+                self._admit(p, group[:g], free[:g])
+                group, free = group[g:], free[g:]
 
-    def _admit(self, request: Request) -> None:
-        if request.cancelled.is_set():
-            request.finish("cancelled")
-            return
-        slot = next(i for i in range(self.slots) if i not in self.active)
-        n = len(request.ids)
-        p = prompt_bucket(n)
-        ids = np.full((1, p), self.pad_id, np.int32)
-        ids[0, p - n :] = request.ids
-        mask = np.zeros((1, p), np.int32)
-        mask[0, p - n :] = 1
+    def _admit(self, p: int, requests: list[Request], slots: list[int]) -> None:
+        g = len(requests)
+        ids = np.full((g, p), self.pad_id, np.int32)
+        mask = np.zeros((g, p), np.int32)
+        for i, request in enumerate(requests):
+            n = len(request.ids)
+            ids[i, p - n :] = request.ids
+            mask[i, p - n :] = 1
+        rows = tuple(np.stack(column) for column in zip(*(r.row.arrays() for r in requests), strict=True))
         started = time.monotonic()
-        self.state, token, mix = admit(
-            self.graphdef, self.params, self.state, ids, mask, np.int32(slot),
-            request.row.arrays(),
-        )  # fmt: skip
-        token, mix = int(token), np.asarray(mix)
-        self.stats.busy_seconds += time.monotonic() - started
-        self.stats.prompt_tokens += n
-        self.stats.first_token_seconds += time.monotonic() - request.submitted
-        self.stats.first_tokens += 1
-        self.active[slot] = request
-        self._deliver(slot, token, mix)
+        self.state, tokens, mixes = self._admit_programs[(p, g)](
+            self.params, self.state, ids, mask, np.asarray(slots, np.int32), rows
+        )
+        tokens, mixes = np.asarray(tokens), np.asarray(mixes)
+        now = time.monotonic()
+        self.stats.busy_seconds += now - started
+        for request, slot, token, mix in zip(requests, slots, tokens, mixes, strict=True):
+            self.stats.prompt_tokens += len(request.ids)
+            self.stats.first_token_seconds += now - request.submitted
+            self.stats.first_tokens += 1
+            self.active[slot] = request
+            self._deliver(slot, int(token), mix)
 
     def _step(self) -> None:
         started = time.monotonic()
         if self.index >= self.capacity:
-            self.state = compact(self.state, self.max_length)
+            self.state = self._compact_program(self.state)
             self.index -= self.max_length
             self.stats.compactions += 1
         self.index += 1
-        self.state, tokens, mixes = decode(self.graphdef, self.params, self.state)
+        self.state, tokens, mixes = self._decode_program(self.params, self.state)
         tokens, mixes = np.asarray(tokens), np.asarray(mixes)
         self.stats.busy_seconds += time.monotonic() - started
         self.stats.decode_steps += 1
@@ -396,4 +434,5 @@ class Engine:
     def _release(self, slot: int, reason: str) -> None:
         request = self.active.pop(slot)
         self.stats.requests_finished += 1
+        self.stats.requests_cancelled += reason == "cancelled"
         request.finish(reason)
