@@ -16,13 +16,18 @@ import meteora_jax as mj
 from meteora_jax.demo.synthetic import write_tiny_setup
 from meteora_jax.generation import generate
 from meteora_jax.serving.engine import Engine, Request, RowSettings
+from meteora_jax.sharding import make_mesh
 
 MAX_LENGTH = 40
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    setup = write_tiny_setup(str(tmp_path_factory.mktemp("serve")), layers=2, hidden=32, rank=2)
+def setup(tmp_path_factory):
+    return write_tiny_setup(str(tmp_path_factory.mktemp("serve")), layers=2, hidden=32, rank=2)
+
+
+@pytest.fixture(scope="module")
+def model(setup):
     with pytest.warns(UserWarning, match="untrained"):
         return mj.load_model(setup.base, adapters=setup.adapters, top_k=2)
 
@@ -130,3 +135,21 @@ def test_forced_adapter_and_eos_and_stop(model, engine):
     stopper = Collector(stop_after=2)
     engine.submit(Request(prompt, 10, RowSettings(adapter=1), (), stopper.emit, stopper.finish))
     assert stopper.done.wait(60) and stopper.reason == "stop" and len(stopper.tokens) == 2
+
+
+def test_a_model_sharded_over_a_mesh_serves_the_same_answers(setup, model):
+    """The model's weights split over 8 devices (fsdp 4 x tensor 2), the slots replicated: the
+    same greedy answers as `generate` on one device."""
+    with pytest.warns(UserWarning, match="untrained"):
+        sharded = mj.load_model(setup.base, adapters=setup.adapters, top_k=2, mesh=make_mesh(1, 4, 2))
+    engine = Engine(sharded, slots=2, max_length=MAX_LENGTH, max_queue=4)
+    engine.warm_up()
+    engine.start()
+    try:
+        prompts = prompts_of((7, 11), seed=9)
+        got = run(engine, prompts, [10, 10])
+    finally:
+        engine.stop(timeout=30)
+    for ids, c in zip(prompts, got, strict=True):
+        want = generate(model, np.asarray([ids]), max_new_tokens=10, eos_token_id=[])
+        assert c.tokens == np.asarray(want.new_tokens[0]).tolist()

@@ -16,6 +16,7 @@ import time
 from meteora_jax.api import DEFAULT_DTYPE, DTYPES
 from meteora_jax.commands import add_model_flags, model_sources
 from meteora_jax.errors import ConfigError
+from meteora_jax.sharding import make_mesh, parse_mesh
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -33,6 +34,10 @@ def register(subparsers) -> argparse.ArgumentParser:
         choices=tuple(DTYPES),
         help=f"compute dtype (default {DEFAULT_DTYPE})",
     )
+    model.add_argument(
+        "--mesh", metavar="data=N,fsdp=N,tensor=N",
+        help="shard the model over this device mesh (default: one device; the slots are replicated)",
+    )  # fmt: skip
     model.add_argument(
         "--name", help="the model id clients name (default: the checkpoint's or base's folder name)"
     )
@@ -81,8 +86,9 @@ def run(args: argparse.Namespace) -> None:
     from meteora_jax.text import stop_ids  # noqa: PLC0415
 
     _check(args)
+    mesh = None if args.mesh is None else make_mesh(**parse_mesh(args.mesh))
     base, adapters, gates = model_sources(args)
-    model = load_model(base, adapters=adapters, gates=gates, dtype=args.dtype)
+    model = load_model(base, adapters=adapters, gates=gates, dtype=args.dtype, mesh=mesh)
     limit = model.config.max_position_embeddings
     if args.max_length > limit:
         raise ConfigError(

@@ -28,6 +28,7 @@ only the compiled executables.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import queue
 import threading
 import time
@@ -293,7 +294,12 @@ class Engine:
         `compact`); the loop calls only these executables, so traffic cannot compile anything."""
         s = self._empty()
         row = RowSettings().arrays()
-        admit_jit = jax.jit(partial(admit, self.graphdef), donate_argnums=(1,))
+        # Outputs stay where the inputs are, so each program's result is the next one's input as
+        # compiled (XLA would otherwise pick its own layout for the cache).
+        placement = self._placement()
+        state = jax.tree.map(lambda _: placement, s)
+        outputs = (state, placement, placement)
+        admit_jit = jax.jit(partial(admit, self.graphdef), donate_argnums=(1,), out_shardings=outputs)
         for p in self.buckets:
             for g in self.group_sizes:
                 ids = np.full((g, p), self.pad_id, np.int32)
@@ -301,12 +307,12 @@ class Engine:
                 slots = np.arange(g, dtype=np.int32)
                 lowered = admit_jit.lower(self.params, s, ids, np.ones((g, p), np.int32), slots, rows)
                 self._admit_programs[(p, g)] = lowered.compile()
-        self._decode_program = (
-            jax.jit(partial(decode, self.graphdef), donate_argnums=(1,)).lower(self.params, s).compile()
+        decode_jit = jax.jit(partial(decode, self.graphdef), donate_argnums=(1,), out_shardings=outputs)
+        self._decode_program = decode_jit.lower(self.params, s).compile()
+        compact_jit = jax.jit(
+            partial(compact, shift=self.max_length), donate_argnums=(0,), out_shardings=state
         )
-        self._compact_program = (
-            jax.jit(partial(compact, shift=self.max_length), donate_argnums=(0,)).lower(s).compile()
-        )
+        self._compact_program = compact_jit.lower(s).compile()
 
     def submit(self, request: Request) -> None:
         """Queues a request (raises QueueFull when `max_queue` wait already)."""
@@ -343,22 +349,29 @@ class Engine:
 
     def _loop(self) -> None:
         try:
-            while not self._stop.is_set():
-                if not self.active:
-                    try:  # idle: wait for a request rather than spin
-                        first = self.queue.get(timeout=0.05)
-                    except queue.Empty:
-                        continue
-                    self._admit_waiting([first])
-                else:
-                    self._admit_waiting([])
-                if self.active:
-                    self._step()
+            self._serve()
+        except Exception:
+            logging.getLogger(__name__).exception("the serving engine stopped on an error")
+            raise
         finally:
             for slot in list(self.active):
                 self._release(slot, "cancelled")
             while not self.queue.empty():
                 self.queue.get_nowait().finish("cancelled")
+
+    def _serve(self) -> None:
+        """Admits waiting requests and decodes until `stop`."""
+        while not self._stop.is_set():
+            if not self.active:
+                try:  # idle: wait for a request rather than spin
+                    first = self.queue.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                self._admit_waiting([first])
+            else:
+                self._admit_waiting([])
+            if self.active:
+                self._step()
 
     def _admit_waiting(self, taken: list[Request]) -> None:
         """Admits as many waiting requests as there are free slots, those of one prompt bucket
