@@ -108,6 +108,20 @@ def add_model_flags(p: argparse.ArgumentParser):
     return model
 
 
+def add_runtime_flags(model, *, dtypes: tuple[str, ...] | None = None) -> None:
+    """--tokenizer and --dtype, the flags of a command that runs the model, in its model group.
+    `dtypes`: the compute dtypes it allows (default: every one `load_model` takes)."""
+    from meteora_jax.api import DEFAULT_DTYPE, DTYPES  # noqa: PLC0415 (jax loads with it)
+
+    model.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: the base folder)")
+    model.add_argument(
+        "--dtype",
+        default=DEFAULT_DTYPE,
+        choices=dtypes or tuple(DTYPES),
+        help=f"compute dtype (default {DEFAULT_DTYPE})",
+    )
+
+
 def checkpoint_base(ckpt: str) -> str:
     """The base folder recorded in a checkpoint's metadata (MissingFileError if it is gone)."""
     from meteora_jax.io import checkpoint  # noqa: PLC0415

@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from meteora_jax.commands import add_model_flags, model_inputs, model_sources
+from meteora_jax.commands import add_model_flags, add_runtime_flags, model_inputs, model_sources
 from meteora_jax.commands.flags import add_field_flags, field_values
 from meteora_jax.data.composite import COMPOSITE_LAYOUTS, CompositeSettings
 from meteora_jax.evaluation.evaluate import EvalSpec
@@ -28,8 +28,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         ),
     )
     model = add_model_flags(p)
-    model.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: the base folder)")
-    model.add_argument("--dtype", default=EvalSpec.dtype, choices=("float32", "bfloat16"))
+    add_runtime_flags(model, dtypes=("float32", "bfloat16"))
     data = p.add_argument_group("prompts")
     data.add_argument(
         "--tasks", required=True, metavar="DIR", help="DIR/<task>/test.jsonl (train.jsonl for -n)"

@@ -14,8 +14,13 @@ import os
 import sys
 import time
 
-from meteora_jax.api import DEFAULT_DTYPE, DTYPES
-from meteora_jax.commands import add_model_flags, model_inputs, model_sources, run_reporting
+from meteora_jax.commands import (
+    add_model_flags,
+    add_runtime_flags,
+    model_inputs,
+    model_sources,
+    run_reporting,
+)
 from meteora_jax.commands.flags import add_field_flags, field_values
 from meteora_jax.errors import ConfigError, MissingFileError
 from meteora_jax.generation import GenerationSettings
@@ -33,13 +38,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         description="Generate text; streams a single --prompt, batches a --prompts JSONL file.",
     )
     model = add_model_flags(p)
-    model.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: the base folder)")
-    model.add_argument(
-        "--dtype",
-        default=DEFAULT_DTYPE,
-        choices=tuple(DTYPES),
-        help=f"compute dtype (default {DEFAULT_DTYPE})",
-    )
+    add_runtime_flags(model)
     text = p.add_argument_group("prompts")
     source = text.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt (streamed to the terminal)")

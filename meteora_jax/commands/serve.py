@@ -13,8 +13,7 @@ import signal
 import sys
 import time
 
-from meteora_jax.api import DEFAULT_DTYPE, DTYPES
-from meteora_jax.commands import add_model_flags, model_sources
+from meteora_jax.commands import add_model_flags, add_runtime_flags, model_sources
 from meteora_jax.errors import ConfigError
 from meteora_jax.sharding import make_mesh, parse_mesh
 
@@ -27,13 +26,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         description="Serve a MeteoRA model (or its base) at /v1/completions and /v1/chat/completions.",
     )
     model = add_model_flags(p)
-    model.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: the base folder)")
-    model.add_argument(
-        "--dtype",
-        default=DEFAULT_DTYPE,
-        choices=tuple(DTYPES),
-        help=f"compute dtype (default {DEFAULT_DTYPE})",
-    )
+    add_runtime_flags(model)
     model.add_argument(
         "--mesh", metavar="data=N,fsdp=N,tensor=N",
         help="shard the model over this device mesh (default: one device; the slots are replicated)",
