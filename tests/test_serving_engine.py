@@ -96,6 +96,7 @@ def test_greedy_answers_equal_generate_while_requests_join_and_leave(model, engi
     finally:
         jax.monitoring.unregister_event_duration_listener(counter)
     assert counter.count == 0
+    assert len(engine.group_sizes) == 2 and engine.program_count == 3 * 2 + 2  # buckets 16, 32, 64
     assert engine.stats.compactions >= 1  # the cache was shifted under running requests
     for ids, budget, c in zip(prompts, budgets, got, strict=True):
         want = generate(model, np.asarray([ids]), max_new_tokens=budget, eos_token_id=[])

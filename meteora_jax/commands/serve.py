@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> None:
         pad_id=pad_token_of(tokenizer),
     )
     started = time.perf_counter()
-    programs = len(engine.buckets) + 2
+    programs = engine.program_count
     print(
         f"compiling {programs} programs ({args.slots} slots, --max-length {args.max_length})", file=sys.stderr
     )

@@ -285,6 +285,11 @@ class Engine:
         return jax.sharding.SingleDeviceSharding(next(iter(sharding.device_set)))
 
     @property
+    def program_count(self) -> int:
+        """Programs `warm_up` compiles: `admit` per bucket and group size, `decode`, `compact`."""
+        return len(self.buckets) * len(self.group_sizes) + 2
+
+    @property
     def routing_defaults(self) -> tuple[float, int]:
         moe = self.model.moe
         return (1.0, 1) if moe is None else (float(moe.temperature), int(moe.top_k))
