@@ -146,7 +146,7 @@ def test_bench_shape_conflicts_are_named(tmp_path, capsys):
     assert main(["bench", "generate", "--shape", "llama3-8b", "--base", str(tmp_path)]) == 2
     assert f"--shape and --base both size the model (--base {tmp_path})" in capsys.readouterr().err
     assert main(["bench", "layer", "--shape", "small"]) == 2
-    assert "--shape sizes `bench generate` and `bench model`, not `bench layer`" in capsys.readouterr().err
+    assert "--shape sizes `bench generate|serve|model`, not `bench layer`" in capsys.readouterr().err
 
 
 def test_device_check_small_runs_on_cpu(capsys):
