@@ -281,6 +281,28 @@ def test_32_clients_200_requests_nothing_lost_or_mixed_and_no_compile(client, se
     assert "meteora_time_to_first_token_seconds_count" in metrics and "meteora_slots_in_use 0.0" in metrics
 
 
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--slots", "0"], "--slots must be >= 1, got 0"),
+        (["--max-queue", "0"], "--max-queue must be >= 1, got 0"),
+        (["--max-length", "1"], "--max-length must be >= 2 (a prompt token and an answer token), got 1"),
+        (["--port", "70000"], "--port must lie in [0, 65536), got 70000"),
+        (["--grace", "-1"], "--grace must be >= 0, got -1.0"),
+        (["--max-length", "4096"], "--max-length 4096 exceeds the model's max_position_embeddings=256"),
+        (["--mesh", "data=3"], "mesh: 8 devices do not split into data*fsdp*tensor=[3, -1, 1]"),
+        (["--mesh", "nonsense"], "--mesh 'nonsense': expected NAME=SIZE items"),
+    ],
+)
+def test_the_command_refuses_bad_settings_in_one_line(setup, capsys, flags, words):
+    """Each bad setting: exit 2 and one line naming it, before anything listens."""
+    from meteora_jax.cli import main
+
+    assert main(["serve", "--base", setup.base, *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1, err
+
+
 def test_the_command_serves_and_finishes_a_running_answer_on_sigterm(setup, tmp_path):
     """`meteora-jax serve` on a free port: an answer being streamed when SIGTERM arrives is
     finished; the process then exits 0."""
