@@ -284,12 +284,18 @@ def test_32_clients_200_requests_nothing_lost_or_mixed_and_no_compile(client, se
 @pytest.mark.parametrize(
     ("flags", "words"),
     [
-        (["--slots", "0"], "--slots must be >= 1, got 0"),
-        (["--max-queue", "0"], "--max-queue must be >= 1, got 0"),
-        (["--max-length", "1"], "--max-length must be >= 2 (a prompt token and an answer token), got 1"),
-        (["--port", "70000"], "--port must lie in [0, 65536), got 70000"),
-        (["--grace", "-1"], "--grace must be >= 0, got -1.0"),
-        (["--max-length", "4096"], "--max-length 4096 exceeds the model's max_position_embeddings=256"),
+        (["--slots", "0"], "slots (--slots) must be >= 1, got 0"),
+        (["--max-queue", "0"], "max_queue (--max-queue) must be >= 1, got 0"),
+        (
+            ["--max-length", "1"],
+            "max_length (--max-length) must be >= 2 (a prompt token and an answer token), got 1",
+        ),
+        (["--port", "70000"], "port (--port) must be in [0, 65536), got 70000"),
+        (["--grace", "-1"], "grace (--grace) must be >= 0, got -1.0"),
+        (
+            ["--max-length", "4096"],
+            "max_length (--max-length) 4096 exceeds the model's max_position_embeddings=256",
+        ),
         (["--mesh", "data=3"], "mesh: 8 devices do not split into data*fsdp*tensor=[3, -1, 1]"),
         (["--mesh", "nonsense"], "--mesh 'nonsense': expected NAME=SIZE items"),
     ],
