@@ -9,6 +9,7 @@ import threading
 
 import jax
 import jax.monitoring
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -154,3 +155,33 @@ def test_a_model_sharded_over_a_mesh_serves_the_same_answers(setup, model):
     for ids, c in zip(prompts, got, strict=True):
         want = generate(model, np.asarray([ids]), max_new_tokens=10, eos_token_id=[])
         assert c.tokens == np.asarray(want.new_tokens[0]).tolist()
+
+
+def test_per_row_routing_settings_equal_each_rows_own_call():
+    """`route` with per-token settings (a temperature, a k and forced / gated choices per token)
+    gives each token what a call with that token's settings alone gives."""
+    from meteora_jax.ops.routing import RoutingSettings, route
+
+    rng = np.random.default_rng(0)
+    x_md = jnp.asarray(rng.normal(size=(4, 8)), jnp.float32)
+    gate_dl = jnp.asarray(rng.normal(size=(8, 5)), jnp.float32)
+    temperature, k = np.array([0.5, 3.0, 1.0, 1.0], np.float32), np.array([3, 2, 2, 3], np.int32)
+    forced, gated = np.array([-2, -2, 4, -1], np.int32), np.array([True, True, False, False])
+    mixed = RoutingSettings(
+        jnp.asarray(temperature), top_k=3, row_top_k=jnp.asarray(k), gated_rows=jnp.asarray(gated)
+    )
+    got = route(x_md, gate_dl, mixed, jnp.asarray(forced), jnp.asarray(gated))
+    for m in range(4):
+        if gated[m]:
+            alone = route(
+                x_md[m : m + 1], gate_dl, RoutingSettings(jnp.float32(temperature[m]), top_k=int(k[m]))
+            )
+            np.testing.assert_array_equal(got.ids[m, : k[m]], alone.ids[0])
+            np.testing.assert_allclose(got.weights[m, : k[m]], alone.weights[0], rtol=1e-6)
+            assert not np.any(got.weights[m, k[m] :])  # columns past the row's k weigh nothing
+        else:
+            alone = route(
+                x_md[m : m + 1], gate_dl, RoutingSettings(jnp.float32(1.0)), jnp.asarray(forced[m : m + 1])
+            )
+            assert got.ids[m, 0] == alone.ids[0, 0] and got.weights[m, 0] == alone.weights[0, 0]
+            assert not np.any(got.weights[m, 1:])
