@@ -296,6 +296,7 @@ def test_32_clients_200_requests_nothing_lost_or_mixed_and_no_compile(client, se
             ["--max-length", "4096"],
             "max_length (--max-length) 4096 exceeds the model's max_position_embeddings=256",
         ),
+        (["--host", ""], "host (--host) must be an address, got ''"),
         (["--mesh", "data=3"], "mesh: 8 devices do not split into data*fsdp*tensor=[3, -1, 1]"),
         (["--mesh", "nonsense"], "--mesh 'nonsense': expected NAME=SIZE items"),
     ],

@@ -185,3 +185,10 @@ def test_per_row_routing_settings_equal_each_rows_own_call():
             )
             assert got.ids[m, 0] == alone.ids[0, 0] and got.weights[m, 0] == alone.weights[0, 0]
             assert not np.any(got.weights[m, 1:])
+
+
+def test_start_before_warm_up_is_refused(model):
+    """The loop runs compiled programs only: starting before they exist says what to call."""
+    engine = Engine(model, slots=1, max_length=MAX_LENGTH, max_queue=1)
+    with pytest.raises(RuntimeError, match="Engine.start: call warm_up first"):
+        engine.start()

@@ -31,7 +31,6 @@ import dataclasses
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from functools import partial
 
@@ -212,24 +211,17 @@ class Request:
     eos_ids: tuple[int, ...]
     emit: Callable[[int, np.ndarray], bool]  # returns False to stop (a stop string, a gone client)
     finish: Callable[[str], None]
-    submitted: float = dataclasses.field(default_factory=time.monotonic)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     produced: int = 0  # tokens emitted so far
 
 
 @dataclasses.dataclass
 class EngineStats:
-    """Counters for /metrics (written by the engine thread, read by the server)."""
+    """What the engine thread counts (the server's own metrics count requests, tokens and times)."""
 
-    requests_finished: int = 0
     requests_cancelled: int = 0  # cancelled before or while running (a client gone, the engine stopped)
-    prompt_tokens: int = 0
     generated_tokens: int = 0
-    decode_steps: int = 0
     compactions: int = 0
-    first_token_seconds: float = 0.0  # sum over requests
-    first_tokens: int = 0
-    busy_seconds: float = 0.0  # time spent in programs
 
 
 class QueueFull(Exception):
@@ -406,22 +398,15 @@ class Engine:
             ids[i, p - n :] = request.ids
             mask[i, p - n :] = 1
         rows = tuple(np.stack(column) for column in zip(*(r.row.arrays() for r in requests), strict=True))
-        started = time.monotonic()
         self.state, tokens, mixes = self._admit_programs[(p, g)](
             self.params, self.state, ids, mask, np.asarray(slots, np.int32), rows
         )
         tokens, mixes = np.asarray(tokens), np.asarray(mixes)
-        now = time.monotonic()
-        self.stats.busy_seconds += now - started
         for request, slot, token, mix in zip(requests, slots, tokens, mixes, strict=True):
-            self.stats.prompt_tokens += len(request.ids)
-            self.stats.first_token_seconds += now - request.submitted
-            self.stats.first_tokens += 1
             self.active[slot] = request
             self._deliver(slot, int(token), mix)
 
     def _step(self) -> None:
-        started = time.monotonic()
         if self.index >= self.capacity:
             self.state = self._compact_program(self.state)
             self.index -= self.max_length
@@ -429,8 +414,6 @@ class Engine:
         self.index += 1
         self.state, tokens, mixes = self._decode_program(self.params, self.state)
         tokens, mixes = np.asarray(tokens), np.asarray(mixes)
-        self.stats.busy_seconds += time.monotonic() - started
-        self.stats.decode_steps += 1
         for slot in list(self.active):
             self._deliver(slot, int(tokens[slot]), mixes[slot])
 
@@ -451,6 +434,5 @@ class Engine:
 
     def _release(self, slot: int, reason: str) -> None:
         request = self.active.pop(slot)
-        self.stats.requests_finished += 1
         self.stats.requests_cancelled += reason == "cancelled"
         request.finish(reason)
