@@ -136,6 +136,8 @@ def test_bad_settings_are_named():
         DemoSettings(lora_steps=0)
     with pytest.raises(ConfigError, match=r"gate_lr=nan \(a number > 0\)"):
         DemoSettings(gate_lr=float("nan"))
+    with pytest.raises(ConfigError, match=r"demo settings: lora_targets .*unknown target module qproj"):
+        DemoSettings(lora_targets=("qproj", "v_proj"))
     with pytest.raises(ConfigError, match=r"composite_samples=9 is above the 8 test samples"):
         dataclasses.replace(FAST, composite_samples=9)
     with pytest.raises(ConfigError, match=r"composite-5 prompts need 5 tasks"):

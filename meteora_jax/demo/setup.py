@@ -56,12 +56,12 @@ class DemoBaseSettings:
     test: int = 64
     pretrain_samples: int = 16000
     pretrain_numbered: float = 0.5
-    pretrain_task_share: float = 0.15
+    pretrain_task_share: float = 0.3
     layers: int = 4
     hidden: int = 128
     max_positions: int = 256
     pretrain: PretrainSettings = PretrainSettings(
-        steps=450, batch_size=28, seq_len=144, lr=3e-3, readout_start=250, readout_weight=1.0
+        steps=550, batch_size=28, seq_len=144, lr=3e-3, readout_start=250, readout_weight=1.0
     )
     seed: int = 0
 
