@@ -52,10 +52,10 @@ COMPOSITE_FILE, METRICS_FILE = "composite.jsonl", "metrics.json"
 # Every demo task is scored by exact match with case kept (the default lower-cases, which would let
 # a copy of "upper: abc" pass as "ABC").
 DEMO_METRICS = {"*": {"metrics": ["exact_cased"]}}
-# The adapters' projections: all but q_proj / k_proj. The first layers' gates cannot tell the tasks
-# apart (their inputs hold the token, not yet its question), so their choices there are near chance;
-# q / k deltas routed that way bend the attention that finds which question a line answers, and the
-# later gates lose the line's task with it. v / o / MLP deltas leave that attention as it is.
+# The adapters' projections: all but q_proj / k_proj. In a composite prompt the first layers' gates
+# cannot tell the lines' tasks apart (their inputs hold the token, not yet its question), so they
+# choose near chance there; q / k deltas routed that way bend the attention that finds which question
+# a line answers, and the later gates lose the line's task with it (docs/demo_design.md).
 ATTENTION_SAFE_TARGETS = ("v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Report row -> (the eval stage that measured it, the eval mode), in table order.
 ROWS = {
@@ -96,11 +96,10 @@ class DemoSettings:
     """The demo's sizes and recipe (`fast()`: a tiny version for tests and a quick look).
 
     Adapters: `train-lora` at `lora_lr` for `lora_steps` on `lora_targets`, each on its own task's
-    samples. Gates,
-    the paper's recipe: `train-gate` at `gate_lr` for `gate_steps` on single-task samples,
-    training the adapter stacks with them (as the reference did) on the LM loss of the responses
-    plus `gate_loss_weight` x the gate term. The labelled recipe: from those gates and stacks,
-    the gates alone for `labelled_steps` at `labelled_lr` on the single-task samples plus
+    samples. Gates, the paper's recipe: `train-gate` at `gate_lr` for `gate_steps` on single-task
+    samples, training the adapter stacks with them (as the reference did) on the LM loss of the
+    responses plus `gate_loss_weight` x the gate term. The labelled recipe: from those gates and
+    stacks, the gates alone for `labelled_steps` at `labelled_lr` on the single-task samples plus
     `labelled_samples` labelled composite samples. Training clips at `clip_norm` and saves every
     `save_every` steps (what a killed run resumes from). Evaluation: greedy, `eval_limit` test
     samples per task and, for each n of `composite_sizes`, `composite_sets` task lists (drawn
