@@ -27,9 +27,11 @@ import uvicorn
 import meteora_jax as mj
 from meteora_jax.data.prompts import encode_prompt, format_prompt, load_tokenizer, pad_token_of
 from meteora_jax.demo.synthetic import write_tiny_setup
+from meteora_jax.errors import ConfigError
 from meteora_jax.generation import generate
 from meteora_jax.serving.app import Server
 from meteora_jax.serving.engine import Engine, Request, RowSettings
+from meteora_jax.serving.options import MAX_LENGTH_CAP, ServeSettings
 from meteora_jax.text import stop_ids
 
 MAX_LENGTH = 64
@@ -308,6 +310,17 @@ def test_the_command_refuses_bad_settings_in_one_line(setup, capsys, flags, word
     assert main(["serve", "--base", setup.base, *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and len(err.splitlines()) == 1, err
+
+
+def test_the_default_length_is_the_models_own_up_to_the_cap():
+    """No --max-length: a model's own positions (the demo's 256 are served as they are), at most
+    MAX_LENGTH_CAP (a 128k-position model would give every slot a 128k-slot cache); a given one is
+    kept, or refused when the model has fewer positions."""
+    assert ServeSettings().length_for(256) == 256
+    assert ServeSettings().length_for(131072) == MAX_LENGTH_CAP == 2048
+    assert ServeSettings(max_length=100).length_for(256) == 100
+    with pytest.raises(ConfigError, match=r"max_length \(--max-length\) 300 exceeds the model's "):
+        ServeSettings(max_length=300).length_for(256)
 
 
 def test_the_command_serves_and_finishes_a_running_answer_on_sigterm(setup, tmp_path):

@@ -15,7 +15,6 @@ import time
 
 from meteora_jax.commands import add_model_flags, add_runtime_flags, model_sources
 from meteora_jax.commands.flags import add_field_flags, field_values
-from meteora_jax.errors import ConfigError
 from meteora_jax.serving.options import FLAGS, ServeSettings
 from meteora_jax.sharding import make_mesh, parse_mesh
 
@@ -55,24 +54,19 @@ def run(args: argparse.Namespace) -> None:
     mesh = None if args.mesh is None else make_mesh(**parse_mesh(args.mesh))
     base, adapters, gates = model_sources(args)
     model = load_model(base, adapters=adapters, gates=gates, dtype=args.dtype, mesh=mesh)
-    limit = model.config.max_position_embeddings
-    if settings.max_length > limit:
-        raise ConfigError(
-            f"max_length (--max-length) {settings.max_length} exceeds the model's "
-            f"max_position_embeddings={limit}"
-        )
+    max_length = settings.length_for(model.config.max_position_embeddings)
     tokenizer = load_tokenizer(args.tokenizer or base)
     engine = Engine(
         model,
         slots=settings.slots,
-        max_length=settings.max_length,
+        max_length=max_length,
         max_queue=settings.max_queue,
         pad_id=pad_token_of(tokenizer),
     )
     started = time.perf_counter()
     programs = engine.program_count
     print(
-        f"compiling {programs} programs ({settings.slots} slots, max length {settings.max_length})",
+        f"compiling {programs} programs ({settings.slots} slots, max length {max_length})",
         file=sys.stderr,
     )
     engine.warm_up()
