@@ -114,8 +114,8 @@ class DemoSettings:
     lora_steps: int = 450
     lora_warmup_steps: int = 10
     lora_lr: float = 3e-3
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
     lora_targets: tuple[str, ...] = ATTENTION_SAFE_TARGETS
     gate_steps: int = 600
     gate_lr: float = 3e-3
