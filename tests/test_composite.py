@@ -2,6 +2,7 @@
 every refused input, and the `make-composite` command (nothing written when it refuses)."""
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -12,6 +13,8 @@ from meteora_jax.commands import make_composite, run_reporting
 from meteora_jax.data import composite
 from meteora_jax.data.composite import PRESETS, build_composite, read_composite, write_composite
 from meteora_jax.errors import ConfigError, MissingFileError, OutputExistsError, OutputPathError
+from meteora_jax.evaluation.evaluate import EvalSpec, composite_items
+from meteora_jax.evaluation.runner import EvalSettings
 
 
 def write_split(root, task, split, pairs):
@@ -188,6 +191,20 @@ def test_round_trip_through_the_file(four, tmp_path):
         write_composite(lines, out)
     write_composite(lines[:1], out, force=True)
     assert read_composite(out) == lines[:1]
+
+
+def test_eval_limit_caps_each_composite_size_apart(four, tmp_path):
+    """A file of composite-2 then composite-3 prompts under `--limit 2`: two of each, in file
+    order, as the limit caps each task (cutting the file would drop composite-3 unseen)."""
+    lines = build_composite(four, n=2, samples=3, seed=1) + build_composite(four, n=3, samples=3, seed=2)
+    path = write_composite(lines, tmp_path / "c.jsonl")
+    spec = EvalSpec(base="b", tasks_dir=four, out="o", composite=str(path), settings=EvalSettings(limit=2))
+    items = composite_items(spec, [])
+    assert [(i.task, i.prompt) for i in items] == [
+        (f"composite-{len(x['subtasks'])}", x["prompt"]) for x in lines[:2] + lines[3:5]
+    ]
+    unlimited = dataclasses.replace(spec, settings=EvalSettings())
+    assert len(composite_items(unlimited, [])) == 6
 
 
 @pytest.mark.parametrize(

@@ -75,7 +75,7 @@ class EvalSpec:
 
 def composite_items(spec: EvalSpec, names: Sequence[str]) -> list[EvalItem]:
     """The composite prompts of `--composite FILE`, or built from the tasks with `--composite-n`
-    (in `--composite-layout`)."""
+    (in `--composite-layout`): the first `--limit` of each size, as for each task."""
     from meteora_jax.data.composite import build_composite, read_composite  # noqa: PLC0415
 
     if spec.composite is not None:
@@ -102,7 +102,14 @@ def composite_items(spec: EvalSpec, names: Sequence[str]) -> list[EvalItem]:
         )
         for i, line in enumerate(lines)
     ]
-    return items[: spec.settings.limit]
+    if spec.settings.limit is None:
+        return items
+    kept, counts = [], {}
+    for item in items:
+        counts[item.task] = counts.get(item.task, 0) + 1
+        if counts[item.task] <= spec.settings.limit:
+            kept.append(item)
+    return kept
 
 
 def check_scoring(items: Sequence[EvalItem], registry) -> dict[str, float]:
