@@ -33,7 +33,7 @@ def test_build_demo_base_writes_tasks_and_a_loadable_pretrained_base(tmp_path):
         for line in (tmp_path / "data" / task / "train.jsonl").read_text().splitlines():
             sample = json.loads(line)
             check_round_trip(tokenizer, [sample["prompt"], sample["response"]], task)
-    check_round_trip(tokenizer, ["Following the example above", "Example 1:\n\n1. sort: cab"], "templates")
+    check_round_trip(tokenizer, ["Following the example above", "Example 1:\n\n1. cipher: cab"], "templates")
     model = mj.load_model(built.base)
     assert model.config.num_hidden_layers == 1 and model.config.vocab_size == len(tokenizer)
     assert len(built.pretrain_losses) == 6 and np.isfinite(built.pretrain_losses).all()

@@ -38,9 +38,10 @@ from meteora_jax.io.hf import save_llama
 from meteora_jax.modeling.llama import LlamaForCausalLM
 from meteora_jax.sharding import DEFAULT_MESH, make_mesh
 
-# Tried and left out, their adapters missing 90% exact match at the demo's budget: reverse (89% at
-# 300 steps), count (31%), add (8%), cipher (100% on one base, 8-17% on two others).
-DEMO_TASKS = ("upper", "sort", "shift", "rotate", "double")
+# Tried and left out (docs/demo_design.md): sort, 94% alone but right in 12% of composite-5 lines
+# (56% under the oracle routing: other lines' letters leak into its answers); reverse (89% alone),
+# count (31%) and add (8%), their adapters below 90% at the demo's budget.
+DEMO_TASKS = ("upper", "cipher", "shift", "rotate", "double")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +52,8 @@ class DemoBaseSettings:
     `pretrain_task_share` of their questions the tasks' (read, never answered, by the base)."""
 
     tasks: tuple[str, ...] = DEMO_TASKS
-    train: int = 512
-    numbered: int = 256
+    train: int = 2048
+    numbered: int = 1024
     test: int = 64
     pretrain_samples: int = 16000
     pretrain_numbered: float = 0.5

@@ -122,11 +122,11 @@ class DemoSettings:
     gate_loss_weight: float = 50.0
     labelled_steps: int = 200
     labelled_lr: float = 1e-3
-    labelled_samples: int = 1024
+    labelled_samples: int = 8192
     top_k: int = 2
     eval_limit: int = 64
     composite_sizes: tuple[int, ...] = (3, 5)
-    composite_sets: int = 4
+    composite_sets: int = 8
     composite_samples: int = 8
     max_new_tokens: int = 96
     eval_batch_size: int = 16
