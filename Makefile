@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+CORE := $(VENV)/.core
 STAMP := $(VENV)/.installed
 # Tests see 8 simulated CPU devices so the sharding code runs on a real multi-device mesh; the CPU
 # backend only, so an installed libtpu (`make tpu-compile`) is never initialised by the test workers.
@@ -11,10 +12,16 @@ TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
-	@echo "make install: meteora-jax and its test tools (jax, flax, torch CPU, peft, ...) into $(VENV)"
+# The package alone (jax, flax, optax, ...): all `make demo` needs.
+$(CORE): pyproject.toml
+	@echo "make: meteora-jax and its dependencies (jax, flax, optax, transformers, ...) into $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/pip install --quiet --disable-pip-version-check -e .
+	@touch $(CORE)
+
+$(STAMP): $(CORE)
+	@echo "make install: the test tools (pytest, torch CPU, peft, ruff, ...) into $(VENV)"
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
 	@touch $(STAMP)
 
@@ -26,7 +33,7 @@ tpu-compile: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[tpu]'
 	$(TEST_ENV) $(BIN)/python -m pytest -q tests/test_tpu_compile.py tests/test_aot_parts.py
 
-demo: $(STAMP)
+demo: $(CORE)
 	$(BIN)/meteora-jax demo
 
 lint: $(STAMP)
