@@ -64,7 +64,9 @@ class EvalSettings:
     routing_temperature: float | None = setting(
         None, "gate temperature (default: the model's; composite-3/5/10: the reference's 15/20/30)"
     )
-    limit: int | None = setting(None, "at most N test samples per task (and composite prompts)", metavar="N")
+    limit: int | None = setting(
+        None, "at most N test samples per task (and composite prompts of each size)", metavar="N"
+    )
     composite_routing_temperature: float | None = setting(
         None,
         "gate temperature of composite prompts in meteora mode (default: --routing-temperature if "
