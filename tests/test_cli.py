@@ -63,3 +63,20 @@ def test_train_lora_flags_default_to_the_library_lora_settings(tmp_path):
     spec = spec_from_args(build_parser().parse_args(argv))
     assert spec.train == lora_train_config(TrainConfig().steps)
     assert spec.data == DataConfig(lm_loss="response")
+
+
+def test_the_demo_keeps_compiled_programs_in_its_folder_unless_jax_has_a_cache(tmp_path):
+    import jax
+
+    from meteora_jax.commands.demo import use_compile_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        use_compile_cache(str(tmp_path / "run"))
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "run" / "xla-cache")
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
+        use_compile_cache(str(tmp_path / "run"))
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "mine")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+CACHE_DIR = "xla-cache"  # under --out
 
 
 def register(subparsers) -> None:
@@ -33,7 +36,20 @@ def run(args: argparse.Namespace) -> None:
     from meteora_jax.demo.summary import report_path  # noqa: PLC0415
 
     settings = DemoSettings.fast() if args.fast else DemoSettings()
+    use_compile_cache(args.out)
     run_demo(args.out, settings, force=args.force, progress=not args.no_progress)
     with open(report_path(args.out), encoding="utf-8") as f:
         print(f.read())
     print(f"report: {report_path(args.out)}", file=sys.stderr)
+
+
+def use_compile_cache(out: str) -> None:
+    """Keeps compiled programs in OUT/xla-cache: the adapters' training runs build one program
+    five times over, the two MeteoRA evaluations share theirs, and a rerun finds them all. A
+    cache JAX already has (`JAX_COMPILATION_CACHE_DIR`, a caller's) is left in place."""
+    import jax  # noqa: PLC0415
+
+    if jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(out), CACHE_DIR))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
