@@ -14,7 +14,7 @@ from flax import nnx
 from meteora_jax.config import LlamaConfig, MoELoRAConfig
 from meteora_jax.errors import ConfigError, MeteoRAError
 from meteora_jax.inputs import check_fits_memory, check_tokens, is_int, resolve_routing, validate_routing
-from meteora_jax.io import gates as gates_io
+from meteora_jax.io import gate_sources
 from meteora_jax.io.hf import load_llama
 from meteora_jax.io.stacking import AdapterInfo
 from meteora_jax.modeling.attention import DEFAULT_ATTENTION, IMPLEMENTATIONS
@@ -227,7 +227,7 @@ def load_model(
     options["attention"] = attention
     if adapters is None and gates is None:
         return MeteoRAModel(load_llama(base_dir, **options))
-    moe, extra, infos = gates_io.fuse(base_dir, adapters, gates, top_k, temperature, seed=seed)
+    moe, extra, infos = gate_sources.fuse(base_dir, adapters, gates, top_k, temperature, seed=seed)
     if gates is None:
         warnings.warn(
             "no gates given: routing uses untrained, randomly initialised gates "

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from meteora_jax.aot.analysis import REMAT_WARNING, Report, captured_stderr, collectives, unsplit_weights
-from meteora_jax.aot.compile import CompileRequest, extrapolate_layers
+from meteora_jax.aot.compiler import CompileRequest, extrapolate_layers
 from meteora_jax.aot.models import MODELS, model_config
 from meteora_jax.aot.topology import CHIPS, parse_topology
 from meteora_jax.config import LlamaConfig

@@ -13,7 +13,7 @@ from meteora_jax.commands import make_composite, run_reporting
 from meteora_jax.data import composite
 from meteora_jax.data.composite import PRESETS, build_composite, read_composite, write_composite
 from meteora_jax.errors import ConfigError, MissingFileError, OutputExistsError, OutputPathError
-from meteora_jax.evaluation.evaluate import EvalSpec, composite_items
+from meteora_jax.evaluation.eval_run import EvalSpec, composite_items
 from meteora_jax.evaluation.runner import EvalSettings
 
 

@@ -16,7 +16,7 @@ import meteora_jax as mj
 from meteora_jax.cli import main
 from meteora_jax.data.prompts import encode_prompt, format_prompt, load_tokenizer
 from meteora_jax.demo.synthetic import write_tiny_setup
-from meteora_jax.evaluation.evaluate import check_scoring
+from meteora_jax.evaluation.eval_run import check_scoring
 from meteora_jax.evaluation.registry import load_registry
 from meteora_jax.evaluation.report import report_markdown
 from meteora_jax.evaluation.runner import UNIFORM_TEMPERATURE, Answer, EvalItem, answer_by_line, mode_routing
@@ -320,7 +320,7 @@ def test_a_prompt_longer_than_the_model_is_named_before_any_generation(setup, tm
 
 def test_an_unknown_composite_layout_is_named_by_the_python_api(tmp_path):
     from meteora_jax.errors import ConfigError
-    from meteora_jax.evaluation.evaluate import EvalSpec
+    from meteora_jax.evaluation.eval_run import EvalSpec
 
     with pytest.raises(
         ConfigError, match="--composite-layout must be one of reference, numbered, got 'short'"

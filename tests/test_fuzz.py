@@ -27,8 +27,7 @@ from hypothesis import strategies as st
 
 import meteora_jax as mj
 from meteora_jax.errors import MeteoRAError
-from meteora_jax.io import checkpoint
-from meteora_jax.io import gates as gates_io
+from meteora_jax.io import checkpoint, gate_sources
 
 EXAMPLES = 100  # per target; an example loads and converts a tiny model (0.02 to 0.3 s)
 SECONDS_PER_EXAMPLE = 30  # a bound far above the normal time: reaching it means a hang
@@ -155,7 +154,7 @@ def refused_or_done(action) -> bool:
 
 def convert(base, adapters, out, gates=None) -> None:
     """`meteora-jax convert` without the command line: fuse, then write the checkpoint."""
-    moe, params, infos = gates_io.fuse(base, adapters, gates)
+    moe, params, infos = gate_sources.fuse(base, adapters, gates)
     checkpoint.write_checkpoint(out, params, moe, infos, base)
 
 

@@ -6,10 +6,10 @@ import argparse
 import dataclasses
 import json
 
-from meteora_jax.bench.generate import GenerateBenchSettings, bench_generate, format_bench
+from meteora_jax.bench.decoding import GenerateBenchSettings, bench_generate, format_bench
 from meteora_jax.bench.layer import LLAMA3_8B_LAYER, BenchSettings, bench
 from meteora_jax.bench.model import ModelBenchSettings, bench_model
-from meteora_jax.bench.serve import ServeBenchSettings, bench_serve, format_serve
+from meteora_jax.bench.server_load import ServeBenchSettings, bench_serve, format_serve
 from meteora_jax.bench.train import TrainBenchSettings
 from meteora_jax.config import LlamaConfig
 from meteora_jax.errors import ConfigError

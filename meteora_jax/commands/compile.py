@@ -58,7 +58,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from meteora_jax.aot.analysis import format_report  # noqa: PLC0415
-    from meteora_jax.aot.compile import CompileRequest, compile_program  # noqa: PLC0415  (jax, libtpu)
+    from meteora_jax.aot.compiler import CompileRequest, compile_program  # noqa: PLC0415  (jax, libtpu)
 
     request = CompileRequest.from_flags(
         topology=args.topology, slices=args.slices, model=args.model, adapters=args.adapters,

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from meteora_jax.commands import adapter_specs, add_adapter_flag
-from meteora_jax.io import checkpoint, files, gates
+from meteora_jax.io import checkpoint, files, gate_sources
 
 
 def register(subparsers) -> None:
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> None:
     files.check_output_path(args.out, inputs=inputs)
     files.refuse_existing(args.out, force=args.force, setting="--out")
     checkpoint.check_path_text(args.out, "--out")
-    moe, params, infos = gates.fuse(
+    moe, params, infos = gate_sources.fuse(
         args.base, adapters, args.gates, args.top_k, args.temperature, seed=args.seed
     )
     if args.gates is None:

@@ -11,7 +11,7 @@ import sys
 from meteora_jax.commands import add_model_flags, add_runtime_flags, model_inputs, model_sources
 from meteora_jax.commands.flags import add_field_flags, field_values
 from meteora_jax.data.composite import COMPOSITE_LAYOUTS, CompositeSettings
-from meteora_jax.evaluation.evaluate import EvalSpec
+from meteora_jax.evaluation.eval_run import EvalSpec
 from meteora_jax.evaluation.runner import MODES, EvalSettings
 
 SETTINGS_FLAGS = ("batch_size", "max_new_tokens", "routing_temperature", "composite_routing_temperature")
@@ -70,7 +70,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    from meteora_jax.evaluation.evaluate import evaluate  # noqa: PLC0415
+    from meteora_jax.evaluation.eval_run import evaluate  # noqa: PLC0415
 
     base, adapters, gates = model_sources(args)
     inputs = [*model_inputs(args, base, adapters), ("--tasks", args.tasks), ("--composite", args.composite)]

@@ -38,7 +38,7 @@ from meteora_jax.demo.pretrain import PretrainSettings
 from meteora_jax.demo.setup import DemoBaseSettings, build_demo_base, write_labelled_composite_data
 from meteora_jax.demo.summary import write_report
 from meteora_jax.errors import ConfigError, OutputExistsError
-from meteora_jax.evaluation.evaluate import EvalSpec, evaluate
+from meteora_jax.evaluation.eval_run import EvalSpec, evaluate
 from meteora_jax.evaluation.runner import EvalSettings
 from meteora_jax.inputs import is_int, is_real
 from meteora_jax.io.files import check_output_path, write_text_atomic

@@ -69,7 +69,7 @@ def _switch(mode: str, switch: dict) -> list[str]:
 
 
 def report_markdown(results: dict) -> str:
-    """The report of one evaluation (see `evaluation.evaluate`)."""
+    """The report of one evaluation (see `evaluation.eval_run`)."""
     modes = results["settings"]["modes"]
     header = "| task | metric | " + " | ".join(modes) + " |\n|---|---|" + "---|" * len(modes)
     s = results["settings"]

@@ -12,8 +12,7 @@ from meteora_jax.data.prompts import load_tokenizer, pad_token_of
 from meteora_jax.data.samples import load_heldout
 from meteora_jax.data.tasks import load_tasks
 from meteora_jax.errors import ConfigError
-from meteora_jax.io import checkpoint
-from meteora_jax.io import gates as gates_io
+from meteora_jax.io import checkpoint, gate_sources
 from meteora_jax.modeling.attention import DEFAULT_ATTENTION
 from meteora_jax.sharding import DEFAULT_MESH
 from meteora_jax.training.loop import Job, RunResult, prepare_out, run
@@ -92,8 +91,8 @@ def _mixture(spec: RunSpec):
     """The run's starting mixture: the adapters with seeded gates, or `init_from`'s gates and
     (possibly trained) stacks (its adapters checked by `_check_init`)."""
     if spec.init_from is None:
-        return gates_io.fuse(spec.base, dict(spec.adapters), None, spec.train.top_k, seed=spec.train.seed)
-    return gates_io.fuse(spec.base, None, spec.init_from, spec.train.top_k)
+        return gate_sources.fuse(spec.base, dict(spec.adapters), None, spec.train.top_k, seed=spec.train.seed)
+    return gate_sources.fuse(spec.base, None, spec.init_from, spec.train.top_k)
 
 
 def _check_init(spec: RunSpec) -> None:

@@ -48,7 +48,7 @@ from meteora_jax.training.train_config import TRAIN_BACKEND, TrainConfig
 GATE_METRICS = ("gate_loss", "gate_accuracy", "gate_tokens")  # logged only with a gate term
 
 
-Mixture = tuple[MoELoRAConfig, dict[Path, np.ndarray], list[AdapterInfo]]  # what `io.gates.fuse` gives
+Mixture = tuple[MoELoRAConfig, dict[Path, np.ndarray], list[AdapterInfo]]  # what `io.gate_sources.fuse` gives
 
 
 class Evaluation(Protocol):

@@ -20,7 +20,7 @@ import time
 import jax
 import numpy as np
 
-from meteora_jax.bench.generate import GenerateBenchSettings, bench_models
+from meteora_jax.bench.decoding import GenerateBenchSettings, bench_models
 from meteora_jax.bench.timing import interleaved
 from meteora_jax.errors import ConfigError
 from meteora_jax.serving.engine import Engine, Request, RowSettings
