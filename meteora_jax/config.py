@@ -295,6 +295,7 @@ def _rope_from_dict(raw: dict[str, Any], where: str) -> tuple[float, RopeScaling
         raise ConfigError(f"{where}: {e}") from None
 
 
+TOP_K = 2  # adapters per token: the paper's k, the default of every routing setting
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -310,7 +311,7 @@ class MoELoRAConfig:
     adapter_names: tuple[str, ...]
     targets: tuple[str, ...]
     rank: int
-    top_k: int = 2
+    top_k: int = TOP_K
     temperature: float = 1.0
     dropout: float = 0.0
 

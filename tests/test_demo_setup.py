@@ -48,7 +48,7 @@ def test_labelled_composite_data_adds_segments_samples_to_the_train_splits(tmp_p
 
     data = os.fspath(tmp_path / "data")
     write_tasks(data, train=4, test=2, tasks=("reverse", "upper", "shift"))
-    out = write_labelled_composite_data(data, os.fspath(tmp_path / "mixed"), samples=6)
+    out = write_labelled_composite_data(data, os.fspath(tmp_path / "mixed"), samples=6, counts=(3,))
     tasks = load_tasks(out, ["reverse", "upper", "shift"], split="train")
     assert {name: len(samples) for name, samples in tasks.items()} == {"reverse": 6, "upper": 6, "shift": 6}
     segments = [s for samples in tasks.values() for s in samples if s.segments is not None]

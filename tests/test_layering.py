@@ -1,8 +1,10 @@
-"""The code base's shape: imports go one way down, and no module reaches into another's private names."""
+"""The code base's shape: imports go one way down, no module reaches into another's private names,
+no two modules share a name, and no setting's default is written twice."""
 
 from __future__ import annotations
 
 import ast
+import collections
 import pathlib
 import subprocess
 import sys
@@ -73,3 +75,80 @@ def test_pallas_kernels_import_nothing_of_the_library():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_no_two_modules_share_a_name():
+    names = collections.Counter(p.name for p in _project_modules().values() if p.name != "__init__.py")
+    assert not [n for n, count in names.items() if count > 1]
+
+
+# Parameters that share a name and a default but are different settings: (name, repr(value)).
+COINCIDENT_DEFAULTS = {
+    ("batch_size", "8"),  # training rows (DataConfig, the demo), prompts per batch (eval, generate)
+    ("max_positions", "256"),  # the tests' tiny model and the demo's base, sized apart
+}
+TRIVIAL_DEFAULTS = (None, True, False, 0, 1, "", 0.0, 1.0)
+
+
+def _literal_defaults(paths) -> dict[tuple[str, str], list[str]]:
+    """(parameter name, repr(default)) -> where it is written, over the literal defaults of
+    function parameters, annotated class fields (a `setting(default, ...)` counts as its default)
+    and argparse `--flag` defaults; small values that say "off" or "none" are not counted."""
+    found = collections.defaultdict(list)
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            pairs = []
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                args = node.args.posonlyargs + node.args.args
+                with_default = args[len(args) - len(node.args.defaults) :]
+                pairs += zip([a.arg for a in with_default], node.args.defaults, strict=True)
+                pairs += [
+                    (a.arg, d) for a, d in zip(node.args.kwonlyargs, node.args.kw_defaults, strict=True) if d
+                ]
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value:
+                pairs.append((node.target.id, node.value))
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
+                flags = [
+                    a.value
+                    for a in node.args
+                    if isinstance(a, ast.Constant) and str(a.value).startswith("--")
+                ]
+                pairs += [
+                    (flags[0][2:].replace("-", "_"), k.value)
+                    for k in node.keywords
+                    if flags and k.arg == "default"
+                ]
+            for name, value in pairs:
+                if isinstance(value, ast.Call) and getattr(value.func, "id", "") == "setting" and value.args:
+                    value = value.args[0]
+                try:
+                    literal = ast.literal_eval(value)
+                except ValueError:
+                    continue
+                if literal in TRIVIAL_DEFAULTS and not isinstance(literal, tuple | dict):
+                    continue
+                if isinstance(literal, int | float | str) or (isinstance(literal, tuple | dict) and literal):
+                    found[(name, repr(literal))].append(f"{path.relative_to(path.parents[1])}:{node.lineno}")
+    return found
+
+
+def test_no_default_is_written_twice():
+    """A setting's default lives in one declaration; the others name it (`TrainConfig.save_every`,
+    `DEFAULT_LAYOUT`), so changing it cannot leave a stale copy behind."""
+    found = _literal_defaults(_project_modules().values())
+    twice = {k: v for k, v in found.items() if len(v) > 1 and k not in COINCIDENT_DEFAULTS}
+    assert not twice, "defaults written more than once:\n" + "\n".join(f"{k}: {v}" for k, v in twice.items())
+
+
+def test_the_default_checker_sees_a_repeated_default(tmp_path):
+    """The check above can fail: a function default, a field and a flag repeating one value."""
+    sample = tmp_path / "pkg" / "sample.py"
+    sample.parent.mkdir()
+    sample.write_text(
+        "def f(*, top_k=2, off=0): ...\n"
+        "class C:\n    top_k: int = setting(2, 'k')\n"
+        "parser.add_argument('--top-k', default=2)\n"
+    )
+    assert _literal_defaults([sample]) == {
+        ("top_k", "2"): ["pkg/sample.py:1", "pkg/sample.py:3", "pkg/sample.py:4"]
+    }

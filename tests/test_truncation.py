@@ -70,14 +70,16 @@ def test_counts_by_hand(by_hand):
 def test_a_sample_left_without_response_or_most_of_a_task_cut_is_refused(by_hand, capsys):
     tasks, a, b = by_hand
     with pytest.raises(ConfigError) as refused:
-        check_truncation({"a": tasks["a"]}, CharTokenizer(), 32)
+        check_truncation({"a": tasks["a"]}, CharTokenizer(), 32, command="train-gate")
     assert str(refused.value) == (
         f"--seq-len 32 would cut the training samples so that they train little or nothing: {a}: 1 of 4 "
         "samples are longer (the longest has 34 tokens), 1 of them keep no response token (the prompt "
         "fills the row); --seq-len 34 fits every sample"
     )
     with pytest.raises(ConfigError, match=rf"{b}: 2 of 3 samples are longer .* --seq-len 42 fits every"):
-        check_truncation(tasks, CharTokenizer(), 33)  # a alone would only be warned about
+        check_truncation(
+            tasks, CharTokenizer(), 33, command="train-gate"
+        )  # a alone would only be warned about
     assert capsys.readouterr().err == ""  # a refusal warns about nothing
 
 
@@ -93,7 +95,7 @@ def test_fewer_cuts_warn_once_naming_the_counts(by_hand, capsys):
     assert capsys.readouterr().err == f"meteora-jax train-lora: WARNING: {want}\n"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        check_truncation({"a": tasks["a"]}, CharTokenizer(), 34)  # nothing cut: silent
+        check_truncation({"a": tasks["a"]}, CharTokenizer(), 34, command="train-gate")  # nothing cut: silent
 
 
 # ----------------------------------------------------------------------------- whole runs

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from meteora_jax.api import DTYPES, MeteoRAModel
-from meteora_jax.bench.timing import interleaved
-from meteora_jax.config import PROJECTIONS, LlamaConfig, MoELoRAConfig
+from meteora_jax.api import DEFAULT_DTYPE, DTYPES, MeteoRAModel
+from meteora_jax.bench.timing import REFERENCE_MIXTURE, REPEATS, interleaved
+from meteora_jax.config import PROJECTIONS, TOP_K, LlamaConfig, MoELoRAConfig
 from meteora_jax.errors import ConfigError
 from meteora_jax.generation import (
     GenerationPlan,
@@ -49,20 +49,20 @@ class GenerateBenchSettings:
     num_hidden_layers: int = 4
     num_attention_heads: int = 8
     num_key_value_heads: int = 4
-    num_adapters: int = 28
-    rank: int = 8
-    top_k: int = 2
+    num_adapters: int = REFERENCE_MIXTURE[0]
+    rank: int = REFERENCE_MIXTURE[1]
+    top_k: int = TOP_K
     prompt_length: int = 64
     new_tokens: int = 32
     batch_sizes: tuple[int, ...] = (1, 8)
-    repeats: int = 5
-    dtype: str = "float32"
+    repeats: int = REPEATS
+    dtype: str = DEFAULT_DTYPE
     backend: str = DEFAULT_BACKEND
     seed: int = 0
 
     def __post_init__(self):
-        if self.repeats < 5:
-            raise ConfigError(f"repeats must be >= 5 (the figures are medians), got {self.repeats}")
+        if self.repeats < REPEATS:
+            raise ConfigError(f"repeats must be >= {REPEATS} (the figures are medians), got {self.repeats}")
         if self.new_tokens < 2:
             raise ConfigError(f"new_tokens must be >= 2 (decode time is a difference), got {self.new_tokens}")
         if not self.batch_sizes or min(self.batch_sizes) < 1:

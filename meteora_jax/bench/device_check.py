@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from meteora_jax.bench.timing import interleaved, medians
+from meteora_jax.bench.timing import BENCH_DTYPE, interleaved, medians
+from meteora_jax.config import TOP_K
 from meteora_jax.modeling.attention import AttentionMask, attend, resolve_attention
 from meteora_jax.ops import lora_delta
 from meteora_jax.ops.routing import Routing
@@ -53,9 +54,9 @@ class Case:
     o: int
     adapters: int
     rank: int
-    k: int = 2
+    k: int = TOP_K
     routing: str = "one"
-    dtype: str = "bfloat16"
+    dtype: str = BENCH_DTYPE
 
 
 FULL_CASES = (
@@ -214,7 +215,7 @@ class AttentionCase:
     heads: int
     kv_heads: int
     head_dim: int
-    dtype: str = "bfloat16"
+    dtype: str = BENCH_DTYPE
 
 
 FULL_ATTENTION = AttentionCase("attention 2048 tok 32/8 heads", 2, 2048, 32, 8, 128)

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from flax import nnx
 from tqdm import tqdm
 
-from meteora_jax.bench.timing import SETTLE_SECONDS, interleaved, medians
-from meteora_jax.config import PROJECTIONS, LlamaConfig, MoELoRAConfig, projection_shape
+from meteora_jax.bench.timing import REFERENCE_MIXTURE, REPEATS, SETTLE_SECONDS, interleaved, medians
+from meteora_jax.config import PROJECTIONS, TOP_K, LlamaConfig, MoELoRAConfig, projection_shape
 from meteora_jax.errors import ConfigError
 from meteora_jax.modeling.llama import KVCache, LlamaForCausalLM
 from meteora_jax.ops.moe_lora import DEFAULT_BACKEND, choose_backend
@@ -53,14 +53,14 @@ class BenchSettings:
     torch_reference: also time the reference algorithm in torch (needs torch, the test extra).
     """
 
-    adapters: int = 28
-    rank: int = 8
-    top_k: int = 2
+    adapters: int = REFERENCE_MIXTURE[0]
+    rank: int = REFERENCE_MIXTURE[1]
+    top_k: int = TOP_K
     prefill_tokens: tuple[int, ...] = (512, 2048)
     decode_tokens: tuple[int, ...] = (1, 8)
     decode_context: int = 512
     backends: tuple[str, ...] = (DEFAULT_BACKEND,)
-    repeats: int = 5
+    repeats: int = REPEATS
     torch_reference: bool = True
     seed: int = 0
 

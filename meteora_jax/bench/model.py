@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from meteora_jax.api import MeteoRAModel
 from meteora_jax.bench.layer import build_model, torch_reference_module
-from meteora_jax.bench.timing import SETTLE_SECONDS, interleaved, medians
-from meteora_jax.config import LlamaConfig
+from meteora_jax.bench.timing import REFERENCE_MIXTURE, REPEATS, SETTLE_SECONDS, interleaved, medians
+from meteora_jax.config import TOP_K, LlamaConfig
 from meteora_jax.errors import ConfigError
 from meteora_jax.inputs import resolve_routing
 from meteora_jax.ops.moe_lora import DEFAULT_BACKEND
@@ -34,12 +34,12 @@ from meteora_jax.ops.moe_lora import DEFAULT_BACKEND
 class ModelBenchSettings:
     """L `adapters` of `rank` with top-k routing, timed at each prompt length of `tokens`."""
 
-    adapters: int = 28
-    rank: int = 8
-    top_k: int = 2
+    adapters: int = REFERENCE_MIXTURE[0]
+    rank: int = REFERENCE_MIXTURE[1]
+    top_k: int = TOP_K
     tokens: tuple[int, ...] = (512,)
     backend: str = DEFAULT_BACKEND
-    repeats: int = 5
+    repeats: int = REPEATS
     torch_reference: bool = True
     seed: int = 0
 

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from meteora_jax.bench.decoding import GenerateBenchSettings, bench_models
-from meteora_jax.bench.timing import interleaved
+from meteora_jax.bench.timing import REPEATS, interleaved
 from meteora_jax.errors import ConfigError
 from meteora_jax.serving.engine import Engine, Request, RowSettings
 
@@ -33,15 +33,15 @@ class ServeBenchSettings:
     clients: tuple[int, ...] = (1, 4, 16)
     requests_per_client: int = 2
     prompt_length: int = 32
-    new_tokens: int = 32
-    repeats: int = 5
+    new_tokens: int = GenerateBenchSettings.new_tokens
+    repeats: int = REPEATS
     seed: int = 0
 
     def __post_init__(self):
         if not self.clients or min(self.clients) < 1:
             raise ConfigError(f"clients must be positive, got {self.clients}")
-        if self.repeats < 5:
-            raise ConfigError(f"repeats must be >= 5 (the figures are medians), got {self.repeats}")
+        if self.repeats < REPEATS:
+            raise ConfigError(f"repeats must be >= {REPEATS} (the figures are medians), got {self.repeats}")
         for name in ("requests_per_client", "prompt_length", "new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -18,6 +18,9 @@ import jax
 # spin for a while after a call and would otherwise slow whichever variant runs next
 # (measured: the base layer ran ~8% slow after torch).
 SETTLE_SECONDS = 0.3
+REPEATS = 5  # timed repeats a figure takes the median of, unless told
+REFERENCE_MIXTURE = (28, 8)  # adapters x rank of the MeteoRA reference's published models
+BENCH_DTYPE = "bfloat16"  # what the accelerator kernels are measured in
 
 
 def timed(fn: Callable[[], object]) -> float:

@@ -22,11 +22,11 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from meteora_jax.bench.timing import interleaved, medians
-from meteora_jax.config import PROJECTIONS, LlamaConfig, MoELoRAConfig
+from meteora_jax.bench.timing import REFERENCE_MIXTURE, REPEATS, interleaved, medians
+from meteora_jax.config import PROJECTIONS, TOP_K, LlamaConfig, MoELoRAConfig
 from meteora_jax.errors import ConfigError
 from meteora_jax.modeling.attention import DEFAULT_ATTENTION, IMPLEMENTATIONS
-from meteora_jax.modeling.llama import REMAT_POLICIES, LlamaForCausalLM
+from meteora_jax.modeling.llama import DEFAULT_REMAT, REMAT_POLICIES, LlamaForCausalLM
 from meteora_jax.ops.moe_lora import DEFAULT_BACKEND
 from meteora_jax.sharding import make_mesh
 from meteora_jax.training.state import split_for_training
@@ -38,14 +38,14 @@ from meteora_jax.training.train_config import TrainConfig
 class TrainBenchSettings:
     """Mixtures to compare (adapters, rank) at `tokens` tokens per step (one row), top-k routing."""
 
-    mixtures: tuple[tuple[int, int], ...] = ((28, 8), (64, 64))
-    lora_rank: int = 8
-    top_k: int = 2
+    mixtures: tuple[tuple[int, int], ...] = (REFERENCE_MIXTURE, (64, 64))
+    lora_rank: int = REFERENCE_MIXTURE[1]
+    top_k: int = TOP_K
     tokens: int = 512
-    repeats: int = 5
+    repeats: int = REPEATS
     seed: int = 0
     backend: str = DEFAULT_BACKEND  # the MeteoRA variants' MoE-LoRA backend (the plain LoRA is always dense)
-    remat: str = "none"  # what each layer keeps for the backward pass (REMAT_POLICIES)
+    remat: str = DEFAULT_REMAT  # what each layer keeps for the backward pass (REMAT_POLICIES)
     attention: str = DEFAULT_ATTENTION  # the attention implementation of every variant
     memory_only: bool = False  # compile and report peak memory, no timing
 

@@ -104,6 +104,7 @@ INSTRUCTION = "Following the example above, generate answers to the questions be
 ANSWER_SEPARATOR = "@@@@\n"  # joins the sub-answers into one reference response, as the reference did
 LINE_KEYS = ("prompt", "response", "subtasks", "answers")
 COMPOSITE_LAYOUTS = ("reference", "numbered")  # few-shot prefix (the reference's) | numbered questions
+DEFAULT_LAYOUT = "reference"
 NUM_EXAMPLES = 2
 MIN_SUBTASKS = 2
 SPLITS = ("train", "test")
@@ -120,7 +121,7 @@ class CompositeSettings:
     samples: int = setting(200, "prompts to write")
     seed: int = setting(0, "seed of every draw")
     layout: str = setting(
-        "reference",
+        DEFAULT_LAYOUT,
         "reference: the few-shot prefix of the MeteoRA reference (for real models); numbered: the "
         "questions as numbered lines, no prefix (for models trained on that format)",
         choices=COMPOSITE_LAYOUTS,
@@ -237,7 +238,7 @@ def _pick_examples(train: list[Sample], rng: random.Random) -> list[Sample]:
 
 
 def composite_pieces(
-    examples: Sequence[Sequence[tuple[str, str]]], questions: Sequence[str], layout: str = "reference"
+    examples: Sequence[Sequence[tuple[str, str]]], questions: Sequence[str], layout: str = DEFAULT_LAYOUT
 ) -> list[tuple[int | None, str]]:
     """The composite prompt text as (sub-task index, text) pieces: each sub-task's prompts and
     example answers carry its index, the template text between them None.
@@ -268,7 +269,7 @@ def composite_pieces(
 
 
 def composite_text(
-    examples: Sequence[Sequence[tuple[str, str]]], questions: Sequence[str], layout: str = "reference"
+    examples: Sequence[Sequence[tuple[str, str]]], questions: Sequence[str], layout: str = DEFAULT_LAYOUT
 ) -> str:
     """The composite prompt text (layouts in the module docstring; arguments as `composite_pieces`)."""
     return "".join(text for _, text in composite_pieces(examples, questions, layout))
@@ -284,7 +285,7 @@ def labelled_segments(
     questions: Sequence[str],
     answers: Sequence[str],
     subtasks: Sequence[str],
-    layout: str = "reference",
+    layout: str = DEFAULT_LAYOUT,
 ) -> list[dict]:
     """A composite prompt, formatted and answered, as a training sample's `segments`
     ([{"task", "text"}]): every sub-task's prompts and answer lines are labelled with that
@@ -305,9 +306,9 @@ def build_composite(
     tasks_dir: str | os.PathLike,
     n: int | None = None,
     subtasks: Sequence[str] | None = None,
-    samples: int = 200,
+    samples: int = CompositeSettings.samples,
     seed: int = 0,
-    layout: str = "reference",
+    layout: str = DEFAULT_LAYOUT,
 ) -> list[dict]:
     """`samples` composite prompts over the task folders of `tasks_dir`, the same for a seed.
 

@@ -25,8 +25,8 @@ import grain.experimental as grain_exp
 import numpy as np
 
 from meteora_jax.data.prompts import pad_token_of
-from meteora_jax.data.samples import LM_LOSSES, encode_sample
-from meteora_jax.data.sampling import TASK_SAMPLINGS, sample_sequence
+from meteora_jax.data.samples import DEFAULT_LM_LOSS, LM_LOSSES, encode_sample
+from meteora_jax.data.sampling import DEFAULT_TASK_SAMPLING, TASK_SAMPLINGS, sample_sequence
 from meteora_jax.data.tasks import Sample
 from meteora_jax.errors import ConfigError
 from meteora_jax.settings import check_choices, setting
@@ -53,9 +53,11 @@ class DataConfig:
     seq_len: int = setting(512, "slots per row; samples it would cut are refused or warned about")
     batch_size: int = setting(8, "rows of the global batch")
     packing: bool = setting(True, "several samples per row (off: one sample per row)")
-    lm_loss: str = setting("all", "LM loss on all tokens or the response only", choices=LM_LOSSES)
+    lm_loss: str = setting(DEFAULT_LM_LOSS, "LM loss on all tokens or the response only", choices=LM_LOSSES)
     task_sampling: str = setting(
-        "proportional", "every sample once per epoch, or the tasks equally often", choices=TASK_SAMPLINGS
+        DEFAULT_TASK_SAMPLING,
+        "every sample once per epoch, or the tasks equally often",
+        choices=TASK_SAMPLINGS,
     )
     seed: int = setting(0, "the data order")
     packing_bins: int = 4

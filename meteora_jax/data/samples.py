@@ -17,12 +17,13 @@ from meteora_jax.data.tasks import Sample, load_tasks
 from meteora_jax.errors import ConfigError
 
 LM_LOSSES = ("all", "response")
+DEFAULT_LM_LOSS = "all"
 
 
 TEMPLATE_CLOSE = PROMPT_TEMPLATE.split("{input}")[1]  # " [/INST]\n": where a response begins
 
 
-def encode_sample(tokenizer, sample: Sample, *, lm_loss: str = "all") -> dict[str, np.ndarray]:
+def encode_sample(tokenizer, sample: Sample, *, lm_loss: str = DEFAULT_LM_LOSS) -> dict[str, np.ndarray]:
     """One sample as `{"input_ids", "gate_labels", "target_mask"}`, each (T,) int32.
 
     `gate_labels` is the adapter index of every token (a segments sample: its segment's).

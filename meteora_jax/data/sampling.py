@@ -17,6 +17,7 @@ from meteora_jax.data.tasks import Sample
 from meteora_jax.errors import ConfigError
 
 TASK_SAMPLINGS = ("proportional", "balanced")
+DEFAULT_TASK_SAMPLING = "proportional"
 _MIX_TURNS = 64  # balanced: shuffle windows of this many turns over all tasks
 
 
@@ -52,7 +53,7 @@ class BlockShuffleMapDataset(grain.MapDataset):
 
 
 def sample_sequence(
-    tasks: Mapping[str, Sequence[Sample]], *, task_sampling: str = "proportional", seed: int = 0
+    tasks: Mapping[str, Sequence[Sample]], *, task_sampling: str = DEFAULT_TASK_SAMPLING, seed: int = 0
 ) -> grain.MapDataset:
     """The unbounded global sample sequence (element i is one `Sample`), fixed by `seed`.
 

@@ -148,7 +148,7 @@ def build_demo_base(
 
 
 def write_labelled_composite_data(
-    data: str, out: str, *, samples: int, counts: Sequence[int] = (3,), seed: int = 0
+    data: str, out: str, *, samples: int, counts: Sequence[int], seed: int = 0
 ) -> str:
     """OUT/<task>/: each task folder of DATA (train and test as they are) with `samples`
     labelled numbered composite prompts of n in `counts` sub-tasks (`labelled_composite_samples`)

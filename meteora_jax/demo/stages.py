@@ -32,6 +32,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 
+from meteora_jax.config import TOP_K
 from meteora_jax.data.composite import build_composite, write_composite
 from meteora_jax.data.pipeline import DataConfig
 from meteora_jax.demo.pretrain import PretrainSettings
@@ -110,7 +111,7 @@ class DemoSettings:
     batch_size: int = 8
     seq_len: int = 192
     clip_norm: float = 1.0
-    save_every: int = 100
+    save_every: int = TrainConfig.save_every
     lora_steps: int = 450
     lora_warmup_steps: int = 10
     lora_lr: float = 3e-3
@@ -119,11 +120,11 @@ class DemoSettings:
     lora_targets: tuple[str, ...] = ATTENTION_SAFE_TARGETS
     gate_steps: int = 600
     gate_lr: float = 3e-3
-    gate_loss_weight: float = 50.0
+    gate_loss_weight: float = TrainConfig.gate_loss_weight  # the paper's
     labelled_steps: int = 200
     labelled_lr: float = 1e-3
     labelled_samples: int = 8192
-    top_k: int = 2
+    top_k: int = TOP_K
     eval_limit: int = 64
     composite_sizes: tuple[int, ...] = (3, 5)
     composite_sets: int = 8

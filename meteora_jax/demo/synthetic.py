@@ -77,6 +77,8 @@ TASKS = {
     "cipher": Task(_word, lambda word: "".join(CIPHER[c] for c in word)),
 }
 TINY_TASKS = ("reverse", "upper", "double")  # the tests' three-task setup
+TINY_LAYERS, TINY_HIDDEN = 2, 64  # its model
+TINY_TRAIN, TINY_TEST = 64, 16  # its samples per task and split
 COPY_CHARACTERS = LETTERS + LETTERS.upper()  # every character a task reads or writes
 QUESTION_COUNTS = (2, 3, 4, 5)  # questions of a numbered sample
 
@@ -195,7 +197,9 @@ def labelled_composite_samples(
     return out
 
 
-def write_tasks(data_dir: str, *, train: int = 64, test: int = 16, seed: int = 0, tasks=TINY_TASKS) -> dict:
+def write_tasks(
+    data_dir: str, *, train: int = TINY_TRAIN, test: int = TINY_TEST, seed: int = 0, tasks=TINY_TASKS
+) -> dict:
     """Writes DATA/<task>/{train,test}.jsonl; returns {task: [train samples]} (for tokenizers)."""
     rng = np.random.default_rng(seed)
     written = {}
@@ -221,7 +225,7 @@ class TinySetup:
 
 
 def tiny_config(
-    vocab_size: int, *, layers: int = 2, hidden: int = 64, max_positions: int = 256
+    vocab_size: int, *, layers: int = TINY_LAYERS, hidden: int = TINY_HIDDEN, max_positions: int = 256
 ) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab_size,
@@ -252,11 +256,11 @@ def write_tiny_setup(
     root: str,
     *,
     seed: int = 0,
-    layers: int = 2,
-    hidden: int = 64,
+    layers: int = TINY_LAYERS,
+    hidden: int = TINY_HIDDEN,
     rank: int = 4,
-    train: int = 64,
-    test: int = 16,
+    train: int = TINY_TRAIN,
+    test: int = TINY_TEST,
     targets=PROJECTIONS,
     init_std: float = INIT_STD,
 ) -> TinySetup:

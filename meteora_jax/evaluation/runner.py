@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from meteora_jax.data.prompts import encode_prompt, format_prompt
 from meteora_jax.data.tasks import read_task_file
 from meteora_jax.errors import ConfigError
+from meteora_jax.generation import GenerationSettings
 from meteora_jax.inputs import is_int, is_real
 from meteora_jax.settings import setting
 from meteora_jax.text import GeneratedRouting, generate_texts, generated_routing, routing_rows, stop_ids
@@ -60,7 +61,9 @@ class EvalSettings:
 
     modes: tuple[str, ...] = setting(("meteora",), "routing modes to answer in")
     batch_size: int = setting(8, "prompts per batch")
-    max_new_tokens: int = setting(128, "new tokens per answer (a composite answer's lines together)")
+    max_new_tokens: int = setting(
+        GenerationSettings.max_new_tokens, "new tokens per answer (a composite answer's lines together)"
+    )
     routing_temperature: float | None = setting(
         None, "gate temperature (default: the model's; composite-3/5/10: the reference's 15/20/30)"
     )

@@ -65,7 +65,7 @@ from meteora_jax.io.checkpoint_meta import make_meta as make_meta
 from meteora_jax.io.files import raise_problems, staged_directory
 from meteora_jax.io.peft import lora_scaling
 from meteora_jax.io.safetensors_io import SafetensorsFile, save_file
-from meteora_jax.io.stacking import AdapterInfo, Path, param_path
+from meteora_jax.io.stacking import AdapterInfo, ParamPath, param_path
 from meteora_jax.modeling.meteora_linear import AdapterScale, GateParam
 
 PARAMS_ITEM = "params"
@@ -79,13 +79,13 @@ LEAVES = ("gate", "lora_a", "lora_b", "scale")
 # ----------------------------------------------------------------------------- params
 
 
-def model_params(module: nnx.Module) -> dict[Path, jax.Array]:
+def model_params(module: nnx.Module) -> dict[ParamPath, jax.Array]:
     """The MeteoRA variables of a `LlamaForCausalLM` (gates, stacked adapters, scales) by path."""
     state = nnx.state(module, nnx.Any(GateParam, nnx.LoRAParam, AdapterScale))
     return {tuple(str(p) for p in path): var.get_value() for path, var in nnx.to_flat_state(state)}
 
 
-def expected_shapes(meta_or_moe, config: LlamaConfig) -> dict[Path, tuple[int, ...]]:
+def expected_shapes(meta_or_moe, config: LlamaConfig) -> dict[ParamPath, tuple[int, ...]]:
     """The shape of every MeteoRA variable of a model with this mixture over this base."""
     y, n, r = config.num_hidden_layers, len(meta_or_moe.adapter_names), meta_or_moe.rank
     out = {}
@@ -102,7 +102,7 @@ def expected_shapes(meta_or_moe, config: LlamaConfig) -> dict[Path, tuple[int, .
 
 
 def check_arrays(
-    params: Mapping[Path, Any],
+    params: Mapping[ParamPath, Any],
     meta: CheckpointMeta,
     where: str,
     error: type[CheckpointError] = CheckpointError,
@@ -132,7 +132,7 @@ def check_arrays(
     raise_problems(error, f"{where}: the arrays do not fit the metadata's adapters", problems, max_shown=4)
 
 
-def _used_rank_columns(params: Mapping[Path, Any], proj: str) -> np.ndarray:
+def _used_rank_columns(params: Mapping[ParamPath, Any], proj: str) -> np.ndarray:
     """(Y, L, R) bool: which rank columns of each adapter contribute (non-zero in both A and B).
 
     A column that is zero in A or in B adds nothing, so padding may hold anything in the other.
@@ -171,7 +171,7 @@ def _adapter_problems(meta: CheckpointMeta, i: int, info: AdapterInfo, scales, c
     return []
 
 
-def _nest(params: Mapping[Path, Any]) -> dict:
+def _nest(params: Mapping[ParamPath, Any]) -> dict:
     tree: dict = {}
     for path, value in params.items():
         node = tree
@@ -181,7 +181,7 @@ def _nest(params: Mapping[Path, Any]) -> dict:
     return tree
 
 
-def _flatten(tree: Mapping, prefix: Path = ()) -> dict[Path, Any]:
+def _flatten(tree: Mapping, prefix: ParamPath = ()) -> dict[ParamPath, Any]:
     out = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
@@ -228,7 +228,7 @@ def _manager(
 
 
 def save_args(
-    params: Mapping[Path, Any],
+    params: Mapping[ParamPath, Any],
     meta: CheckpointMeta,
     extra_items: Mapping[str, Any] | None = None,
     *,
@@ -260,7 +260,7 @@ def save_args(
     return ocp.args.Composite(**items)
 
 
-def write_shared(directory: str | os.PathLike, params: Mapping[Path, Any]) -> dict[str, dict]:
+def write_shared(directory: str | os.PathLike, params: Mapping[ParamPath, Any]) -> dict[str, dict]:
     """Writes parameters every step of a folder shares (frozen adapter stacks: written once, not
     at every save) as `SHARED_FILE`, atomically; returns their checksum records for `save_args`.
     In a multi-host run every process calls it; process 0 writes."""
@@ -271,7 +271,7 @@ def write_shared(directory: str | os.PathLike, params: Mapping[Path, Any]) -> di
     return shared_records_of(arrays)
 
 
-def shared_records_of(params: Mapping[Path, Any]) -> dict[str, dict]:
+def shared_records_of(params: Mapping[ParamPath, Any]) -> dict[str, dict]:
     """The checksum records `write_shared` would return for these parameters (writes nothing)."""
     return checksums.tree_records(PARAMS_ITEM, _nest({p: checksums.host_array(v) for p, v in params.items()}))
 
@@ -335,7 +335,7 @@ def save_checkpoint(
 
 def write_checkpoint(
     directory: str | os.PathLike,
-    params: Mapping[Path, Any],
+    params: Mapping[ParamPath, Any],
     moe: MoELoRAConfig,
     infos,
     base_dir: str | os.PathLike,
@@ -464,7 +464,7 @@ class Checkpoint:
 
     step: int
     meta: CheckpointMeta
-    params: dict[Path, np.ndarray]
+    params: dict[ParamPath, np.ndarray]
     extra: dict[str, Any]
 
 

@@ -19,7 +19,7 @@ from meteora_jax.inputs import validate_adapter_name
 from meteora_jax.io import checkpoint, meteora_torch
 from meteora_jax.io.files import raise_problems
 from meteora_jax.io.peft import LoRAAdapter, read_adapters
-from meteora_jax.io.stacking import AdapterInfo, Path, init_gates, moe_config_for, stack_adapters
+from meteora_jax.io.stacking import AdapterInfo, ParamPath, init_gates, moe_config_for, stack_adapters
 
 DEFAULT_TOP_K, DEFAULT_TEMPERATURE = 2, 1.0
 
@@ -58,7 +58,7 @@ def load_gates(
     moe: MoELoRAConfig,
     adapters: Sequence[LoRAAdapter],
     base_dir: str | os.PathLike,
-) -> dict[Path, np.ndarray]:
+) -> dict[ParamPath, np.ndarray]:
     """Trained MeteoRA parameters for a mixture of `adapters` (in their order) over `base_dir`.
 
     A reference file gives the gates (and the adapter stacks when it holds them). A checkpoint
@@ -124,7 +124,7 @@ def load_checkpoint_adapters(
     base_dir: str | os.PathLike,
     top_k: int | None = None,
     temperature: float | None = None,
-) -> tuple[MoELoRAConfig, dict[Path, np.ndarray], list[AdapterInfo]]:
+) -> tuple[MoELoRAConfig, dict[ParamPath, np.ndarray], list[AdapterInfo]]:
     """The mixture, its parameters and adapter infos, all from a checkpoint folder.
 
     top_k / temperature None means the checkpoint's stored values. A reference file cannot
@@ -149,7 +149,7 @@ def fuse(
     top_k: int | None = None,
     temperature: float | None = None,
     seed: int = 0,
-) -> tuple[MoELoRAConfig, dict[Path, np.ndarray], list[AdapterInfo]]:
+) -> tuple[MoELoRAConfig, dict[ParamPath, np.ndarray], list[AdapterInfo]]:
     """What `load_model` assembles before it touches the base weights: the mixture config, every
     MeteoRA parameter by path (gates, stacks, scales) and the adapter infos. Without gates, the
     gates are seeded normal (`init_gates`, untrained). Used by `convert`, so a checkpoint is made

@@ -36,7 +36,7 @@ from meteora_jax.io.files import raise_problems, staged_directory, write_text_at
 from meteora_jax.io.hf import HF_KEY_TABLE, IGNORED_KEYS, weight_files
 from meteora_jax.io.peft import LoRAAdapter
 from meteora_jax.io.safetensors_io import FLOAT_DTYPES, SafetensorsFile, save_file
-from meteora_jax.io.stacking import AdapterInfo, Path, param_path
+from meteora_jax.io.stacking import AdapterInfo, ParamPath, param_path
 
 PREFIX = "base_model.model."
 WEIGHTS_FILE = "model.safetensors"
@@ -145,7 +145,7 @@ def read_reference(
     moe: MoELoRAConfig,
     adapters: Sequence[LoRAAdapter],
     base_dir: str | os.PathLike,
-) -> dict[Path, np.ndarray]:
+) -> dict[ParamPath, np.ndarray]:
     """Reads a MeteoRA reference `model.safetensors` made with `adapters` (in that order).
 
     Returns our gates (Y, in, L) per targeted projection and, when the file holds stacked
@@ -351,7 +351,7 @@ def write_reference(
 
 
 def write_reference_params(
-    params: Mapping[Path, object],
+    params: Mapping[ParamPath, object],
     moe: MoELoRAConfig,
     infos: Sequence[AdapterInfo],
     base_dir: str | os.PathLike,

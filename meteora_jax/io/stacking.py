@@ -12,20 +12,20 @@ import math
 
 import numpy as np
 
-from meteora_jax.config import BLOCK_OF, PROJECTIONS, LlamaConfig, MoELoRAConfig, projection_shape
+from meteora_jax.config import BLOCK_OF, PROJECTIONS, TOP_K, LlamaConfig, MoELoRAConfig, projection_shape
 from meteora_jax.errors import ConfigError
 from meteora_jax.io.peft import LoRAAdapter, LoRAModule
 
-Path = tuple[str, ...]
+ParamPath = tuple[str, ...]
 
 
-def param_path(projection: str, leaf: str) -> Path:
+def param_path(projection: str, leaf: str) -> ParamPath:
     """Our parameter path of one stacked leaf (kernel, gate, lora_a, lora_b, scale) of a projection."""
     return ("layers", BLOCK_OF[projection], projection, leaf)
 
 
 def moe_config_for(
-    adapters: list[LoRAAdapter], top_k: int = 2, temperature: float = 1.0, dropout: float = 0.0
+    adapters: list[LoRAAdapter], top_k: int = TOP_K, temperature: float = 1.0, dropout: float = 0.0
 ) -> MoELoRAConfig:
     """The mixture over `adapters`, in their order: every projection any of them targets."""
     if not adapters:
@@ -43,10 +43,10 @@ def moe_config_for(
 
 def stack_adapters(
     adapters: list[LoRAAdapter], config: LlamaConfig, moe: MoELoRAConfig
-) -> dict[Path, np.ndarray]:
+) -> dict[ParamPath, np.ndarray]:
     """A, B and scale stacks (float32) for every targeted projection."""
     y, n, r = config.num_hidden_layers, len(adapters), moe.rank
-    out: dict[Path, np.ndarray] = {}
+    out: dict[ParamPath, np.ndarray] = {}
     for proj in moe.targets:
         d_in, d_out = projection_shape(config, proj)
         a = np.zeros((y, n, d_in, r), np.float32)
@@ -64,7 +64,7 @@ def stack_adapters(
     return out
 
 
-def init_gates(config: LlamaConfig, moe: MoELoRAConfig, seed: int = 0) -> dict[Path, np.ndarray]:
+def init_gates(config: LlamaConfig, moe: MoELoRAConfig, seed: int = 0) -> dict[ParamPath, np.ndarray]:
     """Seeded normal gates with std 1/sqrt(in), so untrained logits are O(1)."""
     rng = np.random.default_rng(seed)
     out = {}
@@ -133,7 +133,7 @@ def _is_module_entry(m) -> bool:
     return ints and real and layer >= 0 and rank >= 1 and proj in PROJECTIONS
 
 
-def unstack_adapters(stacks: dict[Path, np.ndarray], infos: list[AdapterInfo]) -> list[LoRAAdapter]:
+def unstack_adapters(stacks: dict[ParamPath, np.ndarray], infos: list[AdapterInfo]) -> list[LoRAAdapter]:
     """The inverse of `stack_adapters`: one LoRAAdapter per info, cut back to its true ranks."""
     adapters = []
     for i, info in enumerate(infos):

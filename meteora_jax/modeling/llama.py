@@ -35,6 +35,7 @@ REMAT_POLICIES = {
 }
 # What the gate loss's gradient reaches: each gate alone ("gates"), or everything upstream too.
 GATE_LOSS_GRADS = ("gates", "all")
+DEFAULT_REMAT, DEFAULT_GATE_LOSS_GRAD = "none", "gates"  # of a module until `configure_training`
 
 
 def segment_positions(segment_ids_bt: jax.Array) -> jax.Array:
@@ -259,8 +260,8 @@ class LlamaForCausalLM(nnx.Module):
         resolve_attention(attention, dtype=dtype, head_dim=config.head_dim, length=0, cached=False)
         self.attention = attention
         self.config = config
-        self.remat = "none"
-        self.gate_loss_grad = "gates"
+        self.remat = DEFAULT_REMAT
+        self.gate_loss_grad = DEFAULT_GATE_LOSS_GRAD
         self.moe = moe
         self.dtype = dtype
         self.scan_layers = scan_layers
@@ -285,7 +286,9 @@ class LlamaForCausalLM(nnx.Module):
             else Linear(d, v, ("embed", "vocab"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         )
 
-    def configure_training(self, *, remat: str = "none", gate_loss_grad: str = "gates") -> None:
+    def configure_training(
+        self, *, remat: str = DEFAULT_REMAT, gate_loss_grad: str = DEFAULT_GATE_LOSS_GRAD
+    ) -> None:
         """Training-only settings of the forward pass. remat: what each decoder layer keeps for
         the backward pass (`REMAT_POLICIES`); gate_loss_grad: "gates" holds each gate's input
         constant in the gate loss (its gradient reaches the gates only), "all" lets it flow

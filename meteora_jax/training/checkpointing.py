@@ -27,7 +27,7 @@ from meteora_jax.data.pipeline import DataStateMismatch
 from meteora_jax.errors import CheckpointError
 from meteora_jax.io import checkpoint
 from meteora_jax.io.checkpoint import CorruptCheckpointError
-from meteora_jax.io.stacking import Path
+from meteora_jax.io.stacking import ParamPath
 
 OPT_ITEM, DATA_ITEM, RUN_ITEM = "opt", "data", "run"
 RUN_FORMAT = "meteora-jax-train"
@@ -57,7 +57,14 @@ class RunCheckpoints:
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def save(
-        self, step: int, params: Mapping[Path, jax.Array], shared: dict, meta, opt: dict, batches, run: dict
+        self,
+        step: int,
+        params: Mapping[ParamPath, jax.Array],
+        shared: dict,
+        meta,
+        opt: dict,
+        batches,
+        run: dict,
     ) -> None:
         """Starts saving `step` in the background (the loop goes on; `wait` blocks until done).
         `params` leaves out the arrays of the folder's shared file, whose records are `shared`."""

@@ -57,7 +57,7 @@ def train(spec: RunSpec) -> RunResult:
     check_truncation(tasks, tokenizer, spec.data.seq_len, command="train-gate")  # before --out is touched
     if spec.init_from is not None:
         _check_init(spec)
-    prepare_out(spec.out, inputs, force=spec.force)
+    prepare_out(spec.out, inputs, force=spec.force, command="train-gate")
     evaluation = None
     if any(os.path.isfile(os.path.join(spec.data_dir, t, "test.jsonl")) for t in names):
         heldout = load_heldout(spec.data_dir, names, tokenizer, tasks=spec.tasks, split="test")

@@ -32,7 +32,7 @@ from meteora_jax.data.tasks import Sample
 from meteora_jax.errors import ConfigError, TrainingError, describe_os_error, storage_error
 from meteora_jax.io import checkpoint, checksums, files
 from meteora_jax.io.hf import load_llama
-from meteora_jax.io.stacking import AdapterInfo, Path
+from meteora_jax.io.stacking import AdapterInfo, ParamPath
 from meteora_jax.modeling.attention import DEFAULT_ATTENTION, check_training_length
 from meteora_jax.sharding import DEFAULT_MESH, MESH_AXES, host_to_global, make_mesh
 from meteora_jax.training import run_lock
@@ -48,7 +48,9 @@ from meteora_jax.training.train_config import TRAIN_BACKEND, TrainConfig
 GATE_METRICS = ("gate_loss", "gate_accuracy", "gate_tokens")  # logged only with a gate term
 
 
-Mixture = tuple[MoELoRAConfig, dict[Path, np.ndarray], list[AdapterInfo]]  # what `io.gate_sources.fuse` gives
+Mixture = tuple[
+    MoELoRAConfig, dict[ParamPath, np.ndarray], list[AdapterInfo]
+]  # what `io.gate_sources.fuse` gives
 
 
 class Evaluation(Protocol):
@@ -120,7 +122,7 @@ def prepare_out(
     *,
     force: bool,
     run_dir: str | None = None,
-    command: str = "train-gate",
+    command: str,
 ) -> None:
     """Refuses an `out` that would destroy one of `inputs` ((flag, path) pairs) or holds something
     other than a run of ours, whose run folder is `run_dir` (default `out` itself); `force`

@@ -42,7 +42,7 @@ def routing_accuracy(
     *,
     num_adapters: int,
     pad_id: int,
-    batch_size: int = 16,
+    batch_size: int,
 ) -> dict:
     """The routing figures above over all held-out samples.
 
@@ -100,7 +100,7 @@ class RoutingEvaluation:
 
     heldout: Mapping[str, Sequence[HeldOutSample]]
     pad_id: int
-    batch_size: int = 16
+    batch_size: int
 
     def __call__(self, model, mesh: Mesh) -> dict:
         def top1_of(ids, mask):

@@ -78,7 +78,7 @@ def _batch_arrays(chunk: Sequence[ScoredSample], batch_size: int, width: int, pa
     return ids_bw, mask_bw, targets_bw, weights_bw
 
 
-def score(model, samples: Sequence[ScoredSample], mesh: Mesh, *, pad_id: int, batch_size: int = 16) -> dict:
+def score(model, samples: Sequence[ScoredSample], mesh: Mesh, *, pad_id: int, batch_size: int) -> dict:
     """The figures of the module docstring for `model` (a `MeteoRAModel`) on `samples`."""
     if not samples:
         return {}
@@ -111,7 +111,7 @@ class TaskEvaluation:
 
     samples: Sequence[ScoredSample]
     pad_id: int
-    batch_size: int = 16
+    batch_size: int
 
     def __call__(self, model, mesh: Mesh) -> dict:
         return score(model, self.samples, mesh, pad_id=self.pad_id, batch_size=self.batch_size)

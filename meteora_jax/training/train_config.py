@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from meteora_jax.config import TOP_K
 from meteora_jax.errors import ConfigError
 from meteora_jax.inputs import is_int, is_real
-from meteora_jax.modeling.llama import GATE_LOSS_GRADS, REMAT_POLICIES
+from meteora_jax.modeling.llama import DEFAULT_GATE_LOSS_GRAD, DEFAULT_REMAT, GATE_LOSS_GRADS, REMAT_POLICIES
 from meteora_jax.settings import check_choices, setting
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -65,17 +66,18 @@ class TrainConfig:
     grad_accum: int = setting(1, "micro-batches per step")
     gate_loss_weight: float = setting(50.0, "W of loss = LM CE + W * gate CE (0: no gate term)")
     gate_loss_grad: str = setting(
-        "gates", "what the gate term trains: the gates only, or everything upstream too (the reference)",
+        DEFAULT_GATE_LOSS_GRAD,
+        "what the gate term trains: the gates only, or everything upstream too (the reference)",
         choices=GATE_LOSS_GRADS,
-    )  # fmt: skip
+    )
     train_gates: bool = True
     train_adapters: bool = setting(False, "train the LoRA stacks as well")
-    remat: str = setting("none", "decoder-layer remat", choices=tuple(REMAT_POLICIES))
+    remat: str = setting(DEFAULT_REMAT, "decoder-layer remat", choices=tuple(REMAT_POLICIES))
     loss_chunk: int = setting(
         512, "slots per row the LM loss takes logits of at once (0: all)", metavar="SLOTS"
     )
     dtype: str = setting("float32", "compute dtype", choices=COMPUTE_DTYPES)
-    top_k: int = setting(2, "adapters per token")
+    top_k: int = setting(TOP_K, "adapters per token")
     seed: int = setting(0, "the dropout stream and the data order")
     save_every: int = setting(100, "checkpoint every N steps")
     keep: int = setting(3, "checkpoints kept")

@@ -67,7 +67,7 @@ def count_cuts(tasks: Mapping[str, Sequence[Sample]], tokenizer, seq_len: int) -
 
 
 def check_truncation(
-    tasks: Mapping[str, Sequence[Sample]], tokenizer, seq_len: int, *, command: str = "train-gate"
+    tasks: Mapping[str, Sequence[Sample]], tokenizer, seq_len: int, *, command: str
 ) -> list[FileCuts]:
     """Refuses a `seq_len` that would leave a sample without its response or cut more than half
     of a task's samples; warns once (a `UserWarning` and a line on stderr) about fewer cuts.
