@@ -17,12 +17,12 @@ $(CORE): pyproject.toml
 	@echo "make: meteora-jax and its dependencies (jax, flax, optax, transformers, ...) into $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/pip install --quiet --disable-pip-version-check -e .
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-compile -e .
 	@touch $(CORE)
 
 $(STAMP): $(CORE)
 	@echo "make install: the test tools (pytest, torch CPU, peft, ruff, ...) into $(VENV)"
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-compile -e '.[test]'
 	@touch $(STAMP)
 
 test: $(STAMP)
