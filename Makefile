@@ -6,7 +6,10 @@ CORE := $(VENV)/.core
 STAMP := $(VENV)/.installed
 # Tests see 8 simulated CPU devices so the sharding code runs on a real multi-device mesh; the CPU
 # backend only, so an installed libtpu (`make tpu-compile`) is never initialised by the test workers.
-TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
+CPU_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
+# The suite compiles hundreds of small programs; at LLVM -O2 instead of -O3 they compile about 20%
+# faster and the suite runs 595 s instead of 647 s (2 cores). Programs users run keep XLA's default.
+TEST_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=2" JAX_PLATFORMS=cpu
 
 .PHONY: install test tpu-compile demo lint format clean
 
@@ -31,7 +34,7 @@ test: $(STAMP)
 # The [tpu] extra (libtpu) into the venv, then programs compiled for TPU slices from this host.
 tpu-compile: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[tpu]'
-	$(TEST_ENV) $(BIN)/python -m pytest -q tests/test_tpu_compile.py tests/test_aot_parts.py
+	$(CPU_ENV) $(BIN)/python -m pytest -q tests/test_tpu_compile.py tests/test_aot_parts.py
 
 demo: $(CORE)
 	$(BIN)/meteora-jax demo

@@ -206,15 +206,25 @@ def torch_meteora_model(base_dir: str, adapter_dirs: list[str], gates: dict, top
     return model
 
 
+def subprocess_env(devices: int = 8) -> dict:
+    """This process's environment for a child with `devices` simulated CPU devices; the other
+    XLA_FLAGS are kept, so the child compiles as the test process does (a bit-exact comparison
+    between them needs the same compiler settings)."""
+    device_flag = "--xla_force_host_platform_device_count"
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(device_flag)]
+    return {**os.environ, "XLA_FLAGS": " ".join([*flags, f"{device_flag}={devices}"])}
+
+
 def kill_after_first_save(cli_args: list[str], run_dir, first_save: int, total_steps: int) -> list[int]:
     """Runs `meteora-jax CLI_ARGS` in a subprocess (8 simulated devices), SIGKILLs it as soon as
     step `first_save` is on disk in `run_dir`, and returns the steps left there (checked to
     lie before `total_steps`: killed between saves)."""
     from meteora_jax.io import checkpoint
 
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     command = [sys.executable, "-m", "meteora_jax.cli", *cli_args]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 240
         while first_save not in checkpoint.checkpoint_steps(run_dir) and time.monotonic() < deadline:

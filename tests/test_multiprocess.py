@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import subprocess_env
 
 from meteora_jax.demo.synthetic import write_tiny_setup
 from meteora_jax.io.safetensors_io import SafetensorsFile
@@ -47,10 +48,6 @@ def _args(command, setup, out) -> list[str]:
     return [*args, "--mesh", "data=2,fsdp=2,tensor=2", "--no-progress"]
 
 
-def _env(devices: int) -> dict:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-
-
 def _losses(run_dir) -> list[tuple[int, float, float]]:
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
@@ -67,7 +64,7 @@ def test_two_processes_train_like_one_with_all_the_devices(command, tmp_path):
     # the one-process reference runs alongside the two processes (most of each run is start-up)
     reference = subprocess.Popen(
         [sys.executable, *_args(command, setup, single)],
-        env=_env(8),
+        env=subprocess_env(8),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -86,7 +83,7 @@ def test_two_processes_train_like_one_with_all_the_devices(command, tmp_path):
                     "--process-id",
                     str(i),
                 ],
-                env=_env(4),
+                env=subprocess_env(4),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
