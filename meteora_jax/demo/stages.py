@@ -104,8 +104,10 @@ class DemoSettings:
     `labelled_samples` labelled composite samples. Training clips at `clip_norm` and saves every
     `save_every` steps (what a killed run resumes from). Evaluation: greedy, `eval_limit` test
     samples per task and, for each n of `composite_sizes`, `composite_sets` task lists (drawn
-    with seeds 0, 1, ...) of `composite_samples` composite-n prompts, routed at
-    `composite_routing_temperature` (single-task prompts at `routing_temperature`)."""
+    with seeds 0, 1, ...) of `composite_samples` composite-n prompts (the default: 64 prompts, each
+    with its own order, since a figure over a few orders says more about them than about the
+    gates), routed at `composite_routing_temperature` (single-task prompts at
+    `routing_temperature`)."""
 
     base: DemoBaseSettings = DemoBaseSettings()
     batch_size: int = 8
@@ -127,8 +129,8 @@ class DemoSettings:
     top_k: int = TOP_K
     eval_limit: int = 64
     composite_sizes: tuple[int, ...] = (3, 5)
-    composite_sets: int = 8
-    composite_samples: int = 8
+    composite_sets: int = 64
+    composite_samples: int = 1
     max_new_tokens: int = 96
     eval_batch_size: int = 16
     routing_temperature: float = 1.0
