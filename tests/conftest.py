@@ -209,10 +209,18 @@ def torch_meteora_model(base_dir: str, adapter_dirs: list[str], gates: dict, top
 def subprocess_env(devices: int = 8) -> dict:
     """This process's environment for a child with `devices` simulated CPU devices; the other
     XLA_FLAGS are kept, so the child compiles as the test process does (a bit-exact comparison
-    between them needs the same compiler settings)."""
+    between them needs the same compiler settings) and so is the session's cache of compiled
+    programs: a rerun after a kill loads what the killed run or the test process compiled."""
+    import jax
+
     device_flag = "--xla_force_host_platform_device_count"
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(device_flag)]
-    return {**os.environ, "XLA_FLAGS": " ".join([*flags, f"{device_flag}={devices}"])}
+    env = {**os.environ, "XLA_FLAGS": " ".join([*flags, f"{device_flag}={devices}"])}
+    if jax.config.jax_compilation_cache_dir:
+        env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
+        threshold = jax.config.jax_persistent_cache_min_compile_time_secs
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(threshold)
+    return env
 
 
 def kill_after_first_save(cli_args: list[str], run_dir, first_save: int, total_steps: int) -> list[int]:

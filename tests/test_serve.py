@@ -9,7 +9,6 @@ their own answer and that traffic compiles nothing.
 import asyncio
 import concurrent.futures
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -23,6 +22,7 @@ import numpy as np
 import openai
 import pytest
 import uvicorn
+from conftest import subprocess_env
 
 import meteora_jax as mj
 from meteora_jax.data.prompts import encode_prompt, format_prompt, load_tokenizer, pad_token_of
@@ -333,7 +333,7 @@ def test_the_command_serves_and_finishes_a_running_answer_on_sigterm(setup, tmp_
     adapters = [arg for name, folder in setup.adapters.items() for arg in ("--adapter", f"{name}={folder}")]
     argv = [sys.executable, "-m", "meteora_jax.cli", "serve", "--base", setup.base, *adapters,
             "--port", str(port), "--slots", "2", "--max-length", "48", "--grace", "20"]  # fmt: skip
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = {**subprocess_env(), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
