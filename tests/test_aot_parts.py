@@ -106,12 +106,21 @@ HLO = """
   %all-reduce-done.1 = (f32[8]{0}, f32[2,4]{1,0}) all-reduce-done(%all-reduce-start.1)
   %fusion.2 = f32[16]{0} fusion(f32[16]{0} %x), kind=kLoop, calls=%fused_computation
   %collective-permute.7 = s32[3]{0} collective-permute(s32[3]{0} %c), source_target_pairs={{0,1}}
+%async_collective_fusion.1 (param_0: bf16[64,8]) -> bf16[64,64] {
+  %all-gather.5 = bf16[64,64]{1,0} all-gather(%param_0), channel_id=41, dimensions={1}
+}
+%async_collective_fusion.2 (param_0: bf16[64,8]) -> bf16[64,64] {
+  %all-gather.6 = bf16[64,64]{1,0} all-gather(%param_0), channel_id=41, dimensions={1}
+}
+  %all-gather.7 = bf16[32,32]{1,0} all-gather(%copy-done.2), channel_id=50, dimensions={1}
 """
 
 
 def test_collectives_are_counted_with_their_result_bytes():
+    """Each collective once: the TPU compiler's async pieces of one all-gather share its channel
+    id, and an operand named "...-done" does not hide the op that reads it."""
     assert collectives(HLO) == {
-        "all-gather": {"count": 1, "bytes": 4096 * 1024 * 2},
+        "all-gather": {"count": 3, "bytes": 4096 * 1024 * 2 + 64 * 64 * 2 + 32 * 32 * 2},
         "all-reduce": {"count": 1, "bytes": 8 * 4 + 8 * 4},
         "collective-permute": {"count": 1, "bytes": 12},
     }

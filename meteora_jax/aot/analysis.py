@@ -25,6 +25,7 @@ REMAT_WARNING = "Involuntary full rematerialization"
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4}
 _BYTES |= {"f32": 4, "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
 _ARRAY = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
+_CHANNEL = re.compile(r"\bchannel_id=(\d+)")
 _OP = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
 
 
@@ -48,12 +49,19 @@ def captured_stderr() -> Iterator[list[str]]:
 
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     """{kind: {"count", "bytes"}} of the collectives in an HLO module's text; bytes are those of
-    each op's result. An op inside a loop counts once, as written."""
+    each op's result. An op inside a loop counts once, as written, and so does one collective that
+    the TPU compiler writes into several computations (its async pieces share one channel id)."""
     found = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
+    channels = set()
     for line in hlo_text.splitlines():
-        match = _OP.search(line)
-        if match is None or "-done" in line:
+        match = _OP.search(line)  # an "-done" op is no match: its start was counted
+        if match is None:
             continue
+        channel = _CHANNEL.search(line)
+        if channel is not None:
+            if channel.group(1) in channels:
+                continue
+            channels.add(channel.group(1))
         result, kind = match.groups()
         size = 0
         for dtype, dims in _ARRAY.findall(result):
