@@ -63,11 +63,20 @@ def edit_meta(folder, edit, step=0) -> None:
         json.dump(data, f)
 
 
-def largest_array_file(folder, step=0) -> str:
-    """The biggest data file of the params item (OCDBT keeps array chunks under `d/`)."""
+def array_files(folder, step=0) -> list[str]:
+    """The data files of the params item, largest first (OCDBT keeps array chunks under `d/`).
+    How Orbax spreads the chunks over them varies from save to save, and a file may hold only
+    chunks no restore reads: a test that must break a read breaks every one of them."""
     item = os.path.join(folder, str(step), checkpoint.PARAMS_ITEM)
     files = [os.path.join(d, f) for d, _, fs in os.walk(item) for f in fs if os.sep + "d" in d]
-    return max(files, key=os.path.getsize)
+    return sorted(files, key=os.path.getsize, reverse=True)
+
+
+def truncate_array_files(folder, step=0, size=None) -> None:
+    """Every data file of the params item cut to `size` bytes (None: half its size)."""
+    for path in array_files(folder, step):
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2 if size is None else size)
 
 
 def flip(path, offset, count=64) -> None:
@@ -98,9 +107,9 @@ def test_every_saved_array_has_a_checksum(world):
 def test_flipped_bytes_in_an_array_file_name_the_array_and_step(ckpt, world):
     """64 flipped bytes at eight places: each is refused naming the array and the step, or (bytes
     no array reads) restores exactly the saved values; never silently other values."""
-    path, saved = largest_array_file(ckpt), checkpoint.restore(world["ckpt"]).params
+    path, saved = array_files(ckpt)[0], checkpoint.restore(world["ckpt"]).params
     with open(path, "rb") as f:
-        original, refused = f.read(), 0
+        original, refused = f.read(), []
     for offset in range(0, len(original), max(1, len(original) // 8)):
         with open(path, "wb") as f:
             f.write(original)
@@ -108,15 +117,18 @@ def test_flipped_bytes_in_an_array_file_name_the_array_and_step(ckpt, world):
         try:
             restored = checkpoint.restore(ckpt).params
         except CorruptCheckpointError as e:
-            message, refused = one_line(e), refused + 1
+            message = one_line(e)
+            refused.append(offset)
             assert f"{ckpt}" in message and "(step 0)" in message, message
             assert re.search(r"array params/layers/\w+/\w+_proj/(gate|lora_a|lora_b|scale)\b", message), (
                 message
             )
             continue
         assert all(np.array_equal(restored[k], saved[k]) for k in saved), f"offset {offset}: values changed"
-    assert refused >= 4
-    flip(path, len(original) // 2)
+    assert len(refused) >= 4
+    with open(path, "wb") as f:
+        f.write(original)
+    flip(path, refused[len(refused) // 2])  # bytes a restore reads: the model loader refuses them too
     with pytest.raises(CheckpointError, match=r"\(step 0\).*array params/layers/"):
         mj.load_model(world["base"], gates=ckpt)
 
@@ -161,12 +173,11 @@ def test_metadata_with_another_alpha_is_refused(ckpt, world):
 
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
 def test_truncated_or_deleted_array_file(ckpt, damage):
-    path = largest_array_file(ckpt)
     if damage == "delete":
-        os.remove(path)
+        for path in array_files(ckpt):
+            os.remove(path)
     else:
-        with open(path, "r+b") as f:
-            f.truncate(os.path.getsize(path) // 2)
+        truncate_array_files(ckpt)
     with pytest.raises(CorruptCheckpointError) as info:
         checkpoint.restore(ckpt)
     message = one_line(info.value)
@@ -305,16 +316,14 @@ def test_restore_latest_good_falls_back_past_damaged_steps(world, tmp_path):
     folder = os.fspath(tmp_path / "run")
     for step in (0, 5, 10):
         checkpoint.save_checkpoint(folder, world["model"], world["base"], step=step, extra_items={"opt": OPT})
-    with open(largest_array_file(folder, 10), "r+b") as f:
-        f.truncate(10)
+    truncate_array_files(folder, 10, size=10)
     with open(meta_file(folder, 5), "wb") as f:
         f.write(b"garbage")
     with pytest.warns(UserWarning, match="skipping damaged checkpoint step 10") as record:
         good = checkpoint.restore_latest_good(folder, extra_items={"opt": None})
     assert good.step == 0 and int(good.extra["opt"]["count"]) == 7
     assert any("skipping damaged checkpoint step 5" in str(w.message) for w in record)
-    with open(largest_array_file(folder, 0), "r+b") as f:
-        f.truncate(10)
+    truncate_array_files(folder, 0, size=10)
     with (
         pytest.warns(UserWarning),
         pytest.raises(CorruptCheckpointError, match=f"{folder}: every step is damaged"),
@@ -348,8 +357,7 @@ def test_the_teardown_filter_drops_closed_loop_reports_only(monkeypatch):
 
 def test_a_failed_restore_prints_no_tracebacks(ckpt):
     """Orbax leaves tensorstore reads in flight when one fails; their callbacks must stay quiet."""
-    with open(largest_array_file(ckpt), "r+b") as f:
-        f.truncate(100)
+    truncate_array_files(ckpt, size=100)
     script = (
         "import sys, time\n"
         "from meteora_jax.io import checkpoint\n"
