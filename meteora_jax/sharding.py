@@ -37,6 +37,10 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | None] = {
     "lora_rank": None,
     "cache_length": None,
 }
+# Parameters only: fsdp, when the rules leave it unused, splits these dimensions. A LoRA B
+# (adapters, rank, out=heads / mlp), an A or a gate on an o / down projection has no embed
+# dimension, and would otherwise sit whole on every chip with its optimizer moments.
+PARAMETER_FALLBACK: dict[str, tuple[str, ...]] = {"heads": ("fsdp",), "kv_heads": ("fsdp",), "mlp": ("fsdp",)}
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
@@ -66,29 +70,42 @@ def active_mesh() -> Mesh | None:
 
 
 def logical_to_spec(
-    axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: dict = LOGICAL_RULES
+    axes: Sequence[str | None],
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: dict = LOGICAL_RULES,
+    fallback: dict | None = None,
 ) -> PartitionSpec:
     """PartitionSpec for an array of `shape` whose dimensions carry the logical `axes`.
 
     Mesh axes missing from `mesh`, of size 1, already used by an earlier dimension, or not
     dividing the dimension are dropped, so small models and odd sizes fall back to replication.
+    `fallback` (logical axis -> mesh axes): a mesh axis the rules left unused goes to the first
+    dimension whose logical axis lists it there (and which it divides).
     """
     if len(axes) != len(shape):
         raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
     used: set[str] = set()
-    spec = []
-    for name, size in zip(axes, shape, strict=True):
+    chosen: list[list[str]] = [[] for _ in axes]
+
+    def take(dim: int, mesh_axis: str) -> bool:
+        n = mesh.shape.get(mesh_axis, 1)
+        split = int(np.prod([mesh.shape[a] for a in chosen[dim]])) * n
+        if n > 1 and mesh_axis not in used and shape[dim] % split == 0:
+            chosen[dim].append(mesh_axis)
+            used.add(mesh_axis)
+            return True
+        return False
+
+    for dim, name in enumerate(axes):
         if name is not None and name not in rules:
             raise ValueError(f"logical axis {name!r} has no entry in the sharding rules")
-        chosen: list[str] = []
         for mesh_axis in (rules.get(name) or ()) if name else ():
-            n = mesh.shape.get(mesh_axis, 1)
-            split = int(np.prod([mesh.shape[a] for a in chosen])) * n
-            if n > 1 and mesh_axis not in used and size % split == 0:
-                chosen.append(mesh_axis)
-        used.update(chosen)
-        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
-    return PartitionSpec(*spec)
+            take(dim, mesh_axis)
+    for dim, name in enumerate(axes):  # a mesh axis already used is refused by `take`
+        for mesh_axis in (fallback or {}).get(name, ()):
+            take(dim, mesh_axis)
+    return PartitionSpec(*(None if not c else c[0] if len(c) == 1 else tuple(c) for c in chosen))
 
 
 def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
@@ -97,7 +114,7 @@ def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
     shape = var.get_value().shape
     if axes is None:
         return NamedSharding(mesh, PartitionSpec())
-    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, fallback=PARAMETER_FALLBACK))
 
 
 def host_to_global(array: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:

@@ -16,7 +16,7 @@ from meteora_jax.aot.analysis import REMAT_WARNING, Report, captured_stderr, col
 from meteora_jax.aot.compiler import CompileRequest, extrapolate_layers
 from meteora_jax.aot.models import MODELS, model_config
 from meteora_jax.aot.topology import CHIPS, parse_topology
-from meteora_jax.config import LlamaConfig
+from meteora_jax.config import PROJECTIONS, LlamaConfig, MoELoRAConfig
 from meteora_jax.errors import ConfigError
 from meteora_jax.modeling.llama import LlamaForCausalLM
 from meteora_jax.sharding import make_mesh
@@ -152,6 +152,22 @@ def test_weights_the_rules_cannot_split_are_named():
         ("lm_head.kernel", (32, 60), ((), ("tensor",)), ((), ())),
     ]
     assert unsplit_weights(weights, make_mesh(data=1, fsdp=1, tensor=4, devices=jax.devices()[:4])) == []
+
+
+def test_a_lora_weight_whole_on_every_chip_is_named():
+    """Under fsdp alone a LoRA B's output takes fsdp (it has no embed dimension); where fsdp does
+    not divide it (k_proj's 2 x 6 = 12 outputs on 8 chips) the weight stays whole, and is named."""
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=6,
+    )  # fmt: skip
+    moe = MoELoRAConfig(adapter_names=("a", "b", "c"), targets=PROJECTIONS, rank=2, top_k=2)
+    weights = jax.eval_shape(lambda: nnx.state(LlamaForCausalLM(config, moe, rngs=nnx.Rngs(0))))
+    unsplit = unsplit_weights(weights, make_mesh(data=1, fsdp=8, tensor=1))
+    assert [(u.path, u.wanted, u.given) for u in unsplit] == [
+        ("layers.self_attn.k_proj.lora_b", ((), (), (), ("fsdp",)), ((), (), (), ())),
+        ("layers.self_attn.v_proj.lora_b", ((), (), (), ("fsdp",)), ((), (), (), ())),
+    ]
 
 
 def test_the_compilers_log_is_captured_and_a_remat_warning_is_a_problem():

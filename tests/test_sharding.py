@@ -52,6 +52,19 @@ def test_rules_drop_axes_that_do_not_divide_or_repeat(mesh):
     assert logical_to_spec(("heads", "mlp"), (4, 4), mesh) == P("tensor", None)
 
 
+def test_the_parameter_fallback_gives_fsdp_to_a_dimension_without_embed(mesh):
+    fallback = {"heads": ("fsdp",), "mlp": ("fsdp",)}
+    # a LoRA B (adapters, rank, out): the output takes tensor, then fsdp
+    assert logical_to_spec(("adapters", "lora_rank", "mlp"), (3, 2, 96), mesh, fallback=fallback) == P(
+        None, None, ("tensor", "fsdp")
+    )
+    # embed took fsdp already: a kernel is as the rules say
+    assert logical_to_spec(("heads", "embed"), (64, 64), mesh, fallback=fallback) == P("tensor", "fsdp")
+    # the first dimension it divides takes it, once
+    assert logical_to_spec(("heads", "mlp"), (2, 4), mesh, fallback=fallback) == P("tensor", "fsdp")
+    assert logical_to_spec(("mlp", "heads"), (4, 4), mesh, fallback=fallback) == P(("tensor", "fsdp"), None)
+
+
 def test_rules_reject_unknown_logical_axis(mesh):
     with pytest.raises(ValueError, match="'experts'"):
         logical_to_spec(("experts",), (4,), mesh)
@@ -125,9 +138,13 @@ def test_meteora_model_under_mesh(mesh, tiny_dir, tmp_path):
     with jax.set_mesh(mesh), pytest.warns(UserWarning):
         model = mj.load_model(tiny_dir, adapters=folders)
         down = model.module.layers.mlp.down_proj
-        assert down.lora_a[...].sharding.spec == P(None, None, "tensor", None)  # (Y, L, in=mlp, R)
+        # in=mlp takes tensor by the rules, and fsdp (unused) by PARAMETER_FALLBACK
+        assert down.lora_a[...].sharding.spec == P(None, None, ("tensor", "fsdp"), None)  # (Y, L, in=mlp, R)
         assert down.lora_b[...].sharding.spec == P(None, None, None, "fsdp")  # (Y, L, R, out=embed)
-        assert down.gate[...].sharding.spec == P(None, "tensor", None)  # (Y, in=mlp, L)
+        assert down.gate[...].sharding.spec == P(None, ("tensor", "fsdp"), None)  # (Y, in=mlp, L)
+        q = model.module.layers.self_attn.q_proj
+        assert q.lora_b[...].sharding.spec == P(None, None, None, ("tensor", "fsdp"))  # (Y, L, R, out=heads)
+        assert q.kernel[...].sharding.spec == P(None, "fsdp", "tensor")  # kernels: the rules alone
         out = model(ids, return_routing=True)
     np.testing.assert_allclose(np.asarray(out.logits), np.asarray(reference.logits), atol=1e-5)
     np.testing.assert_array_equal(

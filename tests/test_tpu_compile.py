@@ -21,7 +21,7 @@ from meteora_jax.aot.topology import parse_topology  # noqa: E402
 from meteora_jax.cli import main  # noqa: E402
 from meteora_jax.config import LlamaConfig  # noqa: E402
 from meteora_jax.modeling.attention import AttentionMask, attend  # noqa: E402
-from meteora_jax.sharding import logical_to_spec, make_mesh  # noqa: E402
+from meteora_jax.sharding import make_mesh, variable_sharding  # noqa: E402
 from meteora_jax.training.train_config import TrainConfig  # noqa: E402
 
 CONFIG = LlamaConfig(
@@ -107,15 +107,19 @@ def test_gate_training_step_compiles_with_the_rules_shardings(mesh):
         axes = var.get_metadata().get("logical_axes")
         if axes is None:
             continue
-        want = logical_to_spec(axes, var.get_value().shape, mesh)
+        want = variable_sharding(var, mesh).spec
         held = dict(nnx.to_flat_state(frozen_in)) | dict(nnx.to_flat_state(state_in.params))
         got = held[path]
         got = got.get_value() if isinstance(got, nnx.Variable) else got
         assert isinstance(got, NamedSharding) and got.spec == want, (path, got, want)
-    embed = dict(nnx.to_flat_state(frozen_in))[("embed_tokens",)]
-    assert (embed.get_value() if isinstance(embed, nnx.Variable) else embed).spec == PartitionSpec(
-        "tensor", "fsdp"
-    )
+    frozen_specs = {
+        path: (s.get_value() if isinstance(s, nnx.Variable) else s).spec
+        for path, s in nnx.to_flat_state(frozen_in)
+    }
+    assert frozen_specs[("embed_tokens",)] == PartitionSpec("tensor", "fsdp")
+    # a LoRA B has no embed dimension: its output takes fsdp after tensor (PARAMETER_FALLBACK)
+    lora_b = frozen_specs[("layers", "self_attn", "q_proj", "lora_b")]
+    assert lora_b == PartitionSpec(None, None, None, ("tensor", "fsdp"))
 
 
 @pytest.mark.parametrize("program", ["train-lora", "prefill", "decode"])

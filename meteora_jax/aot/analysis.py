@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from meteora_jax.aot.topology import Topology
-from meteora_jax.sharding import LOGICAL_RULES, logical_to_spec
+from meteora_jax.sharding import LOGICAL_RULES, PARAMETER_FALLBACK, variable_sharding
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 REMAT_WARNING = "Involuntary full rematerialization"
@@ -83,8 +83,8 @@ class Unsplit:
 
 
 def unsplit_weights(state: nnx.State, mesh: Mesh) -> list[Unsplit]:
-    """Weights whose rules name a mesh axis of size > 1 that their spec leaves out (a dimension it
-    does not divide, or an axis used twice): replicated where a pod run expects them split."""
+    """Weights left without a mesh axis of size > 1 that their rules (or the parameters' fsdp
+    fallback) name: a dimension it does not divide. Replicated where a pod run expects them split."""
     out = []
     for path, var in nnx.to_flat_state(state):
         axes = var.get_metadata().get("logical_axes")
@@ -92,14 +92,20 @@ def unsplit_weights(state: nnx.State, mesh: Mesh) -> list[Unsplit]:
             continue
         shape = tuple(var.get_value().shape)
         wanted = tuple(
-            tuple(a for a in (LOGICAL_RULES.get(name) or ()) if mesh.shape.get(a, 1) > 1) if name else ()
+            tuple(
+                a
+                for a in (LOGICAL_RULES.get(name) or ()) + PARAMETER_FALLBACK.get(name, ())
+                if mesh.shape.get(a, 1) > 1
+            )
+            if name
+            else ()
             for name in axes
         )
-        given = tuple(logical_to_spec(axes, shape, mesh)) + (None,) * len(shape)
+        given = tuple(variable_sharding(var, mesh).spec) + (None,) * len(shape)
         given = tuple(
             () if g is None else (g,) if isinstance(g, str) else tuple(g) for g in given[: len(shape)]
         )
-        if sum(map(len, wanted)) > sum(map(len, given)):
+        if {a for dim in wanted for a in dim} - {a for dim in given for a in dim}:
             out.append(Unsplit(".".join(map(str, path)), shape, wanted, given))
     return out
 
