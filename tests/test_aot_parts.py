@@ -9,17 +9,22 @@ import json
 import os
 
 import jax
+import numpy as np
 import pytest
 from flax import nnx
 
 from meteora_jax.aot.analysis import REMAT_WARNING, Report, captured_stderr, collectives, unsplit_weights
 from meteora_jax.aot.compiler import CompileRequest, extrapolate_layers
 from meteora_jax.aot.models import MODELS, model_config
+from meteora_jax.aot.programs import ProgramSpec, lower, norm_scales
 from meteora_jax.aot.topology import CHIPS, parse_topology
 from meteora_jax.config import PROJECTIONS, LlamaConfig, MoELoRAConfig
+from meteora_jax.data.pipeline import BATCH_KEYS
 from meteora_jax.errors import ConfigError
 from meteora_jax.modeling.llama import LlamaForCausalLM
 from meteora_jax.sharding import make_mesh
+from meteora_jax.training.state import split_for_training
+from meteora_jax.training.train_config import TrainConfig
 
 
 @pytest.mark.parametrize(
@@ -203,3 +208,42 @@ def test_without_libtpu_the_topology_says_how_to_install_it():
         ConfigError, match=r"--topology v5e:2x2: libtpu cannot describe it .*make tpu-compile"
     ):
         parse_topology("v5e-4").devices()
+
+
+def test_the_forward_backward_yardstick_differentiates_the_norms_through_every_layer():
+    """`--program forward-backward`: the train-gate model and loss, gradients of the norms' scales
+    only (no gate, adapter or weight gradient), reaching the first layer's input."""
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8,
+    )  # fmt: skip
+    train = TrainConfig(steps=1, top_k=2)
+    spec = ProgramSpec(
+        config=config, program="forward-backward", batch=2, seq_len=16, adapters=4, rank=2, train=train
+    )
+    mesh = make_mesh(devices=jax.devices()[:1])
+    built = lower(spec, mesh)
+    moe = MoELoRAConfig(adapter_names=tuple("abcd"), targets=PROJECTIONS, rank=2, top_k=2)
+    model = LlamaForCausalLM(config, moe, rngs=nnx.Rngs(0))
+    _, state, frozen = split_for_training(model, train, trainable=norm_scales)
+    rng = np.random.default_rng(0)
+    batch = {k: np.zeros((2, 16), np.int32) for k in BATCH_KEYS}
+    batch |= {
+        "input_ids": rng.integers(0, 64, (2, 16), dtype=np.int32),
+        "segment_ids": np.ones((2, 16), np.int32),
+    }
+    batch |= {
+        "positions": np.tile(np.arange(16, dtype=np.int32), (2, 1)),
+        "lm_weights": np.ones((2, 16), np.int32),
+    }
+    batch["lm_targets"] = rng.integers(0, 64, (2, 16), dtype=np.int32)
+    grads = built.lowered.compile()(state.params, frozen, batch, jax.random.key(0))
+    flat = dict(nnx.to_flat_state(grads))
+    names = {
+        ("layers", "input_layernorm", "scale"),
+        ("layers", "post_attention_layernorm", "scale"),
+        ("norm", "scale"),
+    }
+    assert set(flat) == names
+    first_layer = np.asarray(flat[("layers", "input_layernorm", "scale")][...])[0]
+    assert np.isfinite(first_layer).all() and np.abs(first_layer).max() > 0

@@ -122,7 +122,7 @@ def test_gate_training_step_compiles_with_the_rules_shardings(mesh):
     assert lora_b == PartitionSpec(None, None, None, ("tensor", "fsdp"))
 
 
-@pytest.mark.parametrize("program", ["train-lora", "prefill", "decode"])
+@pytest.mark.parametrize("program", ["train-lora", "prefill", "decode", "forward-backward"])
 def test_the_other_programs_compile(mesh, program):
     compiled = lower(_spec(program), mesh).lowered.compile()
     assert compiled.memory_analysis().argument_size_in_bytes > 0

@@ -2,9 +2,11 @@
 
 Each program is the one the commands run: the training step of `make_train_step` over the split
 of `split_for_training` (train-gate, train-lora), and generation's `prefill_program` /
-`step_program` (prefill, decode). Weights are `jax.ShapeDtypeStruct`s made by `jax.eval_shape`
-of the model's constructor, so nothing is read or allocated; each carries the sharding the
-logical rules give it on the mesh.
+`step_program` (prefill, decode). `forward-backward` is the yardstick of the gates' own cost: the
+same model and loss as train-gate, differentiated only to the norms' scales (so back through every
+layer's activations), with no gate statistics and no optimizer. Weights are
+`jax.ShapeDtypeStruct`s made by `jax.eval_shape` of the model's constructor, so nothing is read
+or allocated; each carries the sharding the logical rules give it on the mesh.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from meteora_jax.ops.moe_lora import DEFAULT_BACKEND
 from meteora_jax.ops.routing import RoutingSettings
 from meteora_jax.training.adapters import lora_train_config
 from meteora_jax.training.state import shardings_of, split_for_training
-from meteora_jax.training.step import batch_sharding, make_train_step
+from meteora_jax.training.step import batch_sharding, make_gradients, make_train_step
 from meteora_jax.training.train_config import TrainConfig
 
-PROGRAMS = ("train-gate", "train-lora", "prefill", "decode")
+PROGRAMS = ("train-gate", "train-lora", "prefill", "decode", "forward-backward")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +97,8 @@ def lower(spec: ProgramSpec, mesh: Mesh) -> Lowered:
         )  # fmt: skip
 
     with jax.set_mesh(mesh):
+        if spec.program == "forward-backward":
+            return _lower_forward_backward(spec, cfg, build, mesh)
         if spec.program in ("train-gate", "train-lora"):
             return _lower_train(spec, cfg, build, mesh)
         return _lower_generation(spec, compute, build, mesh)
@@ -120,6 +124,37 @@ def _lower_train(spec: ProgramSpec, cfg: TrainConfig, build, mesh: Mesh) -> Lowe
     )
     weights = nnx.merge_state(frozen, state.params)
     return Lowered(lowered, weights, spec.batch * spec.seq_len)
+
+
+def norm_scales(path, value) -> bool:
+    """The RMS norms' scales: the parameters the forward-backward yardstick differentiates."""
+    return type(value) is nnx.Param and path[-1] == "scale"  # adapters' scales are `AdapterScale`s
+
+
+def _lower_forward_backward(spec: ProgramSpec, cfg: TrainConfig, build, mesh: Mesh) -> Lowered:
+    plain = dataclasses.replace(cfg, gate_loss_weight=0.0)
+    static = {}
+
+    def split():
+        parts, state, frozen = split_for_training(build(), plain, trainable=norm_scales)
+        static["parts"] = parts
+        return state.params, frozen
+
+    params, frozen = jax.eval_shape(split)
+    shape = (spec.batch, spec.seq_len)
+    rows = batch_sharding(mesh, shape)
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows) for k in BATCH_KEYS}
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+    gradients = make_gradients(static["parts"], plain)
+    params_sh, frozen_sh = shardings_of(params, mesh), shardings_of(frozen, mesh)
+    fn = jax.jit(
+        lambda p, f, b, k: gradients(p, f, b, k)[0],
+        in_shardings=(params_sh, frozen_sh, {k: rows for k in BATCH_KEYS}, key.sharding),
+        out_shardings=params_sh,
+    )
+    lowered = fn.lower(_abstract(params, params_sh), _abstract(frozen, frozen_sh), batch, key)
+    return Lowered(lowered, nnx.merge_state(frozen, params), spec.batch * spec.seq_len)
 
 
 def _lower_generation(spec: ProgramSpec, compute, build, mesh: Mesh) -> Lowered:

@@ -89,15 +89,17 @@ def _cast_frozen(module: LlamaForCausalLM, trainable, dtype) -> None:
 
 
 def split_for_training(
-    module: LlamaForCausalLM, config: TrainConfig
+    module: LlamaForCausalLM, config: TrainConfig, trainable=None
 ) -> tuple[TrainParts, TrainState, nnx.State]:
     """(static parts, trainable state with fresh optimizer moments, frozen state) of `module`.
+
+    `trainable`: the NNX filter of what trains (default: `trainable_kinds(config)`).
 
     Sets the module's training settings (`config.remat`, `config.gate_loss_grad`); with a
     bfloat16 compute dtype the frozen weights are stored in it (half the memory and no per-step
     cast). The training runs and `meteora-jax compile` both split here, so what compiles
     for a pod is what trains."""
-    kinds = trainable_kinds(config)
+    kinds = trainable_kinds(config) if trainable is None else trainable
     module.configure_training(remat=config.remat, gate_loss_grad=config.gate_loss_grad)
     if config.dtype != "float32":
         _cast_frozen(module, kinds, jnp.dtype(config.dtype))
