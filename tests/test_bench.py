@@ -56,9 +56,11 @@ def test_bench_model_times_the_public_call_beside_its_program_and_torch(tmp_path
     assert main([*argv, "--repeats", "1", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())["results"]
     timed = {"base", "meteora", "base[program]", "meteora[program]", "torch_base", "torch_reference"}
+    timed |= {"matmul", "torch_matmul"}
     assert set(row["ms"]) == timed and all(ms > 0 for ms in row["ms"].values())
     assert set(row["call_over_program"]) == {"base", "meteora"}
     assert row["torch_reference_over_torch_base"] > 0 and row["torch_base_over_ours"] > 0
+    assert row["torch_matmul_over_ours"] > 0
     assert "public call over its program" in capsys.readouterr().out
 
 

@@ -8,7 +8,9 @@ Variants, each timed on the same prompt of `tokens` tokens (batch 1, no cache) i
   same modules, the program alone: the public call should cost the same;
 - `torch_base`: transformers' `LlamaForCausalLM` with the same shapes (sdpa attention);
   `torch_reference`: the same with the reference's per-token gather-bmm MoE-LoRA
-  (`meteora_jax.bench.torch_reference.GatherBmmLinear`) in every projection, when torch is there.
+  (`meteora_jax.bench.torch_reference.GatherBmmLinear`) in every projection, when torch is there;
+- `matmul`, `torch_matmul`: one (tokens, hidden) x (hidden, intermediate) matmul in jax and in
+  torch, the MLP's shape: how far the base's gap to torch is the matmul kernels' own.
 """
 
 from __future__ import annotations
@@ -83,6 +85,23 @@ def _torch_models(config: LlamaConfig, settings: ModelBenchSettings) -> dict:
     return {"torch_base": base, "torch_reference": fused}
 
 
+def _matmuls(config: LlamaConfig, tokens: int, seed: int) -> dict:
+    """{"matmul": run, "torch_matmul": run}: one (tokens, D) x (D, F) float32 matmul each."""
+    import torch  # noqa: PLC0415 (only reached once _torch_models has imported it)
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((tokens, config.hidden_size), np.float32)
+    w = rng.standard_normal((config.hidden_size, config.intermediate_size), np.float32)
+    jx, jw = jnp.asarray(x), jnp.asarray(w)
+    tx, tw = torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(w.T))  # Linear's (out, in)
+    matmul = jax.jit(jnp.dot)
+
+    def torch_matmul():
+        torch.nn.functional.linear(tx, tw)
+
+    return {"matmul": lambda: matmul(jx, jw), "torch_matmul": torch_matmul}
+
+
 def _torch_run(model, ids: np.ndarray):
     import torch  # noqa: PLC0415 (only reached once _torch_models has imported it)
 
@@ -116,6 +135,8 @@ def bench_model(config: LlamaConfig, settings: ModelBenchSettings, log=print) ->
             runs[name] = lambda model=model, ids=ids: model(ids).logits
             runs[f"{name}[program]"] = _program(model, jnp.asarray(ids))
         runs.update({name: _torch_run(model, ids) for name, model in torch_models.items()})
+        if settings.torch_reference:
+            runs.update(_matmuls(config, tokens, settings.seed))
         ms = {
             n: s * 1e3
             for n, s in medians(interleaved(runs, settings.repeats, settle_s=SETTLE_SECONDS)).items()
@@ -130,6 +151,7 @@ def bench_model(config: LlamaConfig, settings: ModelBenchSettings, log=print) ->
             row["torch_base_over_ours"] = ms["torch_base"] / ms["base[program]"]
             row["torch_reference_over_torch_base"] = ms["torch_reference"] / ms["torch_base"]
             row["torch_reference_over_meteora"] = ms["torch_reference"] / ms["meteora"]
+            row["torch_matmul_over_ours"] = ms["torch_matmul"] / ms["matmul"]
         rows.append(row)
         log(format_model_row(row))
     return rows
@@ -146,6 +168,7 @@ def format_model_row(row: dict) -> str:
         text += (
             f"; torch base {row['torch_base_over_ours']:.3f}x our base program; reference algorithm "
             f"{row['torch_reference_over_torch_base']:.3f}x torch base, "
-            f"{row['torch_reference_over_meteora']:.2f}x meteora's wall time"
+            f"{row['torch_reference_over_meteora']:.2f}x meteora's wall time; one matmul of the MLP's "
+            f"shape: torch {row['torch_matmul_over_ours']:.3f}x ours"
         )
     return text
