@@ -104,6 +104,15 @@ def lower(spec: ProgramSpec, mesh: Mesh) -> Lowered:
         return _lower_generation(spec, compute, build, mesh)
 
 
+def _training_inputs(spec: ProgramSpec, mesh: Mesh) -> tuple[dict, jax.ShapeDtypeStruct]:
+    """The abstract batch (rows split over the batch axes) and dropout key of a training step."""
+    shape = (spec.batch, spec.seq_len)
+    rows = batch_sharding(mesh, shape)
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows) for k in BATCH_KEYS}
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    return batch, jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+
+
 def _lower_train(spec: ProgramSpec, cfg: TrainConfig, build, mesh: Mesh) -> Lowered:
     static = {}
 
@@ -113,12 +122,8 @@ def _lower_train(spec: ProgramSpec, cfg: TrainConfig, build, mesh: Mesh) -> Lowe
         return state, frozen
 
     state, frozen = jax.eval_shape(split)
-    shape = (spec.batch, spec.seq_len)
-    step = make_train_step(static["parts"], cfg, state, frozen, mesh, batch_shape=shape)
-    rows = batch_sharding(mesh, shape)
-    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows) for k in BATCH_KEYS}
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+    step = make_train_step(static["parts"], cfg, state, frozen, mesh, batch_shape=(spec.batch, spec.seq_len))
+    batch, key = _training_inputs(spec, mesh)
     lowered = step.fn.lower(
         _abstract(frozen, step.frozen_shardings), _abstract(state, step.state_shardings), batch, key
     )
@@ -141,16 +146,12 @@ def _lower_forward_backward(spec: ProgramSpec, cfg: TrainConfig, build, mesh: Me
         return state.params, frozen
 
     params, frozen = jax.eval_shape(split)
-    shape = (spec.batch, spec.seq_len)
-    rows = batch_sharding(mesh, shape)
-    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows) for k in BATCH_KEYS}
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+    batch, key = _training_inputs(spec, mesh)
     gradients = make_gradients(static["parts"], plain)
     params_sh, frozen_sh = shardings_of(params, mesh), shardings_of(frozen, mesh)
     fn = jax.jit(
         lambda p, f, b, k: gradients(p, f, b, k)[0],
-        in_shardings=(params_sh, frozen_sh, {k: rows for k in BATCH_KEYS}, key.sharding),
+        in_shardings=(params_sh, frozen_sh, {k: b.sharding for k, b in batch.items()}, key.sharding),
         out_shardings=params_sh,
     )
     lowered = fn.lower(_abstract(params, params_sh), _abstract(frozen, frozen_sh), batch, key)
