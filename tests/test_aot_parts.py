@@ -17,7 +17,8 @@ from meteora_jax.aot.analysis import REMAT_WARNING, Report, captured_stderr, col
 from meteora_jax.aot.compiler import CompileRequest, extrapolate_layers
 from meteora_jax.aot.models import MODELS, model_config
 from meteora_jax.aot.programs import ProgramSpec, lower, norm_scales
-from meteora_jax.aot.topology import CHIPS, parse_topology
+from meteora_jax.aot.topology import parse_topology
+from meteora_jax.chips import CHIPS
 from meteora_jax.config import PROJECTIONS, LlamaConfig, MoELoRAConfig
 from meteora_jax.data.pipeline import BATCH_KEYS
 from meteora_jax.errors import ConfigError

@@ -210,15 +210,19 @@ def test_backends_on_concentrated_and_spread_routing(backend, routing_case, dtyp
         ("cpu", 8, 64, 64, "xla_grouped"),  # 16 pairs at rank 64: grouped tiles win
         ("gpu", 512, 64, 64, "xla"),
         ("gpu", 1, 64, 64, "xla_gather"),
-        ("tpu", 512, 28, 8, "xla"),
-        ("tpu", 512, 64, 64, "ragged"),
         ("tpu", 8, 64, 64, "xla_gather"),
     ],
 )
 def test_auto_backend_by_platform(platform, tokens, adapters, rank, expected):
-    """ragged_dot is a native grouped matmul on TPU only (a masked dense one, L times the work,
-    on CPU and GPU), so "auto" picks "ragged" on TPU alone."""
+    """ragged_dot is a masked dense matmul on CPU and GPU (L times the work), so "auto" never
+    picks it there; TPU decode reads only the chosen adapters."""
     assert choose_backend(tokens, 2, adapters, 4096, 4096, rank, platform) == expected
+
+
+def test_auto_tpu_prefill_without_a_tpu_to_compile_for_says_so():
+    """TPU prefill is chosen by compiled cost (tests/test_tpu_compile.py), which needs a TPU device."""
+    with pytest.raises(ValueError, match="needs a TPU device to compile for, found cpu"):
+        choose_backend(512, 2, 64, 4096, 4096, 64, "tpu")
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ topology description; nothing runs). Skipped without libtpu: `make tpu-compile` 
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import jax
@@ -21,8 +22,11 @@ from meteora_jax.aot.topology import parse_topology  # noqa: E402
 from meteora_jax.cli import main  # noqa: E402
 from meteora_jax.config import LlamaConfig  # noqa: E402
 from meteora_jax.modeling.attention import AttentionMask, attend  # noqa: E402
+from meteora_jax.ops.routing import Routing  # noqa: E402
 from meteora_jax.sharding import make_mesh, variable_sharding  # noqa: E402
 from meteora_jax.training.train_config import TrainConfig  # noqa: E402
+
+moe_lora = importlib.import_module("meteora_jax.ops.moe_lora")  # the package exports a function of that name
 
 CONFIG = LlamaConfig(
     vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -95,6 +99,47 @@ def test_splash_attention_compiles(chip):
         lowered = jax.jit(run).lower(shape_q, shape_kv, shape_kv, segments)
     assert "tpu_custom_call" in lowered.as_text()
     lowered.compile()
+
+
+@pytest.mark.parametrize(("adapters", "rank", "expected"), [(64, 64, "xla"), (256, 64, "ragged")])
+def test_auto_runs_the_candidate_the_tpu_compiler_costs_less(chip, adapters, rank, expected):
+    """LLaMA-3-8B's width, 8192 tokens a chip: dense stays cheaper up to 64 x r64 (the rule it
+    replaced said ragged past 4096 / 16 adapter columns); 256 x r64 tips it to ragged."""
+    shape = (8192, 2, adapters, 4096, 4096, rank)
+    with jax.set_mesh(chip):
+        costs = {
+            b: moe_lora.tpu_seconds(b, moe_lora.tpu_kind(), *shape, "bfloat16")
+            for b in moe_lora.TPU_CANDIDATES
+        }
+        chosen = moe_lora.choose_backend(*shape, dtype="bfloat16")
+    assert costs["xla"] != costs["ragged"]
+    assert chosen == min(costs, key=costs.get) == expected, costs
+
+
+def test_auto_costs_the_tokens_of_one_device(mesh, monkeypatch):
+    """Inside a trace under a (1, 2, 2) mesh the op's rows are split over data * fsdp = 2 devices:
+    the candidates are costed at half the rows, and the op runs the cheaper one."""
+    costed = []
+
+    def recorded(backend, kind, tokens, *rest):
+        costed.append((backend, kind, tokens))
+        return {"xla": 2.0, "ragged": 1.0}[backend]  # ragged "cheaper": the traced op must follow
+
+    monkeypatch.setattr(moe_lora, "tpu_seconds", recorded)
+    x = jax.ShapeDtypeStruct((2048, 256), jnp.bfloat16)
+    a = jax.ShapeDtypeStruct((8, 256, 8), jnp.bfloat16)
+    b = jax.ShapeDtypeStruct((8, 8, 512), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((2048, 2), jnp.int32)
+    weights = jax.ShapeDtypeStruct((2048, 2), jnp.float32)
+    scale = jax.ShapeDtypeStruct((8,), jnp.float32)
+
+    def delta(x, a, b, ids, weights, scale):
+        return moe_lora.lora_delta(x, a, b, Routing(ids=ids, weights=weights), scale, backend="auto")
+
+    with jax.set_mesh(mesh):
+        text = str(jax.make_jaxpr(delta)(x, a, b, ids, weights, scale))
+    assert costed == [("xla", "TPU v5 lite", 1024), ("ragged", "TPU v5 lite", 1024)]
+    assert "ragged_dot" in text
 
 
 def test_gate_training_step_compiles_with_the_rules_shardings(mesh):

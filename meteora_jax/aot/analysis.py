@@ -187,7 +187,7 @@ def make_report(
     memory = compiled.memory_analysis()
     flops, moved = cost["flops"], cost["bytes"]
     chip = topology.chip
-    compute_s, memory_s = flops / chip.flops, moved / chip.bandwidth
+    compute_s = flops / chip.flops
     return Report(
         program=program,
         topology=f"{topology.name}" + (f" x {topology.slices} slices" if topology.slices > 1 else ""),
@@ -202,8 +202,8 @@ def make_report(
         hbm_bytes=chip.hbm_bytes,
         flops=flops,
         bytes_accessed=moved,
-        step_seconds=max(compute_s, memory_s),
-        bound="compute" if compute_s >= memory_s else "memory",
+        step_seconds=chip.roofline_seconds(flops, moved),
+        bound="compute" if compute_s >= moved / chip.bandwidth else "memory",
         collectives=cost["collectives"],
         unsplit=unsplit_weights(weights, mesh),
         remat_warnings=[line for line in stderr if REMAT_WARNING in line],

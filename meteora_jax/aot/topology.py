@@ -1,5 +1,5 @@
-"""TPU slices to compile for from a CPU host: topology names, their devices, and each chip's
-published peaks.
+"""TPU slices to compile for from a CPU host: topology names and their devices (each chip's
+peaks are in `meteora_jax.chips`).
 
 `libtpu` (the `[tpu]` extra) describes a slice's devices without one (`get_topology_desc`), which
 is enough for `jax.jit(...).lower(...).compile()` to run the real TPU compiler.
@@ -10,33 +10,10 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from meteora_jax.chips import CHIPS, Chip
 from meteora_jax.errors import ConfigError
 
 INSTALL_HINT = "pip install -e '.[tpu]' (or `make tpu-compile`)"
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """One TPU chip's memory and peaks: `hbm_bytes`, dense bfloat16 `flops` per second and HBM
-    `bandwidth` in bytes per second. `cores_in_name`: Cloud accelerator types count TensorCores
-    (2 a chip) rather than chips for this generation (`v5p-8` is 4 chips)."""
-
-    hbm_bytes: int
-    flops: float
-    bandwidth: float
-    cores_in_name: bool
-    dims: int  # 2: a 2D torus (v5e, v6e), 3: a 3D torus (v4, v5p)
-
-
-GIB = 1024**3
-# Google Cloud's TPU system architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e):
-# HBM capacity, peak bf16 compute and HBM bandwidth per chip.
-CHIPS = {
-    "v4": Chip(hbm_bytes=32 * GIB, flops=275e12, bandwidth=1228e9, cores_in_name=True, dims=3),
-    "v5e": Chip(hbm_bytes=16 * GIB, flops=197e12, bandwidth=819e9, cores_in_name=False, dims=2),
-    "v5p": Chip(hbm_bytes=95 * GIB, flops=459e12, bandwidth=2765e9, cores_in_name=True, dims=3),
-    "v6e": Chip(hbm_bytes=32 * GIB, flops=918e12, bandwidth=1640e9, cores_in_name=False, dims=2),
-}
 # chips -> torus shape of the slices Cloud offers (2D: v5e / v6e, 3D: v4 / v5p)
 SHAPES = {
     2: {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"},

@@ -17,8 +17,8 @@ Backends:
   native grouped matmul (work ~ k*M*R*(D + O)); CPU and GPU lower it to a masked dense matmul
   with L times that work, so "auto" picks it on TPU only.
 - "pallas": the kernels in `pallas_kernels` (TPU Mosaic / GPU Triton; interpret mode on CPU).
-- "auto": picks a backend by platform and shape (`choose_backend`). It does not pick "pallas":
-  the kernels have no measured accelerator timings yet.
+- "auto": picks a backend by platform and shape (`choose_backend`); on TPU by the compiled cost
+  of the candidates on the chip. It does not pick "pallas": XLA cannot cost a Mosaic kernel.
 
 `lora_delta` is the LoRA part alone, by backend (the op adds the base matmul to it;
 `meteora_jax.bench.device_check` times it against the kernels).
@@ -26,11 +26,16 @@ Backends:
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
+
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
+import numpy as np
+from jax.sharding import PartitionSpec, SingleDeviceSharding
 
 import pallas_kernels
+from meteora_jax.chips import chip_of, device_of
 from meteora_jax.ops.routing import Routing, RoutingSettings, route
 from meteora_jax.sharding import logical_to_spec, partitioned_mesh, per_device
 from pallas_kernels.grouping import group_metadata, sort_pairs, tile_rows_for, visit_row_mask
@@ -39,27 +44,33 @@ BACKENDS = ("auto", "xla", "xla_grouped", "xla_gather", "xla_pairs", "ragged", "
 DEFAULT_BACKEND = "auto"  # picked per platform and shape by `choose_backend`
 CPU_DENSE_COLUMNS = 256  # on CPU, dense prefill up to this many adapter columns L*R at any width
 CPU_PAIR_FLOATS = 32768  # on CPU, decode loops over pairs once one adapter, R*(D + O), is this large
+TPU_CANDIDATES = ("xla", "ragged")  # what "auto" compiles and compares for a TPU prefill
 
 
 def choose_backend(
-    tokens: int, top_k: int, num_adapters: int, d_in: int, d_out: int, rank: int, platform: str | None = None
-) -> str:
-    """The backend "auto" runs for a shape on `platform` (default: `target_platform()`).
+    tokens: int, top_k: int, num_adapters: int, d_in: int, d_out: int, rank: int, platform: str | None = None,
+    dtype: str = "bfloat16",
+) -> str:  # fmt: skip
+    """The backend "auto" runs for a shape on `platform` (default: `target_platform()`); `tokens`
+    are one device's.
 
     CPU: decode (<= 16 token-choice pairs) loops over the pairs once one adapter's slice,
     R*(D + O), pays for a loop step (`CPU_PAIR_FLOATS`, except large ranks past 8 pairs, which go
     grouped); narrower models gather small ranks and group large ones. Prefill stays dense while
     its extra work L*R*(D + O) is at most the projection's D*O, or L*R <= 256 (a tile visit's fixed
-    cost needs a wide projection to hide it); beyond, grouped. TPU and GPU (no timings of ours
-    yet): decode gathers (only the chosen adapters are read); prefill stays dense while
-    L*R*16 <= D, then TPU goes "ragged" (Mosaic's grouped matmul) and GPU stays dense (ragged_dot
-    there is a masked dense matmul, and a tile loop idles the GPU between launches). The CPU
-    measurements behind these rules are in docs/backends.md.
+    cost needs a wide projection to hide it); beyond, grouped (measurements: docs/backends.md).
+    TPU: decode gathers (only the chosen adapters are read); prefill takes the cheaper of
+    `TPU_CANDIDATES` as the TPU compiler costs them on the chip (`tpu_seconds`). GPU (no timings
+    of ours yet): decode gathers, prefill stays dense (ragged_dot there is a masked dense matmul,
+    and a tile loop idles the GPU between launches).
     """
     platform = pallas_kernels.target_platform() if platform is None else platform
     decode = tokens * top_k <= 16
     if platform == "tpu":
-        return "xla_gather" if decode else "xla" if num_adapters * rank * 16 <= d_in else "ragged"
+        if decode:
+            return "xla_gather"
+        shape = (tokens, top_k, num_adapters, d_in, d_out, rank, str(jnp.dtype(dtype)))
+        return min(TPU_CANDIDATES, key=lambda backend: tpu_seconds(backend, tpu_kind(), *shape))
     if platform == "gpu":
         return "xla_gather" if decode else "xla"
     if decode:
@@ -69,6 +80,51 @@ def choose_backend(
     columns = num_adapters * rank
     dense = columns * (d_in + d_out) <= d_in * d_out or columns <= CPU_DENSE_COLUMNS
     return "xla" if dense else "xla_grouped"
+
+
+def tpu_kind() -> str:
+    """The kind of TPU chip being compiled for: that of the mesh set by `jax.set_mesh` (a topology's,
+    when compiling from a CPU host), else of JAX's first device. Works inside a trace. Raises
+    ValueError when that is not a TPU."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    device = jax.devices()[0] if device is None else device
+    if device.platform != "tpu":
+        raise ValueError(
+            f"the TPU choice of backend needs a TPU device to compile for, found {device.platform}"
+        )
+    return device.device_kind
+
+
+@functools.cache
+def tpu_seconds(
+    backend: str, kind: str, tokens: int, top_k: int, num_adapters: int, d_in: int, d_out: int, rank: int,
+    dtype: str,
+) -> float:  # fmt: skip
+    """Roofline seconds of `backend`'s LoRA delta, forward and gradient to the input and the routing
+    weights (what gate training runs), compiled alone for a TPU of `kind` with one device's `tokens`."""
+    delta = _DELTAS[backend]
+
+    def loss(x_md, weights_mk, ids_mk, a_ldr, b_lro, scale_l):
+        y_mo = delta(x_md, a_ldr, b_lro, Routing(ids=ids_mk, weights=weights_mk), scale_l)
+        return y_mo.astype(jnp.float32).sum()
+
+    one = SingleDeviceSharding(device_of(kind))
+    shapes = [
+        ((tokens, d_in), dtype), ((tokens, top_k), "float32"), ((tokens, top_k), "int32"),
+        ((num_adapters, d_in, rank), dtype), ((num_adapters, rank, d_out), dtype),
+        ((num_adapters,), "float32"),
+    ]  # fmt: skip
+    args = [jax.ShapeDtypeStruct(shape, jnp.dtype(t), sharding=one) for shape, t in shapes]
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    # On a thread of its own: outside the caller's trace and mesh, which JAX keeps per thread.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        compiled = pool.submit(lambda: step.lower(*args).compile()).result()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost or {}
+    return chip_of(kind).roofline_seconds(
+        float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    )
 
 
 def pair_coefficients(routing: Routing, scale_l: jax.Array) -> jax.Array:
@@ -182,6 +238,23 @@ def _pallas_delta(x_md, a_ldr, b_lro, routing: Routing, scale_l):
     return pallas_kernels.moe_lora_delta(x_md, a_ldr, b_lro, routing.ids, coef_mk)
 
 
+def _routed_dense_delta(x_md, a_ldr, b_lro, routing: Routing, scale_l):
+    return _dense_delta(x_md, a_ldr, b_lro, combine_weights(routing, scale_l, a_ldr.shape[0]))
+
+
+_DELTAS = {"xla": _routed_dense_delta, "ragged": _ragged_delta}  # the candidates `tpu_seconds` costs
+
+
+def _device_rows(x_md: jax.Array) -> int:
+    """How many of x's rows each device holds under the partitioned mesh (all of them without)."""
+    mesh = partitioned_mesh()
+    if mesh is None:
+        return x_md.shape[0]
+    axes = logical_to_spec(("batch", None), x_md.shape, mesh)[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return x_md.shape[0] // int(np.prod([mesh.shape[a] for a in axes]))
+
+
 def _on_row_shards(delta_fn, x_md, a_ldr, b_lro, routing: Routing, scale_l):
     """`delta_fn` on each device's tokens under a mesh. The sorting backends order all M tokens by
     adapter, and a Pallas call is opaque to XLA's partitioner: either would otherwise run over
@@ -216,8 +289,9 @@ def lora_delta(
         raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
     if backend == "auto":
         n_adapters, d_in, rank = a_ldr.shape
+        top_k, d_out = routing.ids.shape[-1], b_lro.shape[-1]
         backend = choose_backend(
-            x_md.shape[0], routing.ids.shape[-1], n_adapters, d_in, b_lro.shape[-1], rank
+            _device_rows(x_md), top_k, n_adapters, d_in, d_out, rank, dtype=str(x_md.dtype)
         )
     if backend == "xla_gather":
         return _gather_delta(x_md, a_ldr, b_lro, routing, scale_l)
@@ -229,7 +303,7 @@ def lora_delta(
         return _on_row_shards(_ragged_delta, x_md, a_ldr, b_lro, routing, scale_l)
     if backend == "pallas":
         return _on_row_shards(_pallas_delta, x_md, a_ldr, b_lro, routing, scale_l)
-    return _dense_delta(x_md, a_ldr, b_lro, combine_weights(routing, scale_l, a_ldr.shape[0]))
+    return _routed_dense_delta(x_md, a_ldr, b_lro, routing, scale_l)
 
 
 def moe_lora(
