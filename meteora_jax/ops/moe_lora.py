@@ -18,7 +18,7 @@ Backends:
   with L times that work, so "auto" picks it on TPU only.
 - "pallas": the kernels in `pallas_kernels` (TPU Mosaic / GPU Triton; interpret mode on CPU).
 - "auto": picks a backend by platform and shape (`choose_backend`); on TPU by the compiled cost
-  of the candidates on the chip. It does not pick "pallas": XLA cannot cost a Mosaic kernel.
+  of the candidates on the chip. Not "pallas": its cost is our own estimate, not the compiler's.
 
 `lora_delta` is the LoRA part alone, by backend (the op adds the base matmul to it;
 `meteora_jax.bench.device_check` times it against the kernels).
