@@ -33,6 +33,13 @@ class Chip:
         return max(flops / self.flops, moved_bytes / self.bandwidth)
 
 
+def xla_counts(compiled) -> tuple[float, float]:
+    """(FLOPs, bytes accessed) of a `jax.stages.Compiled` as XLA counts them (a loop's body once)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost or {}
+    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+
+
 # Google Cloud's TPU system architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e):
 # HBM capacity, peak bf16 compute and HBM bandwidth per chip.
 CHIPS = {
@@ -60,9 +67,8 @@ def device_of(device_kind: str):
         if device.device_kind == device_kind:
             return device
     if device_kind not in DEVICE_KINDS:
-        raise ValueError(
-            f"no {device_kind!r} device here, and no slice of that kind to describe (known: {DEVICE_KINDS})"
-        )
+        known = ", ".join(DEVICE_KINDS)
+        raise ValueError(f"no {device_kind!r} device here, and libtpu describes slices of {known} only")
     from jax.experimental import topologies  # noqa: PLC0415  (needs libtpu, only here)
 
     generation = DEVICE_KINDS[device_kind]

@@ -18,7 +18,7 @@ from meteora_jax.aot.compiler import CompileRequest, extrapolate_layers
 from meteora_jax.aot.models import MODELS, model_config
 from meteora_jax.aot.programs import ProgramSpec, lower, norm_scales
 from meteora_jax.aot.topology import parse_topology
-from meteora_jax.chips import CHIPS
+from meteora_jax.chips import CHIPS, device_of
 from meteora_jax.config import PROJECTIONS, LlamaConfig, MoELoRAConfig
 from meteora_jax.data.pipeline import BATCH_KEYS
 from meteora_jax.errors import ConfigError
@@ -248,3 +248,8 @@ def test_the_forward_backward_yardstick_differentiates_the_norms_through_every_l
     assert set(flat) == names
     first_layer = np.asarray(flat[("layers", "input_layernorm", "scale")][...])[0]
     assert np.isfinite(first_layer).all() and np.abs(first_layer).max() > 0
+
+
+def test_a_tpu_kind_neither_here_nor_in_the_table_is_named():
+    with pytest.raises(ValueError, match="no 'TPU v99' device here, and libtpu describes slices of TPU v4, "):
+        device_of("TPU v99")

@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from meteora_jax.aot.topology import Topology
+from meteora_jax.chips import xla_counts
 from meteora_jax.sharding import LOGICAL_RULES, PARAMETER_FALLBACK, variable_sharding
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -168,13 +169,8 @@ class Report:
 def program_cost(compiled) -> dict:
     """{"flops", "bytes", "collectives"} of a compiled program as XLA counts them (per chip; a
     loop's body once)."""
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost or {}
-    return {
-        "flops": float(cost.get("flops", 0.0)),
-        "bytes": float(cost.get("bytes accessed", 0.0)),
-        "collectives": collectives(compiled.as_text()),
-    }
+    flops, moved = xla_counts(compiled)
+    return {"flops": flops, "bytes": moved, "collectives": collectives(compiled.as_text())}
 
 
 def make_report(

@@ -35,7 +35,7 @@ import numpy as np
 from jax.sharding import PartitionSpec, SingleDeviceSharding
 
 import pallas_kernels
-from meteora_jax.chips import chip_of, device_of
+from meteora_jax.chips import chip_of, device_of, xla_counts
 from meteora_jax.ops.routing import Routing, RoutingSettings, route
 from meteora_jax.sharding import logical_to_spec, partitioned_mesh, per_device
 from pallas_kernels.grouping import group_metadata, sort_pairs, tile_rows_for, visit_row_mask
@@ -120,11 +120,7 @@ def tpu_seconds(
     # On a thread of its own: outside the caller's trace and mesh, which JAX keeps per thread.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         compiled = pool.submit(lambda: step.lower(*args).compile()).result()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost or {}
-    return chip_of(kind).roofline_seconds(
-        float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-    )
+    return chip_of(kind).roofline_seconds(*xla_counts(compiled))
 
 
 def pair_coefficients(routing: Routing, scale_l: jax.Array) -> jax.Array:
