@@ -30,8 +30,10 @@ $(STAMP): $(CORE)
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-compile -e '.[test]'
 	@touch $(STAMP)
 
+# The TPU programs are `make tpu-compile`'s: compiling them takes minutes, and not with TEST_FLAGS.
 test: $(STAMP)
-	$(TEST_ENV) $(BIN)/python -m pytest -q -rs -n 2 --dist loadfile --durations=15 tests
+	$(TEST_ENV) $(BIN)/python -m pytest -q -rs -n 2 --dist loadfile --durations=15 \
+		--ignore=tests/test_tpu_compile.py tests
 
 # The [tpu] extra (libtpu) into the venv, then programs compiled for TPU slices from this host.
 tpu-compile: $(STAMP)
