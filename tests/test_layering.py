@@ -77,6 +77,61 @@ def test_pallas_kernels_import_nothing_of_the_library():
     assert out.stdout.strip() == "[]"
 
 
+# The README's architecture table, top to bottom: a module imports only from its own layer or above.
+LAYERS = (
+    ("pallas_kernels",),
+    ("meteora_jax.errors", "meteora_jax.settings", "meteora_jax.sharding", "meteora_jax.chips"),
+    ("meteora_jax.ops",),
+    ("meteora_jax.inputs", "meteora_jax.config"),
+    ("meteora_jax.modeling",),
+    ("meteora_jax.io",),
+    ("meteora_jax.data",),
+    ("meteora_jax.api", "meteora_jax.generation", "meteora_jax.text", "meteora_jax.viz"),
+    ("meteora_jax.training",),
+    ("meteora_jax.evaluation",),
+    ("meteora_jax.serving",),
+    ("meteora_jax.bench",),
+    ("meteora_jax.aot",),
+    ("meteora_jax.demo",),
+    ("meteora_jax.commands", "meteora_jax.cli"),
+)
+
+
+def _layer(module: str) -> int | None:
+    for i, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return i
+    return None  # the package's own `__init__`
+
+
+def _upward_imports(path: pathlib.Path, module: str) -> list[str]:
+    """Imports of `module` (at `path`) from a layer below its own."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        for name in names:
+            theirs = _layer(name)
+            if theirs is not None and theirs > _layer(module):
+                found.append(f"{module} (layer {_layer(module)}) imports {name} (layer {theirs})")
+    return found
+
+
+def test_imports_go_one_way_up_the_readme_table():
+    modules = _project_modules()
+    assert all(_layer(m) is not None for m in modules if m not in PACKAGES), "a module in no layer"
+    found = [
+        hit for name, path in modules.items() if name not in PACKAGES for hit in _upward_imports(path, name)
+    ]
+    assert not found, "imports from a lower layer:\n" + "\n".join(found)
+
+
+def test_the_layer_checker_sees_an_upward_import(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("import meteora_jax.commands\nfrom meteora_jax.errors import ConfigError\n")
+    assert len(_upward_imports(sample, "meteora_jax.ops.routing")) == 1
+
+
 def test_no_two_modules_share_a_name():
     names = collections.Counter(p.name for p in _project_modules().values() if p.name != "__init__.py")
     assert not [n for n, count in names.items() if count > 1]
