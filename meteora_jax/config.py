@@ -8,13 +8,12 @@ written by transformers >= 5. Both map onto one frozen `LlamaConfig`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any
 
 from meteora_jax.errors import ConfigError, MissingFileError
-from meteora_jax.inputs import is_int, validate_routing
+from meteora_jax.inputs import is_int, read_json, validate_routing
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
@@ -114,11 +113,7 @@ class LlamaConfig:
             path = os.path.join(path, "config.json")
         if not os.path.isfile(path):
             raise MissingFileError(f"no config.json found at {path}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        raw = read_json(path)
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object")
         return _from_dict(raw, where=path)

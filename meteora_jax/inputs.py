@@ -8,6 +8,7 @@ came through. Dimensions: B batch rows, T tokens.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
 import re
@@ -31,6 +32,15 @@ def is_real(value) -> bool:
 
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+
+
+def read_json(path: str, error: type[MeteoRAError] = ConfigError):
+    """The JSON value in the file at `path`; a file that is not UTF-8 JSON raises `error`, naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
 
 
 def check_text(text: str, where: str, *, from_os: bool = False) -> str:

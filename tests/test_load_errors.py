@@ -209,6 +209,13 @@ def test_invalid_index_json(sharded_dir, tmp_path):
         mj.load_model(folder)
 
 
+def test_index_that_is_not_json_is_named(sharded_dir, tmp_path):
+    folder = shutil.copytree(sharded_dir, tmp_path / "ckpt")
+    (folder / INDEX).write_text('{"weight_map": {')
+    with pytest.raises(CheckpointError, match=f"{_named(folder / INDEX)}: not valid JSON"):
+        mj.load_model(folder)
+
+
 def test_truncated_safetensors(ckpt):
     path = ckpt / WEIGHTS
     size = os.path.getsize(path)

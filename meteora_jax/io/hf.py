@@ -21,6 +21,7 @@ from flax import nnx
 
 from meteora_jax.config import LlamaConfig, MoELoRAConfig
 from meteora_jax.errors import CheckpointError, MissingFileError, OutputExistsError
+from meteora_jax.inputs import read_json
 from meteora_jax.io import checksums
 from meteora_jax.io.files import raise_problems, staged_directory, write_text_atomic
 from meteora_jax.io.safetensors_io import FLOAT_DTYPES, SafetensorsFile, save_file
@@ -118,11 +119,7 @@ def weight_files(base_dir: str) -> dict[str, SafetensorsFile]:
 
 def _read_weight_map(index_path: str) -> dict[str, str]:
     """The `weight_map` of a shard index: tensor name -> shard file name, both strings."""
-    try:
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{index_path}: not valid JSON ({e})") from None
+    index = read_json(index_path, CheckpointError)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         got = "nothing" if weight_map is None else f"a {type(weight_map).__name__}"

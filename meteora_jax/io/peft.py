@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import math
 import os
 import re
@@ -35,7 +34,7 @@ import numpy as np
 
 from meteora_jax.config import BLOCK_OF, PROJECTIONS, LlamaConfig, projection_shape
 from meteora_jax.errors import CheckpointError, ConfigError, MeteoRAError, MissingFileError
-from meteora_jax.inputs import is_int
+from meteora_jax.inputs import is_int, read_json
 from meteora_jax.io.files import raise_problems
 from meteora_jax.io.safetensors_io import SafetensorsFile
 
@@ -484,12 +483,7 @@ def _read_settings(folder: str) -> _Settings:
             else ""
         )
         raise ConfigError(f"{folder} is not a PEFT adapter folder: no {CONFIG_FILE}{hint}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return _parse_settings(raw, where=path)
+    return _parse_settings(read_json(path), where=path)
 
 
 def read_adapter(path: str | os.PathLike, config: LlamaConfig, name: str | None = None) -> LoRAAdapter:
