@@ -109,7 +109,9 @@ def _upward_imports(path: pathlib.Path, module: str) -> list[str]:
     found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-        names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        if isinstance(node, ast.ImportFrom) and node.module:  # `from meteora_jax import io`: meteora_jax.io
+            top = node.module in PACKAGES
+            names += [f"{node.module}.{a.name}" for a in node.names] if top else [node.module]
         for name in names:
             theirs = _layer(name)
             if theirs is not None and theirs > _layer(module):
@@ -128,8 +130,11 @@ def test_imports_go_one_way_up_the_readme_table():
 
 def test_the_layer_checker_sees_an_upward_import(tmp_path):
     sample = tmp_path / "sample.py"
-    sample.write_text("import meteora_jax.commands\nfrom meteora_jax.errors import ConfigError\n")
-    assert len(_upward_imports(sample, "meteora_jax.ops.routing")) == 1
+    sample.write_text(
+        "import meteora_jax.commands\nfrom meteora_jax import demo\n"
+        "from meteora_jax.errors import ConfigError\n"
+    )
+    assert len(_upward_imports(sample, "meteora_jax.ops.routing")) == 2
 
 
 def test_no_two_modules_share_a_name():
