@@ -8,6 +8,7 @@ alphas, so metadata naming them in another order cannot match the arrays).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -353,6 +354,30 @@ def test_the_teardown_filter_drops_closed_loop_reports_only(monkeypatch):
         sys.unraisablehook(type("Report", (), {"exc_value": error})())
         sys.excepthook(RuntimeError, error, None)
     assert seen == [("unraisable", other), ("except", other)]
+
+
+def test_after_a_failed_restore_asyncio_drops_late_reports_of_that_step_only(ckpt, tmp_path):
+    """Sibling reads of the refused step fail too; asyncio reports them when their tasks are
+    collected ("Task exception was never retrieved"). Only those are dropped."""
+    truncate_array_files(ckpt, size=100)
+    with pytest.raises(checkpoint.CorruptCheckpointError):
+        checkpoint.restore(ckpt)
+
+    def report(folder):
+        error = ValueError(f'OUT_OF_RANGE: Error reading "x/.zarray" at local file "{folder}/params/": cut')
+        return logging.LogRecord(
+            "asyncio",
+            logging.ERROR,
+            __file__,
+            1,
+            "Task exception was never retrieved",
+            None,
+            (ValueError, error, None),
+        )
+
+    logger = logging.getLogger("asyncio")
+    assert not logger.filter(report(os.path.abspath(os.path.join(ckpt, "0"))))
+    assert logger.filter(report(os.fspath(tmp_path / "elsewhere" / "0")))
 
 
 def test_a_failed_restore_prints_no_tracebacks(ckpt):

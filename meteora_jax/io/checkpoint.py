@@ -530,6 +530,7 @@ def _restore_items(directory: str, step: int, extra_items: Mapping[str, Any]) ->
     """The params item and the extra items of one step, as stored; read errors translated, and
     a target whose entries are not the stored ones refused as a CheckpointError naming them."""
     misfit = None
+    quiet_orbax_teardown()  # before the reads: a failed one's neighbours may report at once
     try:
         with _manager(directory, extra=tuple(extra_items)) as manager:
             stored = {n: _item_metadata(directory, step, n) for n in (PARAMS_ITEM, *extra_items)}
@@ -545,6 +546,8 @@ def _restore_items(directory: str, step: int, extra_items: Mapping[str, Any]) ->
     except MemoryError:
         raise
     except Exception as e:  # Orbax / tensorstore errors of damaged files: translated into one line
+        _QUIET_DAMAGED_READS.folders.add(os.path.abspath(os.path.join(directory, str(step))))
+        logging.getLogger("asyncio").addFilter(_QUIET_DAMAGED_READS)  # once: a logger keeps a filter once
         raise _read_error(e, os.path.join(directory, str(step)), step) from None
     if misfit is not None:
         raise CheckpointError(f"{directory} (step {step}): {misfit}")
@@ -610,7 +613,6 @@ def _read_error(error: Exception, path: str, step: int) -> CorruptCheckpointErro
     targets hold the stored entries, shapes and types), so the failure is the files': the step
     is damaged, and `restore_latest_good` may fall back to the one before it.
     """
-    quiet_orbax_teardown()
     text = (str(error).strip().splitlines() or [type(error).__name__])[0]
     folder, array = _FOLDER_IN_ERROR.search(text), _ARRAY_IN_ERROR.search(text)
     if folder:
@@ -645,8 +647,8 @@ def quiet_orbax_teardown() -> None:
     Orbax closes its event loop as soon as one read fails; the completion callbacks of the
     reads still in flight then hit the closed loop, and Python prints each after our one-line
     error, as an "unraisable" report or (printed from a native callback) through
-    `sys.excepthook`. Installed once, on the first failed read; every other report still reaches
-    the previous hook.
+    `sys.excepthook`, sometimes before the failure reaches our `except`. So it is installed once,
+    before the first restore or save; every other report still reaches the previous hook.
     """
     hook = sys.unraisablehook
     if getattr(hook, "func", None) is not _drop_closed_loop_reports:
@@ -666,6 +668,23 @@ class _StorageFailureFilter(logging.Filter):
 
 
 _QUIET_ASYNCIO = _StorageFailureFilter()
+
+
+class _DamagedReadsFilter(logging.Filter):
+    """Drops asyncio's late reports ("Task exception was never retrieved") of the reads that
+    failed beside the one a restore reported: they name a step folder already refused in one line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.folders: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        text = f"{record.getMessage()} {error or ''}"
+        return not any(f'local file "{folder}{os.sep}' in text for folder in self.folders)
+
+
+_QUIET_DAMAGED_READS = _DamagedReadsFilter()
 
 
 @contextlib.contextmanager
