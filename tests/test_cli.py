@@ -9,11 +9,12 @@ import pytest
 from meteora_jax.cli import build_parser, main
 from meteora_jax.commands.training_flags import add_training_flags, data_config, run_settings, train_settings
 from meteora_jax.data.pipeline import DataConfig
+from meteora_jax.errors import ConfigError
 from meteora_jax.sharding import DEFAULT_MESH
 from meteora_jax.training.adapters import LoRASpec, lora_train_config
 from meteora_jax.training.gates import RunSpec
 from meteora_jax.training.loop import Job
-from meteora_jax.training.train_config import TRAIN_BACKEND, TrainConfig
+from meteora_jax.training.train_config import TRAIN_BACKEND, RunOptions, TrainConfig
 
 
 def test_unknown_command_is_refused(capsys):
@@ -49,10 +50,19 @@ def test_training_defaults_are_declared_once():
     settings = run_settings(args)
     assert TrainConfig(**train_settings(args)) == TrainConfig()
     assert data_config(args) == DataConfig()
+    assert settings["options"] == RunOptions()
+    assert (RunOptions().mesh, RunOptions().backend) == (DEFAULT_MESH, TRAIN_BACKEND)
     for spec in (RunSpec, LoRASpec, Job):
         fields = {f.name: f for f in dataclasses.fields(spec)}
-        assert settings["mesh"] == fields["mesh"].default_factory() == DEFAULT_MESH
-        assert settings["backend"] == fields["backend"].default == TRAIN_BACKEND
+        assert fields["options"].default_factory is RunOptions
+        assert not {"mesh", "backend", "attention", "progress"} & set(fields)
+
+
+def test_run_options_refuse_an_unknown_backend_or_attention_by_name():
+    with pytest.raises(ConfigError, match=r"run options: backend must be one of \(.*'pallas'\), got 'palas'"):
+        RunOptions(backend="palas")
+    with pytest.raises(ConfigError, match=r"attention must be one of .*, got 'flash'"):
+        RunOptions(attention="flash")
 
 
 def test_train_lora_flags_default_to_the_library_lora_settings(tmp_path):

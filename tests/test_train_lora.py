@@ -26,7 +26,7 @@ from meteora_jax.errors import ConfigError
 from meteora_jax.io.safetensors_io import SafetensorsFile
 from meteora_jax.training.adapters import LoRASettings, LoRASpec, lora_train_config, train_lora
 from meteora_jax.training.loop import TrainingError
-from meteora_jax.training.train_config import TrainConfig
+from meteora_jax.training.train_config import RunOptions, TrainConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:no gates given")
 STEPS, SAVE_EVERY = 40, 8
@@ -138,8 +138,7 @@ def test_init_from_continues_the_adapter_exactly(setup, trained, tmp_path):
         train=lora_train_config(1, lr=1e-30),
         data=DataConfig(seq_len=64, batch_size=8, lm_loss="response"),
         lora=LoRASettings(init_from=os.fspath(trained), rank=4),  # a flag that agrees is fine
-        mesh={"data": 2, "fsdp": 2, "tensor": 2},
-        progress=False,
+        options=RunOptions(mesh={"data": 2, "fsdp": 2, "tensor": 2}, progress=False),
     )
     result = train_lora(spec)
     before = result.start_evaluation
@@ -240,7 +239,8 @@ def test_a_gate_training_config_is_refused_and_a_nan_loss_stops_the_run(setup, t
         LoRASpec(setup.base, _task(setup), os.fspath(tmp_path / "a"), TrainConfig(steps=4, top_k=1), data)
     spec = LoRASpec(
         setup.base, _task(setup), os.fspath(tmp_path / "nan"),
-        lora_train_config(8, lr=1e38, clip_norm=0.0, save_every=2), data, progress=False,
+        lora_train_config(8, lr=1e38, clip_norm=0.0, save_every=2), data,
+        options=RunOptions(progress=False),
     )  # fmt: skip
     with pytest.raises(TrainingError, match=r"step \d: the loss is not finite \(loss (nan|inf), grad_norm"):
         train_lora(spec)

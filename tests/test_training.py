@@ -42,7 +42,7 @@ from meteora_jax.training.loop import TrainingError
 from meteora_jax.training.routing_eval import RoutingEvaluation
 from meteora_jax.training.state import shardings_of, split_for_training
 from meteora_jax.training.step import batch_sharding, make_gradients
-from meteora_jax.training.train_config import TrainConfig
+from meteora_jax.training.train_config import RunOptions, TrainConfig
 
 CONFIG = mj.LlamaConfig(
     vocab_size=101,
@@ -175,8 +175,7 @@ def _spec(setup, out, *, steps=8, save_every=4, mesh=None, **train_kw) -> RunSpe
         out=os.fspath(out),
         train=train_cfg,
         data=DataConfig(seq_len=64, batch_size=8),
-        mesh=mesh or {"data": 2, "fsdp": 2, "tensor": 2},
-        progress=False,
+        options=RunOptions(mesh=mesh or {"data": 2, "fsdp": 2, "tensor": 2}, progress=False),
     )
 
 

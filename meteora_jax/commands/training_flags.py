@@ -9,10 +9,8 @@ from typing import Any
 
 from meteora_jax.commands.flags import add_field_flags, field_values
 from meteora_jax.data.pipeline import DataConfig
-from meteora_jax.modeling.attention import DEFAULT_ATTENTION, IMPLEMENTATIONS
-from meteora_jax.ops.moe_lora import BACKENDS
 from meteora_jax.sharding import DEFAULT_MESH, parse_mesh
-from meteora_jax.training.train_config import TRAIN_BACKEND, TrainConfig
+from meteora_jax.training.train_config import RunOptions, TrainConfig
 
 TRAIN_FLAGS = {
     "model": ("dtype", "remat", "loss_chunk"),
@@ -20,6 +18,7 @@ TRAIN_FLAGS = {
     "run": ("seed", "save_every", "keep", "eval_every", "log_every", "new_data"),
 }
 DATA_FLAGS = ("seq_len", "batch_size", "packing", "lm_loss")
+OPTION_FLAGS = ("backend", "attention")
 
 
 def add_training_flags(
@@ -43,16 +42,7 @@ def add_training_flags(
     run.add_argument("--force", action="store_true", help="replace an --out that is not a run of ours")
     mesh = ",".join(f"{axis}={size}" for axis, size in DEFAULT_MESH.items())
     run.add_argument("--mesh", default=mesh, metavar="data=N,fsdp=N,tensor=N", help=f"(default {mesh})")
-    run.add_argument(
-        "--backend", default=TRAIN_BACKEND, choices=BACKENDS,
-        help=f"MoE-LoRA backend (default {TRAIN_BACKEND})",
-    )  # fmt: skip
-    run.add_argument(
-        "--attention",
-        default=DEFAULT_ATTENTION,
-        choices=IMPLEMENTATIONS,
-        help="attention implementation (default auto: cuDNN flash on GPU in bf16, splash on TPU, else XLA)",
-    )
+    add_field_flags(run, RunOptions, OPTION_FLAGS)
     run.add_argument("--no-progress", dest="progress", action="store_false")
     hosts = groups["hosts"]
     hosts.add_argument("--coordinator", metavar="HOST:PORT")
@@ -73,14 +63,10 @@ def data_config(args: argparse.Namespace, task_sampling: str = DataConfig.task_s
 
 def run_settings(args: argparse.Namespace) -> dict:
     """The shared run fields of a spec (`RunSpec`, `LoRASpec`)."""
-    return {
-        "out": args.out,
-        "mesh": parse_mesh(args.mesh),
-        "backend": args.backend,
-        "attention": args.attention,
-        "force": args.force,
-        "progress": args.progress,
-    }
+    options = RunOptions(
+        mesh=parse_mesh(args.mesh), progress=args.progress, **field_values(args, RunOptions, OPTION_FLAGS)
+    )
+    return {"out": args.out, "force": args.force, "options": options}
 
 
 def join_processes(args: argparse.Namespace) -> None:

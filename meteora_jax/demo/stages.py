@@ -46,7 +46,7 @@ from meteora_jax.io.files import check_output_path, write_text_atomic
 from meteora_jax.training.adapters import LoRASettings, LoRASpec, lora_train_config, train_lora
 from meteora_jax.training.gates import RunSpec, train
 from meteora_jax.training.lora_init import parse_targets
-from meteora_jax.training.train_config import TrainConfig
+from meteora_jax.training.train_config import RunOptions, TrainConfig
 
 STAGES_DIR = "stages"
 COMPOSITE_FILE, METRICS_FILE = "composite.jsonl", "metrics.json"
@@ -320,7 +320,7 @@ class DemoRun:
             train=train_config,
             data=self._data(),
             lora=LoRASettings(rank=s.lora_rank, alpha=s.lora_alpha, targets=s.lora_targets),
-            progress=self.progress,
+            options=RunOptions(progress=self.progress),
         )
 
     def _gate_spec(self, adapters: dict[str, str], folder: str) -> RunSpec:
@@ -337,7 +337,7 @@ class DemoRun:
             out=self.path(folder),
             train=config,
             data=self._data(),
-            progress=self.progress,
+            options=RunOptions(progress=self.progress),
         )
 
     def _labelled_spec(self, adapters: dict[str, str], init_from: str, data: str) -> RunSpec:
@@ -355,7 +355,7 @@ class DemoRun:
             train=config,
             data=self._data(),
             init_from=init_from,
-            progress=self.progress,
+            options=RunOptions(progress=self.progress),
         )
 
     def _eval_spec(self, folder: str, modes: tuple[str, ...], **model) -> EvalSpec:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from meteora_jax.config import LlamaConfig
 from meteora_jax.data.pipeline import DataConfig
@@ -27,13 +27,11 @@ from meteora_jax.io import checkpoint, checksums
 from meteora_jax.io.peft import LoRAAdapter, read_adapter
 from meteora_jax.io.peft_write import update_adapter_files
 from meteora_jax.io.stacking import AdapterInfo, init_gates, moe_config_for, stack_adapters, unstack_adapters
-from meteora_jax.modeling.attention import DEFAULT_ATTENTION
-from meteora_jax.sharding import DEFAULT_MESH
 from meteora_jax.training.distributed import is_main
 from meteora_jax.training.loop import Job, RunResult, prepare_out, run
 from meteora_jax.training.lora_init import new_adapter, parse_targets
 from meteora_jax.training.task_eval import TaskEvaluation, scored_samples
-from meteora_jax.training.train_config import LORA_DEFAULTS, TRAIN_BACKEND, TrainConfig
+from meteora_jax.training.train_config import LORA_DEFAULTS, RunOptions, TrainConfig
 from meteora_jax.training.truncation import check_truncation, heldout_within
 
 RUN_SUBDIR = "training"  # OUT/training: the run state beside the PEFT files
@@ -77,11 +75,8 @@ class LoRASpec:
     train: TrainConfig
     data: DataConfig
     lora: LoRASettings = LoRASettings()
-    mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_MESH))
-    backend: str = TRAIN_BACKEND
-    attention: str = DEFAULT_ATTENTION
+    options: RunOptions = dataclasses.field(default_factory=RunOptions)
     force: bool = False
-    progress: bool = True
 
     def __post_init__(self):
         wrong = {k: getattr(self.train, k) for k, v in FIXED.items() if getattr(self.train, k) != v}
@@ -216,10 +211,7 @@ def train_lora(spec: LoRASpec) -> RunResult:
         tokenizer=tokenizer,
         tasks=tasks,
         mixture=mixture,
-        mesh=spec.mesh,
-        backend=spec.backend,
-        attention=spec.attention,
-        progress=spec.progress,
+        options=spec.options,
         evaluation=evaluation,
         evaluate_at_start=True,
         on_save=_writer(spec, config, infos),

@@ -13,11 +13,9 @@ from meteora_jax.data.samples import load_heldout
 from meteora_jax.data.tasks import load_tasks
 from meteora_jax.errors import ConfigError
 from meteora_jax.io import checkpoint, gate_sources
-from meteora_jax.modeling.attention import DEFAULT_ATTENTION
-from meteora_jax.sharding import DEFAULT_MESH
 from meteora_jax.training.loop import Job, RunResult, prepare_out, run
 from meteora_jax.training.routing_eval import RoutingEvaluation
-from meteora_jax.training.train_config import TRAIN_BACKEND, TrainConfig
+from meteora_jax.training.train_config import RunOptions, TrainConfig
 from meteora_jax.training.truncation import check_truncation, heldout_within
 
 
@@ -31,13 +29,10 @@ class RunSpec:
     out: str
     train: TrainConfig
     data: DataConfig
-    mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_MESH))
+    options: RunOptions = dataclasses.field(default_factory=RunOptions)
     tasks: Sequence[str] | None = None
     init_from: str | None = None  # a checkpoint of these adapters: start from its gates and stacks
-    backend: str = TRAIN_BACKEND
-    attention: str = DEFAULT_ATTENTION
     force: bool = False
-    progress: bool = True
 
 
 def train(spec: RunSpec) -> RunResult:
@@ -78,10 +73,7 @@ def train(spec: RunSpec) -> RunResult:
         tokenizer=tokenizer,
         tasks=tasks,
         mixture=lambda: _mixture(spec),
-        mesh=spec.mesh,
-        backend=spec.backend,
-        attention=spec.attention,
-        progress=spec.progress,
+        options=spec.options,
         evaluation=evaluation,
     )
     return run(job)

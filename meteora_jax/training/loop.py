@@ -33,8 +33,8 @@ from meteora_jax.errors import ConfigError, TrainingError, describe_os_error, st
 from meteora_jax.io import checkpoint, checksums, files
 from meteora_jax.io.hf import load_llama
 from meteora_jax.io.stacking import AdapterInfo, ParamPath
-from meteora_jax.modeling.attention import DEFAULT_ATTENTION, check_training_length
-from meteora_jax.sharding import DEFAULT_MESH, MESH_AXES, host_to_global, make_mesh
+from meteora_jax.modeling.attention import check_training_length
+from meteora_jax.sharding import MESH_AXES, host_to_global, make_mesh
 from meteora_jax.training import run_lock
 from meteora_jax.training.checkpointing import RUN_ITEM, RunCheckpoints, flat_state
 from meteora_jax.training.distributed import barrier, is_main
@@ -43,7 +43,7 @@ from meteora_jax.training.run_log import METRICS_FILE, RunLog, log
 from meteora_jax.training.state import TrainState, split_for_training
 from meteora_jax.training.step import batch_sharding, make_train_step
 from meteora_jax.training.stopping import RunStopped, StopRequest, stop_requests
-from meteora_jax.training.train_config import TRAIN_BACKEND, TrainConfig
+from meteora_jax.training.train_config import RunOptions, TrainConfig
 
 GATE_METRICS = ("gate_loss", "gate_accuracy", "gate_tokens")  # logged only with a gate term
 
@@ -81,10 +81,7 @@ class Job:
     tokenizer: Any
     tasks: Mapping[str, Sequence[Sample]]  # training samples by task, labelled by adapter index
     mixture: Callable[[], Mixture]
-    mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_MESH))
-    backend: str = TRAIN_BACKEND
-    attention: str = DEFAULT_ATTENTION
-    progress: bool = True
+    options: RunOptions = dataclasses.field(default_factory=RunOptions)
     evaluation: Evaluation | None = None
     evaluate_at_start: bool = False
     on_save: Callable[[MeteoRAModel, int], None] | None = None
@@ -190,17 +187,18 @@ class _Run:
         self.job = job
         self.out = os.path.abspath(job.run_dir)
         self.cfg = job.train
-        self.mesh = build_mesh(job.mesh, job.data.batch_size, self.cfg.grad_accum)
+        options = job.options
+        self.mesh = build_mesh(options.mesh, job.data.batch_size, self.cfg.grad_accum)
         try:
-            check_training_length(job.attention, job.data.seq_len)
+            check_training_length(options.attention, job.data.seq_len)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.moe, extra, self.infos = job.mixture()
         compute = DTYPES[self.cfg.dtype]
         with jax.set_mesh(self.mesh):
             module = load_llama(
-                job.base, self.moe, extra, dtype=compute, param_dtype=jnp.float32, backend=job.backend,
-                attention=job.attention, mesh=self.mesh,
+                job.base, self.moe, extra, dtype=compute, param_dtype=jnp.float32, backend=options.backend,
+                attention=options.attention, mesh=self.mesh,
             )  # fmt: skip
         self.parts, state, frozen = split_for_training(module, self.cfg)
         with jax.set_mesh(self.mesh):
@@ -219,7 +217,7 @@ class _Run:
             process_count=jax.process_count(),
             prefetch=2,
         )
-        self.log = RunLog(self.out, job.command, progress=job.progress)
+        self.log = RunLog(self.out, job.command, progress=options.progress)
         self.stop = StopRequest()  # the signal that asked the run to stop (set while it trains)
         self.checkpoints: RunCheckpoints | None = None  # opened once the run folder is locked
         self.shared: tuple[set, dict] = (set(), {})  # the arrays saved once (`_shared_params`)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 
 from meteora_jax.config import TOP_K
 from meteora_jax.errors import ConfigError
 from meteora_jax.inputs import is_int, is_real
+from meteora_jax.modeling.attention import DEFAULT_ATTENTION, IMPLEMENTATIONS
 from meteora_jax.modeling.llama import DEFAULT_GATE_LOSS_GRAD, DEFAULT_REMAT, GATE_LOSS_GRADS, REMAT_POLICIES
+from meteora_jax.ops.moe_lora import BACKENDS
 from meteora_jax.settings import check_choices, setting
+from meteora_jax.sharding import DEFAULT_MESH
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 TRAIN_BACKEND = "xla"  # the MoE-LoRA backend training runs use unless told: the dense path
@@ -19,6 +23,25 @@ LORA_DEFAULTS = {"lr": 2e-4, "clip_norm": 1.0}  # where train-lora's defaults di
 # data layout is checked by the data iterator's own state; other settings may change on resume,
 # and the log names each one that did.)
 SHAPE_SETTINGS = ("train_gates", "train_adapters")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How a run executes, not what it learns: its device mesh, kernels and progress bar (a run
+    may resume under other options)."""
+
+    mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_MESH))
+    backend: str = setting(TRAIN_BACKEND, "MoE-LoRA backend", choices=BACKENDS)
+    attention: str = setting(
+        DEFAULT_ATTENTION,
+        "attention implementation (auto: cuDNN flash on GPU in bf16, splash on TPU, else XLA)",
+        choices=IMPLEMENTATIONS,
+    )
+    progress: bool = True
+
+    def __post_init__(self):
+        if problems := check_choices(self):
+            raise ConfigError("run options: " + "; ".join(problems))
 
 
 @dataclasses.dataclass(frozen=True)
