@@ -46,71 +46,43 @@ def register(subparsers) -> None:
         TrainBenchSettings(),
         ServeBenchSettings(),
     )
-    parser.add_argument("--adapters", type=int, help=f"adapters (default {layer.adapters})")
-    parser.add_argument("--rank", type=int, help=f"LoRA rank (default {layer.rank})")
-    parser.add_argument("--top-k", type=int, help=f"adapters per token (default {layer.top_k})")
-    parser.add_argument(
-        "--tokens", type=int, nargs="+",
-        help=f"prefill token counts (layer, model: default {list(layer.prefill_tokens)}; train: the first, "
-        f"default {train.tokens})",
-    )  # fmt: skip
-    parser.add_argument(
-        "--decode-tokens",
-        type=int,
-        nargs="*",
-        help=f"decode step tokens (default {list(layer.decode_tokens)})",
-    )
-    parser.add_argument(
-        "--decode-context",
-        type=int,
-        help=f"cached tokens before a decode step ({layer.decode_context})",
-    )
-    parser.add_argument(
-        "--backend", nargs="+", choices=BACKENDS,
-        help="MoE-LoRA backends to time (layer, model; generate and train time the first; default auto)",
-    )  # fmt: skip
-    parser.add_argument("--repeats", type=int, help=f"timed repeats (default {layer.repeats})")
-    parser.add_argument("--no-torch", action="store_true", help="skip the torch reference algorithm")
-    parser.add_argument("--base", help="HF model folder whose config.json sizes the model (weights unused)")
-    parser.add_argument(
-        "--batch", type=int, nargs="+", help=f"generate: batch sizes (default {list(gen.batch_sizes)})"
-    )
-    parser.add_argument(
-        "--new-tokens",
-        type=int,
-        help=f"generate, serve: tokens per run / request ({gen.new_tokens}, {srv.new_tokens})",
-    )
-    parser.add_argument(
-        "--prompt-length",
-        type=int,
-        help=f"generate, serve: prompt tokens ({gen.prompt_length}, {srv.prompt_length})",
-    )
-    parser.add_argument(
-        "--clients", type=int, nargs="+", help=f"serve: concurrent clients (default {list(srv.clients)})"
-    )
-    parser.add_argument(
-        "--mixtures", nargs="+", metavar="LxR",
-        help=f"train: adapters x rank (default {' '.join(f'{n}x{r}' for n, r in train.mixtures)})",
-    )  # fmt: skip
-    parser.add_argument(
-        "--layers", type=int, help="decoder layers (layer, train: default 1; generate: the shape's own)"
-    )
-    parser.add_argument(
-        "--shape",
-        choices=tuple(SHAPES),
-        help="generate, serve, model: the model's shape instead of --base: small (hidden 512, 4 layers; the "
-        "default) or llama3-8b (LLaMA-3-8B layers with an 8192-token vocabulary; give --layers)",
-    )
-    parser.add_argument(
-        "--remat", choices=tuple(REMAT_POLICIES), help=f"train: remat policy (default {train.remat})"
-    )
-    parser.add_argument(
-        "--attention", choices=IMPLEMENTATIONS, help=f"train: attention (default {train.attention})"
-    )
-    parser.add_argument(
-        "--memory-only", action="store_true", help="train: compile and report peak memory, no timing"
-    )
-    parser.add_argument("--json", help="also write the results to this JSON file")
+    mixtures = " ".join(f"{n}x{r}" for n, r in train.mixtures)
+    flags = {
+        "--adapters": dict(type=int, help=f"adapters (default {layer.adapters})"),
+        "--rank": dict(type=int, help=f"LoRA rank (default {layer.rank})"),
+        "--top-k": dict(type=int, help=f"adapters per token (default {layer.top_k})"),
+        "--tokens": dict(type=int, nargs="+", help=f"prefill token counts (layer, model: default "
+                         f"{list(layer.prefill_tokens)}; train: the first, default {train.tokens})"),
+        "--decode-tokens": dict(type=int, nargs="*",
+                                help=f"decode step tokens (default {list(layer.decode_tokens)})"),
+        "--decode-context": dict(type=int,
+                                 help=f"cached tokens before a decode step ({layer.decode_context})"),
+        "--backend": dict(nargs="+", choices=BACKENDS, help="MoE-LoRA backends to time (layer, model; "
+                          "generate and train time the first; default auto)"),
+        "--repeats": dict(type=int, help=f"timed repeats (default {layer.repeats})"),
+        "--no-torch": dict(action="store_true", help="skip the torch reference algorithm"),
+        "--base": dict(help="HF model folder whose config.json sizes the model (weights unused)"),
+        "--batch": dict(type=int, nargs="+",
+                        help=f"generate: batch sizes (default {list(gen.batch_sizes)})"),
+        "--new-tokens": dict(type=int, help=f"generate, serve: tokens per run / request ({gen.new_tokens}, "
+                             f"{srv.new_tokens})"),
+        "--prompt-length": dict(type=int, help=f"generate, serve: prompt tokens ({gen.prompt_length}, "
+                                f"{srv.prompt_length})"),
+        "--clients": dict(type=int, nargs="+",
+                          help=f"serve: concurrent clients (default {list(srv.clients)})"),
+        "--mixtures": dict(nargs="+", metavar="LxR", help=f"train: adapters x rank (default {mixtures})"),
+        "--layers": dict(type=int,
+                         help="decoder layers (layer, train: default 1; generate: the shape's own)"),
+        "--shape": dict(choices=tuple(SHAPES), help="generate, serve, model: the model's shape instead of "
+                        "--base: small (hidden 512, 4 layers; the default) or llama3-8b (LLaMA-3-8B layers "
+                        "with an 8192-token vocabulary; give --layers)"),
+        "--remat": dict(choices=tuple(REMAT_POLICIES), help=f"train: remat policy (default {train.remat})"),
+        "--attention": dict(choices=IMPLEMENTATIONS, help=f"train: attention (default {train.attention})"),
+        "--memory-only": dict(action="store_true", help="train: compile and report peak memory, no timing"),
+        "--json": dict(help="also write the results to this JSON file"),
+    }  # fmt: skip
+    for flag, options in flags.items():
+        parser.add_argument(flag, **options)
     parser.set_defaults(func=run)
 
 

@@ -15,6 +15,9 @@ from meteora_jax.evaluation.eval_run import EvalSpec
 from meteora_jax.evaluation.runner import MODES, EvalSettings
 
 SETTINGS_FLAGS = ("batch_size", "max_new_tokens", "routing_temperature", "composite_routing_temperature")
+# `EvalSpec` fields set by flags of the same name (--tasks is `tasks_dir`, --task adds to `tasks`)
+SPEC_FLAGS = ("tokenizer", "dtype", "tasks_dir", "tasks", "composite", "composite_n", "composite_samples")
+SPEC_FLAGS += ("composite_layout", "seed", "metrics", "out", "force", "progress")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -31,9 +34,15 @@ def register(subparsers) -> argparse.ArgumentParser:
     add_runtime_flags(model, dtypes=("float32", "bfloat16"))
     data = p.add_argument_group("prompts")
     data.add_argument(
-        "--tasks", required=True, metavar="DIR", help="DIR/<task>/test.jsonl (train.jsonl for -n)"
+        "--tasks",
+        dest="tasks_dir",
+        required=True,
+        metavar="DIR",
+        help="DIR/<task>/test.jsonl (train.jsonl for -n)",
     )
-    data.add_argument("--task", action="append", metavar="NAME", help="evaluate these tasks (default: all)")
+    data.add_argument(
+        "--task", dest="tasks", action="append", metavar="NAME", help="evaluate these tasks (default: all)"
+    )
     composite = data.add_mutually_exclusive_group()
     composite.add_argument("--composite", metavar="FILE.jsonl", help="composite prompts (make-composite)")
     composite.add_argument("--composite-n", type=int, metavar="N", help="build composite-N prompts of --task")
@@ -73,29 +82,22 @@ def run(args: argparse.Namespace) -> None:
     from meteora_jax.evaluation.eval_run import evaluate  # noqa: PLC0415
 
     base, adapters, gates = model_sources(args)
-    inputs = [*model_inputs(args, base, adapters), ("--tasks", args.tasks), ("--composite", args.composite)]
+    inputs = [
+        *model_inputs(args, base, adapters),
+        ("--tasks", args.tasks_dir),
+        ("--composite", args.composite),
+    ]
     inputs += [("--metrics", args.metrics), ("--tokenizer", args.tokenizer)]
+    settings = EvalSettings(
+        modes=tuple(args.mode), limit=args.limit, **field_values(args, EvalSettings, SETTINGS_FLAGS)
+    )
     spec = EvalSpec(
         base=base,
         adapters=adapters,
         gates=gates,
-        tokenizer=args.tokenizer,
-        dtype=args.dtype,
-        tasks_dir=args.tasks,
-        tasks=args.task,
-        composite=args.composite,
-        composite_n=args.composite_n,
-        composite_samples=args.composite_samples,
-        composite_layout=args.composite_layout,
-        seed=args.seed,
-        metrics=args.metrics,
-        settings=EvalSettings(
-            modes=tuple(args.mode), limit=args.limit, **field_values(args, EvalSettings, SETTINGS_FLAGS)
-        ),
-        out=args.out,
-        force=args.force,
-        progress=args.progress,
+        settings=settings,
         inputs=tuple((flag, path) for flag, path in inputs if path is not None),
+        **field_values(args, EvalSpec, SPEC_FLAGS),
     )
     written = evaluate(spec)
     print(f"wrote {', '.join(os.path.relpath(p) for p in written)}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from meteora_jax.commands.flags import field_values
 from meteora_jax.commands.training_flags import (
     add_training_flags,
     data_config,
@@ -13,6 +14,9 @@ from meteora_jax.commands.training_flags import (
 )
 from meteora_jax.training.adapters import LoRASettings
 from meteora_jax.training.train_config import LORA_DEFAULTS
+
+# the `LoRASettings` fields, each set by the flag of its name (--rslora sets `use_rslora`)
+LORA_FLAGS = ("rank", "alpha", "targets", "layers", "use_rslora", "dropout", "init_from")
 
 
 def _layers(text: str) -> list[int]:
@@ -43,7 +47,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     lora.add_argument("--layers", type=_layers, metavar="0,1,...", help="decoder layers (default all)")
     lora.add_argument(
-        "--rslora", action="store_true", default=None, help="scale by alpha / sqrt(r) (rank-stabilised LoRA)"
+        "--rslora",
+        dest="use_rslora",
+        action="store_true",
+        default=None,
+        help="scale by alpha / sqrt(r) (rank-stabilised LoRA)",
     )
     lora.add_argument(
         "--dropout", type=float, default=LoRASettings.dropout,
@@ -67,15 +75,7 @@ def spec_from_args(args: argparse.Namespace):
         data_dir=args.data,
         train=lora_train_config(settings.pop("steps"), **settings),
         data=data_config(args),
-        lora=LoRASettings(
-            rank=args.rank,
-            alpha=args.alpha,
-            targets=args.targets,
-            layers=args.layers,
-            use_rslora=args.rslora,
-            dropout=args.dropout,
-            init_from=args.init_from,
-        ),
+        lora=LoRASettings(**field_values(args, LoRASettings, LORA_FLAGS)),
         **run_settings(args),
     )
 

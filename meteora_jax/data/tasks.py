@@ -53,25 +53,22 @@ def _select_tasks(data_dir: str, adapters: list[str], tasks: Sequence[str] | Non
         e for e in os.listdir(data_dir) if not e.startswith(".") and os.path.isdir(os.path.join(data_dir, e))
     )
     if tasks is None:
-        no_adapter = [f for f in folders if f not in adapters]
-        no_folder = [a for a in adapters if a not in folders]
-        if no_adapter or no_folder:
-            raise ConfigError(
-                f"data dir {data_dir}: task folders without an adapter: {_names(no_adapter)}; "
-                f"adapters without a task folder: {_names(no_folder)} (adapters: {_names(adapters)}; "
-                "pass tasks=[...] to train on a subset)"
-            )
-        return adapters
-    chosen = list(tasks)
-    if isinstance(tasks, str) or not chosen or len(set(chosen)) != len(chosen):
-        raise ConfigError(f"tasks must be a non-empty list of distinct task names, got {tasks!r}")
-    not_adapter = [t for t in chosen if t not in adapters]
-    no_folder = [t for t in chosen if t not in folders]
-    if not_adapter or no_folder:
-        raise ConfigError(
-            f"data dir {data_dir}: tasks that are not adapters: {_names(not_adapter)}; "
-            f"tasks without a folder: {_names(no_folder)} (adapters: {_names(adapters)})"
-        )
+        chosen, hint = adapters, "; pass tasks=[...] to train on a subset"
+        unmatched = {
+            "task folders without an adapter": [f for f in folders if f not in adapters],
+            "adapters without a task folder": [a for a in adapters if a not in folders],
+        }
+    else:
+        chosen, hint = list(tasks), ""
+        if isinstance(tasks, str) or not chosen or len(set(chosen)) != len(chosen):
+            raise ConfigError(f"tasks must be a non-empty list of distinct task names, got {tasks!r}")
+        unmatched = {
+            "tasks that are not adapters": [t for t in chosen if t not in adapters],
+            "tasks without a folder": [t for t in chosen if t not in folders],
+        }
+    if any(unmatched.values()):
+        listed = "; ".join(f"{what}: {_names(names)}" for what, names in unmatched.items())
+        raise ConfigError(f"data dir {data_dir}: {listed} (adapters: {_names(adapters)}{hint})")
     return [a for a in adapters if a in chosen]
 
 

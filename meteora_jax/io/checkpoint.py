@@ -304,33 +304,16 @@ def _with_shared(directory: str, raw: Mapping, tree: dict, where: str) -> dict:
 # ----------------------------------------------------------------------------- save / restore
 
 
-def save_checkpoint(
-    directory: str | os.PathLike,
-    model,
-    base_dir: str | os.PathLike,
-    *,
-    step: int = 0,
-    extra_items: Mapping[str, Any] | None = None,
-    force: bool = False,
-    max_to_keep: int | None = None,
-) -> str:
-    """Saves a fused `MeteoRAModel` (gates, stacked adapters, scales, metadata) as `step`.
+def save_checkpoint(directory: str | os.PathLike, model, base_dir: str | os.PathLike, **options) -> str:
+    """Saves a fused `MeteoRAModel` (gates, stacked adapters, scales, metadata) as a checkpoint.
 
-    See `write_checkpoint`; returns the checkpoint folder.
+    options: `write_checkpoint`'s keywords (step, extra_items, force, max_to_keep); returns the
+    checkpoint folder.
     """
     if model.moe is None:
         raise ConfigError("this model has no adapters: there is nothing to checkpoint (use save_llama)")
-    return write_checkpoint(
-        directory,
-        model_params(model.module),
-        model.moe,
-        model.adapter_info,
-        base_dir,
-        step=step,
-        extra_items=extra_items,
-        force=force,
-        max_to_keep=max_to_keep,
-    )
+    params = model_params(model.module)
+    return write_checkpoint(directory, params, model.moe, model.adapter_info, base_dir, **options)
 
 
 def write_checkpoint(

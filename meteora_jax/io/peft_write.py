@@ -173,26 +173,13 @@ def write_adapter(
         _write_files(tmp, peft_config, tensors)
 
 
-def update_adapter_files(
-    adapter: LoRAAdapter,
-    folder: str | os.PathLike,
-    *,
-    base_model_name_or_path: str | None = None,
-    config: LlamaConfig | None = None,
-    lora_dropout: float = 0.0,
-) -> None:
+def update_adapter_files(adapter: LoRAAdapter, folder: str | os.PathLike, **options) -> None:
     """Writes (or replaces) the two PEFT files in an existing `folder` that holds other things
     too (train-lora's run state), each file atomically, so a kill leaves the old pair or the new
-    weights with a config that describes them (the config does not change within a run)."""
+    weights with a config that describes them (the config does not change within a run).
+    options: `adapter_files`' keywords (base_model_name_or_path, config, lora_dropout)."""
     folder = os.path.abspath(os.fspath(folder))
-    peft_config, tensors = adapter_files(
-        adapter,
-        base_model_name_or_path=base_model_name_or_path,
-        config=config,
-        lora_dropout=lora_dropout,
-        where=f"writing {folder}",
-    )
-    _write_files(folder, peft_config, tensors)
+    _write_files(folder, *adapter_files(adapter, where=f"writing {folder}", **options))
 
 
 def _verify_config(peft_config: dict, adapter: LoRAAdapter, num_layers: int) -> None:
