@@ -253,3 +253,33 @@ def test_the_timed_torch_reference_computes_the_meteora_layer():
     )
     assert np.abs(np.asarray(want) - np.asarray(layer.base(x).detach().numpy())).max() > 1e-3  # adapters act
     np.testing.assert_allclose(got, np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
+def test_the_generate_and_serve_reports_are_markdown_tables_of_their_results():
+    from meteora_jax.bench.decoding import GenerateBenchSettings, format_bench
+    from meteora_jax.bench.server_load import ServeBenchSettings, format_serve
+
+    model = GenerateBenchSettings().__dict__
+    results = [
+        {"batch": 8, "clients": 4, "decode_ratio": 0.9, "throughput_ratio": 0.75,
+         "base": {"decode_tokens_per_s": 800.0, "prefill_s": 0.08,
+                  "tokens_per_s": 40.0, "first_token_s": 0.1},
+         "meteora": {"decode_tokens_per_s": 720.0, "prefill_s": 0.096,
+                     "tokens_per_s": 30.0, "first_token_s": 0.11}}
+    ]  # fmt: skip
+    text = format_bench({"settings": model, "device": "cpu:0", "results": results}).splitlines()
+    assert text[0].startswith(
+        "28 adapters (rank 8, top-2) vs base; D=512, 4 layers, prompt 64, 32 new tokens"
+    )
+    assert text[0].endswith(", median of 5; cpu:0") and text[1] == ""
+    assert (
+        text[2].startswith("| batch | base decode tok/s |") and text[3] == "|---:|---:|---:|---:|---:|---:|"
+    )
+    assert text[4:] == ["| 8 | 800.0 | 720.0 | 0.90 | 80.0 | 96.0 |"]
+    serve = {"model": model, "serve": ServeBenchSettings().__dict__}
+    report = {"settings": serve, "device": "cpu:0", "results": results, "scaling": {"base": 3.0},
+              "first_token_growth": {"base": 1.1}}  # fmt: skip
+    text = format_serve(report).splitlines()
+    assert "; 2 requests per client, prompt 32, 32 new tokens, 16 slots, median of 5; cpu:0" in text[0]
+    assert text[4] == "| 4 | 40.0 | 30.0 | 0.75 | 100.0 | 110.0 |" and text[5] == ""
+    assert text[6:] == ["throughput at 16 clients over 1: base 3.0x; time to first token: base 1.1x"]

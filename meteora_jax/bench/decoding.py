@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from meteora_jax.api import DEFAULT_DTYPE, DTYPES, MeteoRAModel
+from meteora_jax.bench.tables import base_and_meteora_rows, markdown_table, mixture_title
 from meteora_jax.bench.timing import REFERENCE_MIXTURE, REPEATS, interleaved
 from meteora_jax.config import PROJECTIONS, TOP_K, LlamaConfig, MoELoRAConfig
 from meteora_jax.errors import ConfigError
@@ -159,23 +160,10 @@ def bench_generate(settings: GenerateBenchSettings | None = None, **overrides) -
 def format_bench(report: dict) -> str:
     """A markdown table of a `bench_generate` report."""
     s = report["settings"]
-    lines = [
-        f"{s['num_adapters']} adapters (rank {s['rank']}, top-{s['top_k']}) vs base; "
-        f"D={s['hidden_size']}, {s['num_hidden_layers']} layers, prompt {s['prompt_length']}, "
-        f"{s['new_tokens']} new tokens, {s['dtype']}, median of {s['repeats']}; {report['device']}",
-        "",
-        "| batch | base decode tok/s | MeteoRA decode tok/s | ratio | base prefill ms | MeteoRA prefill ms |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in report["results"]:
-        base, fused = r["base"], r["meteora"]
-        cells = [
-            str(r["batch"]),
-            f"{base['decode_tokens_per_s']:.1f}",
-            f"{fused['decode_tokens_per_s']:.1f}",
-            f"{r['decode_ratio']:.2f}",
-            f"{1e3 * base['prefill_s']:.1f}",
-            f"{1e3 * fused['prefill_s']:.1f}",
-        ]
-        lines.append(f"| {' | '.join(cells)} |")
+    title = f"{mixture_title(s)}, prompt {s['prompt_length']}, {s['new_tokens']} new tokens, {s['dtype']}"
+    header = "batch | base decode tok/s | MeteoRA decode tok/s | ratio | base prefill ms | MeteoRA prefill ms"
+    rows = base_and_meteora_rows(
+        report["results"], "batch", "decode_tokens_per_s", "decode_ratio", "prefill_s"
+    )
+    lines = [f"{title}, median of {s['repeats']}; {report['device']}", "", *markdown_table(header, rows)]
     return "\n".join(lines)

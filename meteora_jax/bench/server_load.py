@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from meteora_jax.bench.decoding import GenerateBenchSettings, bench_models
+from meteora_jax.bench.tables import base_and_meteora_rows, markdown_table, mixture_title
 from meteora_jax.bench.timing import REPEATS, interleaved
 from meteora_jax.errors import ConfigError
 from meteora_jax.serving.engine import Engine, Request, RowSettings
@@ -130,21 +131,16 @@ def bench_serve(model_settings: GenerateBenchSettings, s: ServeBenchSettings) ->
 def format_serve(report: dict) -> str:
     """A markdown table of a `bench_serve` report."""
     m, s = report["settings"]["model"], report["settings"]["serve"]
-    lines = [
-        f"{m['num_adapters']} adapters (rank {m['rank']}, top-{m['top_k']}) vs base; D={m['hidden_size']}, "
-        f"{m['num_hidden_layers']} layers; {s['requests_per_client']} requests per client, prompt "
-        f"{s['prompt_length']}, {s['new_tokens']} new tokens, {max(s['clients'])} slots, median of "
-        f"{s['repeats']}; {report['device']}",
-        "",
-        "| clients | base tok/s | MeteoRA tok/s | ratio | base first token ms | MeteoRA first token ms |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in report["results"]:
-        base, fused = r["base"], r["meteora"]
-        cells = [str(r["clients"]), f"{base['tokens_per_s']:.1f}", f"{fused['tokens_per_s']:.1f}",
-                 f"{r['throughput_ratio']:.2f}", f"{1e3 * base['first_token_s']:.1f}",
-                 f"{1e3 * fused['first_token_s']:.1f}"]  # fmt: skip
-        lines.append(f"| {' | '.join(cells)} |")
+    load = f"{s['requests_per_client']} requests per client, prompt {s['prompt_length']}"
+    load += f", {s['new_tokens']} new tokens"
+    title = (
+        f"{mixture_title(m)}; {load}, {max(s['clients'])} slots, median of {s['repeats']}; {report['device']}"
+    )
+    header = "clients | base tok/s | MeteoRA tok/s | ratio | base first token ms | MeteoRA first token ms"
+    rows = base_and_meteora_rows(
+        report["results"], "clients", "tokens_per_s", "throughput_ratio", "first_token_s"
+    )
+    lines = [title, "", *markdown_table(header, rows)]
     scale = ", ".join(f"{k} {v:.1f}x" for k, v in report["scaling"].items())
     growth = ", ".join(f"{k} {v:.1f}x" for k, v in report["first_token_growth"].items())
     lines += ["", f"throughput at {max(s['clients'])} clients over 1: {scale}; time to first token: {growth}"]
