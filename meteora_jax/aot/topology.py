@@ -67,7 +67,7 @@ _CLOUD = re.compile(r"^(v\d+[a-z]?)-(\d+)$")
 _TORUS = re.compile(r"^(v\d+[a-z]?):(\d+(?:x\d+){1,2})$")
 
 
-def parse_topology(text: str, slices: int = 1) -> Topology:
+def parse_topology(text: str, slices: int = Topology.slices) -> Topology:
     """`v5e-8` (a Cloud accelerator type) or `v5e:2x4` (a torus shape) -> Topology.
 
     Raises ConfigError naming the setting, with the generations and slice sizes known."""

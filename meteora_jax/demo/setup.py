@@ -24,6 +24,7 @@ from meteora_jax.demo.pretrain import PretrainSettings, Readout, pretrain
 from meteora_jax.demo.synthetic import (
     PRETRAIN_TASKS,
     TASKS,
+    TINY_MAX_POSITIONS,
     labelled_composite_samples,
     numbered_task_samples,
     pretraining_keywords,
@@ -60,7 +61,7 @@ class DemoBaseSettings:
     pretrain_task_share: float = 0.3
     layers: int = 4
     hidden: int = 128
-    max_positions: int = 256
+    max_positions: int = TINY_MAX_POSITIONS
     pretrain: PretrainSettings = PretrainSettings(
         steps=550, batch_size=28, seq_len=144, lr=3e-3, readout_start=250, readout_weight=1.0
     )

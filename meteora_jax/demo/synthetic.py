@@ -77,7 +77,7 @@ TASKS = {
     "cipher": Task(_word, lambda word: "".join(CIPHER[c] for c in word)),
 }
 TINY_TASKS = ("reverse", "upper", "double")  # the tests' three-task setup
-TINY_LAYERS, TINY_HIDDEN = 2, 64  # its model
+TINY_LAYERS, TINY_HIDDEN, TINY_MAX_POSITIONS = 2, 64, 256  # its model
 TINY_TRAIN, TINY_TEST = 64, 16  # its samples per task and split
 COPY_CHARACTERS = LETTERS + LETTERS.upper()  # every character a task reads or writes
 QUESTION_COUNTS = (2, 3, 4, 5)  # questions of a numbered sample
@@ -225,7 +225,11 @@ class TinySetup:
 
 
 def tiny_config(
-    vocab_size: int, *, layers: int = TINY_LAYERS, hidden: int = TINY_HIDDEN, max_positions: int = 256
+    vocab_size: int,
+    *,
+    layers: int = TINY_LAYERS,
+    hidden: int = TINY_HIDDEN,
+    max_positions: int = TINY_MAX_POSITIONS,
 ) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab_size,
