@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from meteora_jax.commands import (
+    add_command,
     bench,
     compile,
     convert,
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
-        command.register(sub)
+        add_command(sub, command)
     return parser
 
 

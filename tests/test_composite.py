@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from meteora_jax.commands import make_composite, run_reporting
+from meteora_jax.commands import add_command, make_composite, run_reporting
 from meteora_jax.data import composite
 from meteora_jax.data.composite import PRESETS, build_composite, read_composite, write_composite
 from meteora_jax.errors import ConfigError, MissingFileError, OutputExistsError, OutputPathError
@@ -309,7 +309,7 @@ def test_write_composite_refuses_paths(four, tmp_path):
 
 def command(*argv):
     parser = argparse.ArgumentParser()
-    make_composite.register(parser.add_subparsers(dest="command", required=True))
+    add_command(parser.add_subparsers(dest="command", required=True), make_composite)
     return run_reporting(parser.parse_args(["make-composite", *map(str, argv)]))
 
 

@@ -1,7 +1,7 @@
 """Subcommands of the `meteora-jax` command line, one module each, wired in by `meteora_jax.cli`.
 
-Each module exposes `register(subparsers)`, which adds its subcommand and sets `func` to the
-handler; handlers raise `MeteoRAError` for `run_reporting` to print as one line (exit 2).
+Each module declares its subcommand's `NAME`, `HELP` (and `DESCRIPTION`), `add_flags(parser)` and
+the handler `run(args)`; handlers raise `MeteoRAError` for `run_reporting` to print as one line (exit 2).
 """
 
 from __future__ import annotations
@@ -17,6 +17,15 @@ from meteora_jax.training.stopping import RunStopped, sigterm_raises
 # OS errors a user causes (a path that is missing, taken, of the wrong kind or not theirs): reported
 # like a MeteoRAError, in case a library call below ours raises one before we could check.
 USER_OS_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def add_command(subparsers, command) -> argparse.ArgumentParser:
+    """Adds the subcommand a command module declares (`NAME`, `HELP`, `DESCRIPTION`, `add_flags`,
+    `run`) to an argparse subparsers object."""
+    p = subparsers.add_parser(command.NAME, help=command.HELP, description=command.DESCRIPTION)
+    command.add_flags(p)
+    p.set_defaults(func=command.run)
+    return p
 
 
 def run_reporting(args: argparse.Namespace) -> int:

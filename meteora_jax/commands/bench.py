@@ -25,13 +25,13 @@ SHAPES = {
 }
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "bench",
-        help="measure MoE-LoRA overhead vs the base model, one plain LoRA and the reference algorithm",
-        description="Ratios to the base model, median of interleaved repeats, all variants in one run.",
-    )
-    parser.add_argument(
+NAME = "bench"
+HELP = "measure MoE-LoRA overhead vs the base model, one plain LoRA and the reference algorithm"
+DESCRIPTION = "Ratios to the base model, median of interleaved repeats, all variants in one run."
+
+
+def add_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
         "what",
         choices=("layer", "model", "generate", "serve", "train"),
         help="one LLaMA-3-8B decoder layer, a whole model through the public call, jitted generation "
@@ -82,8 +82,7 @@ def register(subparsers) -> None:
         "--json": dict(help="also write the results to this JSON file"),
     }  # fmt: skip
     for flag, options in flags.items():
-        parser.add_argument(flag, **options)
-    parser.set_defaults(func=run)
+        p.add_argument(flag, **options)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -21,10 +21,15 @@ class CompileProblems(MeteoRAError):
     """The program compiled with problems a pod run would regret (exit 2, after the report)."""
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "compile", help="compile a program for a TPU topology from this host (needs the [tpu] extra)"
-    )
+NAME = "compile"
+HELP = "compile a program for a TPU topology from this host (needs the [tpu] extra)"
+DESCRIPTION = (
+    "Compile one program for a TPU topology with abstract weights (no files, nothing downloaded) and "
+    "report what a pod would see: HBM per chip, FLOPs, a roofline step time and the collectives."
+)
+
+
+def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--topology", required=True, help="v5e-8, v5p-64, v6e-256 (Cloud names) or v5e:4x4, v5p:4x4x4"
     )
@@ -53,7 +58,6 @@ def register(subparsers) -> None:
     fields = ("dtype", "remat", "train_adapters", "top_k", "loss_chunk")
     add_field_flags(p, TrainConfig, fields, defaults={"dtype": "bfloat16", "remat": "full"})
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -8,29 +8,27 @@ import sys
 from meteora_jax.commands import adapter_specs, add_adapter_flag
 from meteora_jax.io import checkpoint, files, gate_sources
 
+NAME = "convert"
+HELP = "fuse PEFT adapters (and trained gates) over a base into a meteora-jax checkpoint"
+DESCRIPTION = (
+    "Fuse PEFT adapters over a base model into a meteora-jax checkpoint, with trained gates (--gates) "
+    "or seeded untrained ones."
+)
 
-def register(subparsers) -> None:
-    sub = subparsers
-    convert = sub.add_parser(
-        "convert", help="fuse PEFT adapters (and trained gates) over a base into a meteora-jax checkpoint"
-    )
-    convert.add_argument("--base", required=True, help="the HF LLaMA base folder")
-    add_adapter_flag(convert, required=True, note="name: the folder's name unless NAME= is given")
-    convert.add_argument(
+
+def add_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, help="the HF LLaMA base folder")
+    add_adapter_flag(p, required=True, note="name: the folder's name unless NAME= is given")
+    p.add_argument(
         "--gates",
         metavar="FILE|CKPT",
         help="trained gates: a MeteoRA model.safetensors or a checkpoint folder",
     )
-    convert.add_argument("--top-k", type=int, help="routing default stored in the checkpoint (default 2)")
-    convert.add_argument(
-        "--temperature", type=float, help="routing default stored in the checkpoint (default 1)"
-    )
-    convert.add_argument(
-        "--seed", type=int, default=0, help="seed of the untrained gates when --gates is absent"
-    )
-    convert.add_argument("--out", required=True, metavar="CKPT", help="the checkpoint folder to write")
-    convert.add_argument("--force", action="store_true", help="replace --out if it exists")
-    convert.set_defaults(func=run)
+    p.add_argument("--top-k", type=int, help="routing default stored in the checkpoint (default 2)")
+    p.add_argument("--temperature", type=float, help="routing default stored in the checkpoint (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the untrained gates when --gates is absent")
+    p.add_argument("--out", required=True, metavar="CKPT", help="the checkpoint folder to write")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
 
 
 def run(args: argparse.Namespace) -> None:

@@ -9,26 +9,25 @@ import sys
 CACHE_DIR = "xla-cache"  # under --out
 
 
-def register(subparsers) -> None:
-    demo = subparsers.add_parser(
-        "demo",
-        help="MeteoRA end to end: a tiny base, one adapter per task, gates, evaluation, a report",
-        description=(
-            "Builds a tiny LLaMA pre-trained to follow the prompt format, trains one LoRA adapter per "
-            "synthetic task (train-lora), fuses them and trains the gates (train-gate), then evaluates "
-            "base / own adapter / MeteoRA / averaged adapters on each task and on composite-3 prompts. "
-            "Finished stages are cached: a rerun skips them, a changed setting reruns what depends on it."
-        ),
-    )
-    demo.add_argument("--out", default="runs/demo", help="the demo folder (default runs/demo)")
-    demo.add_argument(
+NAME = "demo"
+HELP = "MeteoRA end to end: a tiny base, one adapter per task, gates, evaluation, a report"
+DESCRIPTION = (
+    "Builds a tiny LLaMA pre-trained to follow the prompt format, trains one LoRA adapter per "
+    "synthetic task (train-lora), fuses them and trains the gates (train-gate), then evaluates "
+    "base / own adapter / MeteoRA / averaged adapters on each task and on composite-3 prompts. "
+    "Finished stages are cached: a rerun skips them, a changed setting reruns what depends on it."
+)
+
+
+def add_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", help="the demo folder (default runs/p)")
+    p.add_argument(
         "--fast", action="store_true", help="tiny sizes and a few steps: a quick look, not results"
     )
-    demo.add_argument(
+    p.add_argument(
         "--force", action="store_true", help="start over (and replace an --out that is not a demo folder)"
     )
-    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
-    demo.set_defaults(func=run)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> None:

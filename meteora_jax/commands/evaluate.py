@@ -20,16 +20,16 @@ SPEC_FLAGS = ("tokenizer", "dtype", "tasks_dir", "tasks", "composite", "composit
 SPEC_FLAGS += ("composite_layout", "seed", "metrics", "out", "force", "progress")
 
 
-def register(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "eval",
-        help="score a model on held-out task prompts and composite-n prompts, per routing mode",
-        description=(
-            "Greedy answers to each task's test split (and composite prompts), scored with the task's "
-            "metrics, in the modes asked for: meteora (the gates), adapter (the task's own adapter), base, "
-            "merged (the uniform average of the adapters)."
-        ),
-    )
+NAME = "eval"
+HELP = "score a model on held-out task prompts and composite-n prompts, per routing mode"
+DESCRIPTION = (
+    "Greedy answers to each task's test split (and composite prompts), scored with the task's "
+    "metrics, in the modes asked for: meteora (the gates), adapter (the task's own adapter), base, "
+    "merged (the uniform average of the adapters)."
+)
+
+
+def add_flags(p: argparse.ArgumentParser) -> None:
     model = add_model_flags(p)
     add_runtime_flags(model, dtypes=("float32", "bfloat16"))
     data = p.add_argument_group("prompts")
@@ -74,8 +74,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     out.add_argument("--out", required=True, metavar="DIR", help="results.json, report.md, predictions.jsonl")
     out.add_argument("--force", action="store_true", help="replace an existing --out")
     out.add_argument("--no-progress", dest="progress", action="store_false")
-    p.set_defaults(func=run)
-    return p
 
 
 def run(args: argparse.Namespace) -> None:

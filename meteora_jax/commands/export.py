@@ -14,26 +14,25 @@ from meteora_jax.io import checkpoint, files, meteora_torch
 from meteora_jax.io.peft_write import write_adapter
 from meteora_jax.io.stacking import unstack_adapters
 
+NAME = "export"
+HELP = "write a checkpoint's adapters as PEFT folders or the MeteoRA format"
+DESCRIPTION = "Write a checkpoint's adapters back out: as PEFT folders, or in the MeteoRA reference's format."
 
-def register(subparsers) -> None:
-    sub = subparsers
-    export = sub.add_parser(
-        "export", help="write a checkpoint's adapters as PEFT folders or the MeteoRA format"
-    )
-    export.add_argument("--ckpt", required=True, help="a meteora-jax checkpoint folder (its latest step)")
-    export.add_argument(
+
+def add_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="a meteora-jax checkpoint folder (its latest step)")
+    p.add_argument(
         "--to",
         required=True,
         choices=("peft", "meteora-torch"),
         help="peft: one PEFT LoRA folder per adapter, OUT/<name>; meteora-torch: the reference "
         "model.safetensors + adapter_order.json",
     )
-    export.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
-    export.add_argument(
+    p.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
+    p.add_argument(
         "--base", help="the base folder (default: the one recorded in the checkpoint); checked by fingerprint"
     )
-    export.add_argument("--force", action="store_true", help="replace --out if it exists")
-    export.set_defaults(func=run)
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
 
 
 def run(args: argparse.Namespace) -> None:

@@ -15,6 +15,7 @@ import sys
 import time
 
 from meteora_jax.commands import (
+    add_command,
     add_model_flags,
     add_runtime_flags,
     model_inputs,
@@ -30,13 +31,12 @@ SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "no
 OUTPUTS = ("--out", "--routing-html", "--routing-png", "--routing-json")
 
 
-def register(subparsers) -> argparse.ArgumentParser:
-    """Adds the `generate` subcommand (handler: `run`) to an argparse subparsers object."""
-    p = subparsers.add_parser(
-        "generate",
-        help="generate text with a fused MeteoRA model (or its base), optionally saving the routing view",
-        description="Generate text; streams a single --prompt, batches a --prompts JSONL file.",
-    )
+NAME = "generate"
+HELP = "generate text with a fused MeteoRA model (or its base), optionally saving the routing view"
+DESCRIPTION = "Generate text; streams a single --prompt, batches a --prompts JSONL file."
+
+
+def add_flags(p: argparse.ArgumentParser) -> None:
     model = add_model_flags(p)
     add_runtime_flags(model)
     text = p.add_argument_group("prompts")
@@ -69,8 +69,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     routing.add_argument(
         "--routing-json", metavar="FILE", help="write every token's routing, all layers (JSON)"
     )
-    p.set_defaults(func=run)
-    return p
 
 
 def _check_paths(args, base: str, adapters: dict[str, str] | None) -> None:
@@ -203,7 +201,7 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """`python -m meteora_jax.commands.generate ...`: the subcommand on its own."""
     parser = argparse.ArgumentParser(prog="meteora-jax")
-    register(parser.add_subparsers(dest="command", required=True))
+    add_command(parser.add_subparsers(dest="command", required=True), sys.modules[__name__])
     return run_reporting(parser.parse_args(["generate", *(sys.argv[1:] if argv is None else argv)]))
 
 

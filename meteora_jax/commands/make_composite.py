@@ -15,11 +15,12 @@ from meteora_jax.data import composite
 from meteora_jax.errors import ConfigError
 from meteora_jax.io import files
 
+NAME = "make-composite"
+HELP = "bundle n tasks' test questions into composite-n prompts (JSONL)"
+DESCRIPTION = "Bundle the test questions of n tasks into composite-n prompts, one JSON line each."
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "make-composite", help="bundle n tasks' test questions into composite-n prompts (JSONL)"
-    )
+
+def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", required=True, metavar="DIR", help="folder of TASK/train.jsonl, test.jsonl")
     p.add_argument(
         "--n", type=int, help="sub-tasks per prompt (the preset of that size if its folders exist)"
@@ -29,7 +30,6 @@ def register(subparsers) -> None:
     add_field_flags(p, composite.CompositeSettings, ("samples", "seed", "layout"))
     p.add_argument("--out", required=True, metavar="FILE.jsonl", help="the file to write")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
-    p.set_defaults(func=run)
 
 
 def _subtasks(args: argparse.Namespace) -> list[str] | None:

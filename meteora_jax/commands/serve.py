@@ -18,14 +18,12 @@ from meteora_jax.commands.flags import add_field_flags, field_values
 from meteora_jax.serving.options import FLAGS, ServeSettings
 from meteora_jax.sharding import make_mesh, parse_mesh
 
+NAME = "serve"
+HELP = "serve the fused model over an OpenAI-compatible HTTP API"
+DESCRIPTION = "Serve a MeteoRA model (or its base) at /v1/completions and /v1/chat/completions."
 
-def register(subparsers) -> argparse.ArgumentParser:
-    """Adds the `serve` subcommand (handler: `run`) to an argparse subparsers object."""
-    p = subparsers.add_parser(
-        "serve",
-        help="serve the fused model over an OpenAI-compatible HTTP API",
-        description="Serve a MeteoRA model (or its base) at /v1/completions and /v1/chat/completions.",
-    )
+
+def add_flags(p: argparse.ArgumentParser) -> None:
     model = add_model_flags(p)
     add_runtime_flags(model)
     model.add_argument(
@@ -36,8 +34,6 @@ def register(subparsers) -> argparse.ArgumentParser:
         "--name", help="the model id clients name (default: the checkpoint's or base's folder name)"
     )
     add_field_flags(p.add_argument_group("server"), ServeSettings, FLAGS)
-    p.set_defaults(func=run)
-    return p
 
 
 def run(args: argparse.Namespace) -> None:

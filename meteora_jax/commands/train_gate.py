@@ -19,12 +19,12 @@ from meteora_jax.training.train_config import TrainConfig
 GATE_FLAGS = {"model": ("train_adapters", "top_k"), "optimisation": ("gate_loss_weight", "gate_loss_grad")}
 
 
-def register(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "train-gate",
-        help="train the gates of a MeteoRA mixture on task folders (resumes a run in --out)",
-        description="Train MeteoRA gates: loss = LM CE + W * gate CE. Rerunning the same command resumes.",
-    )
+NAME = "train-gate"
+HELP = "train the gates of a MeteoRA mixture on task folders (resumes a run in --out)"
+DESCRIPTION = "Train MeteoRA gates: loss = LM CE + W * gate CE. Rerunning the same command resumes."
+
+
+def add_flags(p: argparse.ArgumentParser) -> None:
     groups = add_training_flags(p)
     model, data = groups["model"], groups["data"]
     add_adapter_flag(model, required=True, note="its name matches a task folder")
@@ -41,8 +41,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     groups["run"].add_argument(
         "--out", required=True, metavar="DIR", help="the run folder (a meteora-jax checkpoint)"
     )
-    p.set_defaults(func=run_command)
-    return p
 
 
 def spec_from_args(args: argparse.Namespace):
@@ -63,7 +61,7 @@ def spec_from_args(args: argparse.Namespace):
     )
 
 
-def run_command(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:
     join_processes(args)
     from meteora_jax.training.gates import train
 

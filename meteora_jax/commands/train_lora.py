@@ -26,15 +26,15 @@ def _layers(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
 
 
-def register(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "train-lora",
-        help="train a LoRA adapter on one task folder, written as a PEFT adapter (resumes a run in --out)",
-        description=(
-            "Train one LoRA adapter (A random, B zero: step 0 is the base model) on DIR/train.jsonl with the "
-            "LM loss. --out becomes a PEFT adapter folder, its run state in OUT/training; rerunning resumes."
-        ),
-    )
+NAME = "train-lora"
+HELP = "train a LoRA adapter on one task folder, written as a PEFT adapter (resumes a run in --out)"
+DESCRIPTION = (
+    "Train one LoRA adapter (A random, B zero: step 0 is the base model) on DIR/train.jsonl with the "
+    "LM loss. --out becomes a PEFT adapter folder, its run state in OUT/training; rerunning resumes."
+)
+
+
+def add_flags(p: argparse.ArgumentParser) -> None:
     groups = add_training_flags(p, defaults={**LORA_DEFAULTS, "lm_loss": "response"})
     groups["data"].add_argument(
         "--data", required=True, metavar="TASK_DIR", help="one task folder: train.jsonl (and test.jsonl)"
@@ -61,8 +61,6 @@ def register(subparsers) -> argparse.ArgumentParser:
         "--init-from", metavar="PEFT_DIR", help="continue this PEFT adapter instead of a new one"
     )
     groups["run"].add_argument("--out", required=True, metavar="DIR", help="the PEFT adapter folder to write")
-    p.set_defaults(func=run_command)
-    return p
 
 
 def spec_from_args(args: argparse.Namespace):
@@ -80,7 +78,7 @@ def spec_from_args(args: argparse.Namespace):
     )
 
 
-def run_command(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:
     join_processes(args)
     from meteora_jax.training.adapters import train_lora
 
