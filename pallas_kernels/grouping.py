@@ -1,16 +1,19 @@
 """Group metadata for grouped matmuls: (token, choice) pairs sorted by group, cut in row tiles.
 
 Dimensions: M tokens, k choices per token, P = M*k pairs, L groups, tm rows per tile, V visits.
-A group is an adapter for the XLA grouped path of `meteora_jax.ops.moe_lora` and a pack of
-adapters for the Pallas kernels (`pallas_kernels.metadata`); both build on this module. Pure
-jnp with static shapes, so it runs anywhere (CPU tests, XLA paths, and as the scalar-prefetch
-metadata of the Pallas kernels).
+Pure jnp with static shapes, so it runs anywhere (CPU tests, XLA paths, and as the
+scalar-prefetch metadata of the Pallas kernels). Two cuts of the sorted pairs:
 
-Pairs are sorted by group and the sorted rows are cut into tiles of `tm` rows. A tile that
-holds rows of several groups is visited once per group (rows of other groups masked), as in
-megablox: V = ceil(P / tm) + L - 1 visits always suffice, and only `num_visits` <= V of them
-are live (the others repeat the last live visit with an empty mask). Work is
-~ (P + live groups * tm) * rank instead of M * L * rank for the dense form.
+- `group_metadata` (the Pallas kernels, whose groups are packs of adapters,
+  `pallas_kernels.metadata`): the sorted rows are cut into fixed tiles of `tm` rows; a tile that
+  holds rows of several groups is visited once per group (rows of other groups masked), as in
+  megablox: V = ceil(P / tm) + L - 1 visits always suffice, `num_visits` <= V are live.
+- `group_chunks` (the XLA grouped path of `meteora_jax.ops.moe_lora`, whose groups are
+  adapters): each group's rows are cut on their own into chunks of `tm` rows, so a chunk never
+  spans two groups and a group no larger than `tm` is read once, not once per tile it touches
+  (where a loop step's cost is reading the adapter, as on CPU). V = L + P // tm chunks suffice.
+
+Work is ~ (P + live groups * tm) * rank either way, instead of M * L * rank for the dense form.
 """
 
 from __future__ import annotations
@@ -122,9 +125,48 @@ def group_metadata(ids_mk: jax.Array, num_groups: int, tile_rows: int) -> GroupM
     )
 
 
-def visit_row_mask(meta: GroupMetadata, visit: jax.Array) -> jax.Array:
-    """(tm,) which rows of a visit's tile belong to its group (False for dead visits)."""
-    rows = meta.visit_tile[visit] * meta.tile_rows + jnp.arange(meta.tile_rows)
-    group = meta.visit_adapter[visit]
-    start, size = meta.group_starts[group], meta.group_sizes[group]
-    return (rows >= start) & (rows < start + size) & (visit < meta.num_visits)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GroupChunks:
+    """Sorted pairs cut, group by group, into chunks of `tile_rows` rows.
+
+    pairs: the sorted pairs; chunk_group / chunk_start / chunk_end: (V,) each chunk's group, its
+    first sorted row and the end of its group's rows; num_chunks: () how many chunks are live (the
+    others repeat the last live one).
+    """
+
+    pairs: SortedPairs
+    chunk_group: jax.Array
+    chunk_start: jax.Array
+    chunk_end: jax.Array
+    num_chunks: jax.Array
+    tile_rows: int = dataclasses.field(metadata=dict(static=True), default=16)
+
+    def row_mask(self, chunk: jax.Array) -> jax.Array:
+        """(tm,) which of the `tile_rows` rows from a chunk's start are its group's (none when dead)."""
+        rows = self.chunk_start[chunk] + jnp.arange(self.tile_rows)
+        return (rows < self.chunk_end[chunk]) & (chunk < self.num_chunks)
+
+
+def group_chunks(ids_mk: jax.Array, num_groups: int, tile_rows: int) -> GroupChunks:
+    """Sorts the (token, choice) pairs of `ids_mk` (M, k) by group id and cuts each group's rows
+    into chunks of `tile_rows`: sum ceil(size / tm) <= L + P // tm of them."""
+    m, k = ids_mk.shape
+    pairs = sort_pairs(ids_mk, num_groups)
+    sizes = pairs.group_sizes
+    ends = jnp.cumsum(sizes)
+    chunks = -(-sizes // tile_rows)  # (L,) chunks of each group
+    offsets = jnp.cumsum(chunks) - chunks
+    num_chunks = jnp.sum(chunks)
+    c = jnp.minimum(jnp.arange(num_groups + m * k // tile_rows, dtype=jnp.int32), num_chunks - 1)
+    group = jnp.searchsorted(offsets + chunks, c, side="right").astype(jnp.int32)
+    group = jnp.minimum(group, num_groups - 1)
+    start = ends[group] - sizes[group] + (c - offsets[group]) * tile_rows
+    return GroupChunks(
+        pairs=pairs,
+        chunk_group=group,
+        chunk_start=start.astype(jnp.int32),
+        chunk_end=ends[group].astype(jnp.int32),
+        num_chunks=num_chunks.astype(jnp.int32),
+        tile_rows=tile_rows,
+    )

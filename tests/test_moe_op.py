@@ -14,6 +14,7 @@ from meteora_jax.ops import BACKENDS, moe_lora, moe_lora_reference
 from meteora_jax.ops.moe_lora import choose_backend
 from meteora_jax.ops.routing import RoutingSettings
 from meteora_jax.sharding import make_mesh
+from pallas_kernels.grouping import group_chunks
 from pallas_kernels.reference import tolerance
 
 
@@ -74,6 +75,30 @@ def test_backend_matches_reference_forward_and_gradients(backend, m, d, o, ranks
     for name in wrt:
         scale = 1 + float(jnp.abs(grads_ref[name]).max())
         np.testing.assert_allclose(grads[name], grads_ref[name], atol=tol * scale, err_msg=f"d{name}")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    ids=st.lists(st.lists(st.integers(0, 5), min_size=2, max_size=2), min_size=1, max_size=40),
+    tm=st.sampled_from([1, 2, 4, 8, 16]),
+)
+def test_group_chunks_cover_each_sorted_row_once_within_its_group(ids, tm):
+    """Skewed or spread routing alike: every sorted row lies in exactly one live chunk, a chunk's
+    rows are all of its group, a group of at most tm rows is one chunk, and V = L + P // tm suffice."""
+    ids_mk = np.asarray(ids, np.int32)
+    chunks = jax.jit(group_chunks, static_argnums=(1, 2))(jnp.asarray(ids_mk), 6, tm)
+    sorted_group = np.asarray(chunks.pairs.sorted_group)
+    live = int(chunks.num_chunks)
+    assert live <= chunks.chunk_group.shape[0] == 6 + ids_mk.size // tm
+    covered = np.zeros(ids_mk.size, int)
+    for c in range(chunks.chunk_group.shape[0]):
+        rows = int(chunks.chunk_start[c]) + np.flatnonzero(np.asarray(chunks.row_mask(c)))
+        assert (c < live) == (rows.size > 0)
+        assert (sorted_group[rows] == int(chunks.chunk_group[c])).all()
+        covered[rows] += 1
+    assert (covered == 1).all()
+    sizes = np.bincount(ids_mk.ravel(), minlength=6)
+    assert live == sum(-(-s // tm) for s in sizes)
 
 
 @pytest.mark.parametrize("backend", ["xla_grouped", "ragged", "pallas"])

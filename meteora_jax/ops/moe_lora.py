@@ -7,8 +7,9 @@ Backends:
   routing weight (zero for adapters not chosen), then one (L*R) x O matmul. Work is
   M*(D + O)*L*R: close to free while L*R is small next to D and O (the MeteoRA case of 28
   adapters of rank 8 on a 4096-wide model), no per-token copy of adapter weights.
-- "xla_grouped": (token, choice) pairs sorted by adapter and cut in tiles (`pallas_kernels.grouping`),
-  one small matmul per tile visit: work ~ (k*T + live adapters * tile) * R * (D + O).
+- "xla_grouped": (token, choice) pairs sorted by adapter, each adapter's rows cut in chunks
+  (`pallas_kernels.grouping.group_chunks`), one small matmul per chunk: work ~ (k*T + live
+  adapters * chunk) * R * (D + O), each adapter read about once.
 - "xla_gather": reads only the chosen adapters per token; for decode (a few tokens).
 - "xla_pairs": one (1 x D) @ (D x R) and (1 x R) @ (R x O) matmul per (token, choice) pair, in a
   loop, each reading its adapter as one contiguous slice; for decode on wide models, where the
@@ -38,7 +39,7 @@ import pallas_kernels
 from meteora_jax.chips import chip_of, device_of, xla_counts
 from meteora_jax.ops.routing import Routing, RoutingSettings, route
 from meteora_jax.sharding import logical_to_spec, partitioned_mesh, per_device
-from pallas_kernels.grouping import group_metadata, sort_pairs, tile_rows_for, visit_row_mask
+from pallas_kernels.grouping import group_chunks, sort_pairs, tile_rows_for
 
 BACKENDS = ("auto", "xla", "xla_grouped", "xla_gather", "xla_pairs", "ragged", "pallas")
 DEFAULT_BACKEND = "auto"  # picked per platform and shape by `choose_backend`
@@ -169,52 +170,53 @@ def _pairs_delta(x_md, a_ldr, b_lro, routing: Routing, scale_l):
 
 
 def _grouped_delta(x_md, a_ldr, b_lro, routing: Routing, scale_l):
-    """Pairs sorted by adapter, one (tm x D) @ (D x R) and (tm x R) @ (R x O) matmul per tile visit.
+    """Pairs sorted by adapter, each adapter's rows in chunks of tm: one (tm x D) @ (D x R) and
+    (tm x R) @ (R x O) matmul per chunk, so an adapter with at most tm rows is read once.
 
-    Dead visits are skipped with lax.cond; the loops have static trip counts, so reverse-mode
+    Dead chunks are skipped with lax.cond; the loops have static trip counts, so reverse-mode
     differentiation works.
     """
-    m, d = x_md.shape
+    m, _ = x_md.shape
     n_adapters, _, r = a_ldr.shape
     o = b_lro.shape[-1]
     k = routing.ids.shape[-1]
     tm = tile_rows_for(m * k, n_adapters)
-    meta = group_metadata(routing.ids, n_adapters, tm)
-    p_pad = meta.num_tiles * tm
-    pad = p_pad - m * k
-    coef_p = pair_coefficients(routing, scale_l).reshape(m * k)[meta.order]
-    coef_p = jnp.pad(coef_p.astype(x_md.dtype), (0, pad))
-    tokens_p = jnp.pad(meta.sorted_token, (0, pad))
-    x_pd = x_md[tokens_p]  # (P_pad, D): each token's row once per choice
+    chunks = group_chunks(routing.ids, n_adapters, tm)
+    pairs = chunks.pairs
+    # Padded by one chunk: a chunk's tm rows from its start never run past the end.
+    coef_p = pair_coefficients(routing, scale_l).reshape(m * k)[pairs.order]
+    coef_p = jnp.pad(coef_p.astype(x_md.dtype), (0, tm))
+    tokens_p = jnp.pad(pairs.sorted_token, (0, tm))
     a_ldr, b_lro = a_ldr.astype(x_md.dtype), b_lro.astype(x_md.dtype)
-    n_visits = meta.visit_tile.shape[0]
+    n_chunks = chunks.chunk_group.shape[0]
 
-    def shrink(v, h_pr):
+    def shrink(c, h_pr):
         def live(h_pr):
-            start = meta.visit_tile[v] * tm
-            rows_td = jax.lax.dynamic_slice(x_pd, (start, 0), (tm, d))
-            part_tr = jnp.dot(rows_td, a_ldr[meta.visit_adapter[v]])
-            part_tr = jnp.where(visit_row_mask(meta, v)[:, None], part_tr, 0)
-            cur = jax.lax.dynamic_slice(h_pr, (start, 0), (tm, r))
-            return jax.lax.dynamic_update_slice(h_pr, cur + part_tr, (start, 0))
+            start = chunks.chunk_start[c]
+            rows_td = x_md[jax.lax.dynamic_slice(tokens_p, (start,), (tm,))]
+            part_tr = jnp.dot(rows_td, a_ldr[chunks.chunk_group[c]])
+            part_tr = part_tr * jax.lax.dynamic_slice(coef_p, (start,), (tm,))[:, None]
+            cur = jax.lax.dynamic_slice(h_pr, (start, 0), (tm, r))  # the next group's rows stay
+            return jax.lax.dynamic_update_slice(
+                h_pr, jnp.where(chunks.row_mask(c)[:, None], part_tr, cur), (start, 0)
+            )
 
-        return jax.lax.cond(v < meta.num_visits, live, lambda h: h, h_pr)
+        return jax.lax.cond(c < chunks.num_chunks, live, lambda h: h, h_pr)
 
-    h_pr = jax.lax.fori_loop(0, n_visits, shrink, jnp.zeros((p_pad, r), x_md.dtype))
-    h_pr = h_pr * coef_p[:, None]
+    h_pr = jax.lax.fori_loop(0, n_chunks, shrink, jnp.zeros((m * k + tm, r), x_md.dtype))
 
-    def expand(v, y_mo):
+    def expand(c, y_mo):
         # Scatter-add straight into (M, O): a sorted (P, O) buffer would exceed O(T * (L*R + k*D)).
         def live(y_mo):
-            start = meta.visit_tile[v] * tm
+            start = chunks.chunk_start[c]
             rows_tr = jax.lax.dynamic_slice(h_pr, (start, 0), (tm, r))
-            rows_tr = jnp.where(visit_row_mask(meta, v)[:, None], rows_tr, 0)
-            part_to = jnp.dot(rows_tr, b_lro[meta.visit_adapter[v]])
+            rows_tr = jnp.where(chunks.row_mask(c)[:, None], rows_tr, 0)
+            part_to = jnp.dot(rows_tr, b_lro[chunks.chunk_group[c]])
             return y_mo.at[jax.lax.dynamic_slice(tokens_p, (start,), (tm,))].add(part_to)
 
-        return jax.lax.cond(v < meta.num_visits, live, lambda y: y, y_mo)
+        return jax.lax.cond(c < chunks.num_chunks, live, lambda y: y, y_mo)
 
-    return jax.lax.fori_loop(0, n_visits, expand, jnp.zeros((m, o), x_md.dtype))
+    return jax.lax.fori_loop(0, n_chunks, expand, jnp.zeros((m, o), x_md.dtype))
 
 
 def _ragged_delta(x_md, a_ldr, b_lro, routing: Routing, scale_l):
