@@ -8,6 +8,7 @@ import json
 
 from meteora_jax.aot.models import MODELS
 from meteora_jax.aot.programs import PROGRAMS
+from meteora_jax.aot.topology import Topology
 from meteora_jax.commands.flags import add_field_flags
 from meteora_jax.errors import MeteoRAError
 from meteora_jax.io.files import write_text_atomic
@@ -33,7 +34,9 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--topology", required=True, help="v5e-8, v5p-64, v6e-256 (Cloud names) or v5e:4x4, v5p:4x4x4"
     )
-    p.add_argument("--slices", type=int, default=1, help="slices joined over the data-centre network")
+    p.add_argument(
+        "--slices", type=int, default=Topology.slices, help="slices joined over the data-centre network"
+    )
     p.add_argument(
         "--model", required=True, help=f"{' | '.join(MODELS)} | an HF config.json (file or folder)"
     )
