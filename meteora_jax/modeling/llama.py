@@ -91,6 +91,17 @@ def _projection(name, d_in, d_out, axes, moe: MoELoRAConfig | None, *, dtype, pa
     return Linear(d_in, d_out, axes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionInputs:
+    """What every layer's attention takes beside its hidden states, the same for all layers: the
+    RoPE tables (B, T, H), the mask and, with a KV cache, the slot the new keys are written at."""
+
+    cos_bth: jax.Array
+    sin_bth: jax.Array
+    mask: AttentionMask
+    write_index: jax.Array | None = None
+
+
 class Attention(nnx.Module):
     """Grouped-query attention over `S` key/value slots under an `AttentionMask`."""
 
@@ -108,38 +119,30 @@ class Attention(nnx.Module):
         self.shape_nkh = (n, k, h)
         self.dtype = kw["dtype"]
 
-    def __call__(
-        self,
-        x_btd,
-        ctx: ForwardContext,
-        cos_bth,
-        sin_bth,
-        mask: AttentionMask,
-        kv_cache=None,
-        write_index=None,
-    ):
+    def __call__(self, x_btd, ctx: ForwardContext, inputs: AttentionInputs, kv_cache=None):
         """Returns (out (B, T, D), updated (k, v) cache or None).
 
         kv_cache: optional (k (B, S, K, H), v (B, S, K, H)); the new keys/values are written at
-        slot `write_index` and attention runs over all S slots under `mask`.
+        slot `inputs.write_index` and attention runs over all S slots under `inputs.mask`.
         """
         b, t, _ = x_btd.shape
         n, k, h = self.shape_nkh
-        q_btnh = apply_rope(project(self.q_proj, "q_proj", x_btd, ctx).reshape(b, t, n, h), cos_bth, sin_bth)
-        k_btkh = apply_rope(project(self.k_proj, "k_proj", x_btd, ctx).reshape(b, t, k, h), cos_bth, sin_bth)
+        rope = (inputs.cos_bth, inputs.sin_bth)
+        q_btnh = apply_rope(project(self.q_proj, "q_proj", x_btd, ctx).reshape(b, t, n, h), *rope)
+        k_btkh = apply_rope(project(self.k_proj, "k_proj", x_btd, ctx).reshape(b, t, k, h), *rope)
         v_btkh = project(self.v_proj, "v_proj", x_btd, ctx).reshape(b, t, k, h)
         if kv_cache is not None:
             k_cache, v_cache = kv_cache
             k_bskh = jax.lax.dynamic_update_slice(
-                k_cache, k_btkh.astype(k_cache.dtype), (0, write_index, 0, 0)
+                k_cache, k_btkh.astype(k_cache.dtype), (0, inputs.write_index, 0, 0)
             )
             v_bskh = jax.lax.dynamic_update_slice(
-                v_cache, v_btkh.astype(v_cache.dtype), (0, write_index, 0, 0)
+                v_cache, v_btkh.astype(v_cache.dtype), (0, inputs.write_index, 0, 0)
             )
             kv_cache = (k_bskh, v_bskh)
         else:
             k_bskh, v_bskh = k_btkh, v_btkh
-        out_btnh = attend(q_btnh.astype(self.dtype), k_bskh, v_bskh, mask)
+        out_btnh = attend(q_btnh.astype(self.dtype), k_bskh, v_bskh, inputs.mask)
         return project(self.o_proj, "o_proj", out_btnh.reshape(b, t, n * h), ctx), kv_cache
 
 
@@ -172,19 +175,8 @@ class DecoderLayer(nnx.Module):
         )
         self.mlp = MLP(config, moe, **kw)
 
-    def __call__(
-        self,
-        x_btd,
-        ctx: ForwardContext,
-        cos_bth,
-        sin_bth,
-        mask: AttentionMask,
-        kv_cache=None,
-        write_index=None,
-    ):
-        attn, kv_cache = self.self_attn(
-            self.input_layernorm(x_btd), ctx, cos_bth, sin_bth, mask, kv_cache, write_index
-        )
+    def __call__(self, x_btd, ctx: ForwardContext, inputs: AttentionInputs, kv_cache=None):
+        attn, kv_cache = self.self_attn(self.input_layernorm(x_btd), ctx, inputs, kv_cache)
         x_btd = constrain(x_btd + attn, ("batch", "length", "embed"))
         x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd), ctx)
         return constrain(x_btd, ("batch", "length", "embed")), kv_cache
@@ -378,9 +370,8 @@ class LlamaForCausalLM(nnx.Module):
             routing, labels_m, self.gate_loss_grad, return_routing, REMAT_POLICIES[self.remat],
             self.remat != "none",
         )  # fmt: skip
-        x_btd, kv, routes, stats = self._run_layers(
-            x_btd, (cos_bth, sin_bth, mask), kv, write_index, layer_keys, walk
-        )
+        inputs = AttentionInputs(cos_bth, sin_bth, mask, write_index)
+        x_btd, kv, routes, stats = self._run_layers(x_btd, inputs, kv, layer_keys, walk)
         x_btd = self.norm(x_btd)
         new_cache = None
         if cache is not None:
@@ -398,7 +389,7 @@ class LlamaForCausalLM(nnx.Module):
             return self.embed_tokens[...].astype(self.dtype).T
         return self.lm_head.kernel[...].astype(self.dtype)
 
-    def _run_layers(self, x_btd, attn_inputs, kv, write_index, layer_keys, walk: _LayerWalk):
+    def _run_layers(self, x_btd, inputs: AttentionInputs, kv, layer_keys, walk: _LayerWalk):
         """Walks the stacked layers (scanned or unrolled). Per-layer outputs (routing, gate
         statistics) come back stacked; routing is then split into "layers.{i}.{projection}"."""
         graphdef, state = nnx.split(self.layers)
@@ -411,7 +402,7 @@ class LlamaForCausalLM(nnx.Module):
                 gate_labels_m=walk.labels_m,
                 detach_gate_input=walk.gate_loss_grad == "gates",
             )
-            x, layer_kv = layer(x, ctx, *attn_inputs, layer_kv, write_index)
+            x, layer_kv = layer(x, ctx, inputs, layer_kv)
             routes = ctx.routes if walk.return_routing else None
             return x, layer_kv, (routes, ctx.gate_stats if walk.labels_m is not None else None)
 
