@@ -226,7 +226,8 @@ def test_backends_on_concentrated_and_spread_routing(backend, routing_case, dtyp
 @pytest.mark.parametrize(
     ("platform", "tokens", "adapters", "rank", "expected"),
     [
-        ("cpu", 512, 28, 8, "xla"),
+        ("cpu", 512, 28, 8, "xla_grouped"),
+        ("cpu", 512, 6, 8, "xla"),
         ("cpu", 512, 64, 64, "xla_grouped"),
         ("cpu", 1, 28, 8, "xla_pairs"),
         ("cpu", 8, 28, 8, "xla_pairs"),
@@ -253,18 +254,32 @@ def test_auto_tpu_prefill_without_a_tpu_to_compile_for_says_so():
 @pytest.mark.parametrize(
     ("d_in", "d_out", "adapters", "rank", "expected"),
     [
-        (128, 128, 28, 8, "xla"),  # 224 columns: under the 256 any width keeps dense
-        (128, 128, 64, 64, "xla_grouped"),
-        (512, 512, 28, 8, "xla"),
-        (4096, 4096, 64, 64, "xla_grouped"),  # extra work 2x the projection's
-        (8192, 8192, 64, 64, "xla"),  # extra work equal to the projection's
-        (14336, 4096, 64, 64, "xla_grouped"),  # an 8B down_proj: (14336 + 4096) * 4096 > 14336 * 4096
-        (14336, 4096, 28, 8, "xla"),
+        (128, 128, 6, 8, "xla"),  # 48 columns
+        (512, 512, 8, 8, "xla"),  # 64 columns: the last that stays dense
+        (512, 512, 12, 8, "xla_grouped"),
+        (128, 128, 28, 8, "xla_grouped"),
+        (4096, 4096, 28, 8, "xla_grouped"),
+        (8192, 8192, 64, 64, "xla_grouped"),
+        (14336, 4096, 28, 8, "xla_grouped"),
     ],
 )
-def test_auto_backend_on_cpu_weighs_dense_work_against_the_projection(d_in, d_out, adapters, rank, expected):
-    """On CPU, prefill stays dense while its extra work L*R*(D + O) is at most D*O, or L*R <= 256."""
+def test_auto_backend_on_cpu_prefill_is_dense_for_a_few_adapters_only(d_in, d_out, adapters, rank, expected):
+    """On CPU, 512-token prefill stays dense while L*R <= 64 at any width: beyond, the grouped
+    chunks cost less (docs/backends.md)."""
     assert choose_backend(512, 2, adapters, d_in, d_out, rank, "cpu") == expected
+
+
+@pytest.mark.parametrize(
+    ("tokens", "d", "adapters", "rank", "expected"),
+    [
+        (16, 512, 28, 8, "xla"),  # 32 pairs for 28 adapters: too few to pay for grouped loop steps
+        (32, 4096, 28, 8, "xla"),
+        (64, 512, 28, 8, "xla_grouped"),  # 128 pairs: 4.6 an adapter
+        (16, 4096, 64, 64, "xla_grouped"),  # few tokens, but dense would be 2x the projection's work
+    ],
+)
+def test_auto_backend_on_cpu_keeps_few_tokens_dense_while_dense_is_cheap(tokens, d, adapters, rank, expected):
+    assert choose_backend(tokens, 2, adapters, d, d, rank, "cpu") == expected
 
 
 @pytest.mark.parametrize(

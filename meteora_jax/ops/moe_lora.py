@@ -43,7 +43,8 @@ from pallas_kernels.grouping import group_chunks, sort_pairs, tile_rows_for
 
 BACKENDS = ("auto", "xla", "xla_grouped", "xla_gather", "xla_pairs", "ragged", "pallas")
 DEFAULT_BACKEND = "auto"  # picked per platform and shape by `choose_backend`
-CPU_DENSE_COLUMNS = 256  # on CPU, dense prefill up to this many adapter columns L*R at any width
+CPU_DENSE_COLUMNS = 64  # on CPU, dense prefill up to this many adapter columns L*R at any size
+CPU_GROUP_PAIRS = 4  # on CPU, grouped chunks pay for their loop steps from this many pairs an adapter
 CPU_PAIR_FLOATS = 32768  # on CPU, decode loops over pairs once one adapter, R*(D + O), is this large
 TPU_CANDIDATES = ("xla", "ragged")  # what "auto" compiles and compares for a TPU prefill
 
@@ -57,9 +58,10 @@ def choose_backend(
 
     CPU: decode (<= 16 token-choice pairs) loops over the pairs once one adapter's slice,
     R*(D + O), pays for a loop step (`CPU_PAIR_FLOATS`, except large ranks past 8 pairs, which go
-    grouped); narrower models gather small ranks and group large ones. Prefill stays dense while
-    its extra work L*R*(D + O) is at most the projection's D*O, or L*R <= 256 (a tile visit's fixed
-    cost needs a wide projection to hide it); beyond, grouped (measurements: docs/backends.md).
+    grouped); narrower models gather small ranks and group large ones. Prefill stays dense for a
+    few adapters (L*R <= `CPU_DENSE_COLUMNS`), and for a few tokens (under `CPU_GROUP_PAIRS` pairs
+    an adapter) while its extra work L*R*(D + O) is at most the projection's D*O: there the grouped
+    loop's fixed cost is not repaid. Beyond, grouped (measurements: docs/backends.md).
     TPU: decode gathers (only the chosen adapters are read); prefill takes the cheaper of
     `TPU_CANDIDATES` as the TPU compiler costs them on the chip (`tpu_seconds`). GPU (no timings
     of ours yet): decode gathers, prefill stays dense (ragged_dot there is a masked dense matmul,
@@ -79,7 +81,8 @@ def choose_backend(
             return "xla_pairs"
         return "xla_gather" if rank <= 16 else "xla_grouped"
     columns = num_adapters * rank
-    dense = columns * (d_in + d_out) <= d_in * d_out or columns <= CPU_DENSE_COLUMNS
+    few_tokens = tokens * top_k < CPU_GROUP_PAIRS * num_adapters
+    dense = columns <= CPU_DENSE_COLUMNS or (few_tokens and columns * (d_in + d_out) <= d_in * d_out)
     return "xla" if dense else "xla_grouped"
 
 
