@@ -45,10 +45,6 @@ class GroupMetadata:
     num_visits: jax.Array
     tile_rows: int = dataclasses.field(metadata=dict(static=True), default=128)
 
-    @property
-    def num_tiles(self) -> int:
-        return -(-self.order.shape[0] // self.tile_rows)
-
 
 def tile_rows_for(num_pairs: int, num_groups: int, *, lo: int = 8, hi: int = 128) -> int:
     """Rows per tile: about the mean group size (so spread routing wastes little), a power of two."""
