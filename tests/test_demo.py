@@ -131,11 +131,36 @@ def test_stage_keys_say_what_a_stage_does_not_where_the_folder_is(tmp_path):
     assert [s.name for s in one.stages] == STAGES
 
 
+def test_the_gate_seed_reaches_both_gate_runs_and_nothing_else(tmp_path):
+    """`--gate-seed`: both gate runs take it (gates' start, dropout, data order); every other stage
+    keeps its key, so the base and the adapters stay cached."""
+    zero = {s.name: s.settings for s in DemoRun(os.fspath(tmp_path), FAST).stages}
+    seeded = {
+        s.name: s.settings
+        for s in DemoRun(os.fspath(tmp_path), dataclasses.replace(FAST, gate_seed=3)).stages
+    }
+    changed = {name for name in STAGES if zero[name] != seeded[name]}
+    assert changed == {"gate", "gate-composite"}
+    for name in changed:
+        assert (zero[name]["train"]["seed"], zero[name]["data"]["seed"]) == (0, 0)
+        assert (seeded[name]["train"]["seed"], seeded[name]["data"]["seed"]) == (3, 3)
+
+
+def test_a_bad_gate_seed_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["demo", "--fast", "--no-progress", "--gate-seed", "-1", "--out", os.fspath(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gate_seed=-1" in err[0]
+    assert not out.exists()
+
+
 def test_bad_settings_are_named():
     with pytest.raises(ConfigError, match=r"lora_steps=0 \(an integer >= 1\)"):
         DemoSettings(lora_steps=0)
     with pytest.raises(ConfigError, match=r"gate_lr=nan \(a number > 0\)"):
         DemoSettings(gate_lr=float("nan"))
+    with pytest.raises(ConfigError, match=r"gate_seed=-1 \(an integer in \[0, 2\*\*32\)\)"):
+        DemoSettings(gate_seed=-1)
     with pytest.raises(ConfigError, match=r"demo settings: lora_targets .*unknown target module qproj"):
         DemoSettings(lora_targets=("qproj", "v_proj"))
     with pytest.raises(ConfigError, match=r"composite_samples=9 is above the 8 test samples"):

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+
+from meteora_jax.demo.stages import DemoSettings, run_demo
+from meteora_jax.demo.summary import report_path
 
 CACHE_DIR = "xla-cache"  # under --out
 
@@ -20,7 +24,7 @@ DESCRIPTION = (
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/demo", help="the demo folder (default runs/p)")
+    p.add_argument("--out", default="runs/demo", help="the demo folder (default %(default)s)")
     p.add_argument(
         "--fast", action="store_true", help="tiny sizes and a few steps: a quick look, not results"
     )
@@ -28,13 +32,16 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         "--force", action="store_true", help="start over (and replace an --out that is not a demo folder)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--gate-seed", type=int, default=DemoSettings.gate_seed, metavar="N",
+        help="seed of both gate runs (start, dropout, data order); the base and adapters stay cached "
+        "(default %(default)s)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> None:
-    from meteora_jax.demo.stages import DemoSettings, run_demo  # noqa: PLC0415
-    from meteora_jax.demo.summary import report_path  # noqa: PLC0415
-
     settings = DemoSettings.fast() if args.fast else DemoSettings()
+    settings = dataclasses.replace(settings, gate_seed=args.gate_seed)
     use_compile_cache(args.out)
     run_demo(args.out, settings, force=args.force, progress=not args.no_progress)
     with open(report_path(args.out), encoding="utf-8") as f:

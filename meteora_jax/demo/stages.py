@@ -78,6 +78,7 @@ _CHECKS = (
         "an integer >= 1",
     ),
     (("lora_warmup_steps",), lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    (("gate_seed",), lambda v: is_int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
     (
         ("lora_lr", "lora_alpha", "gate_lr", "labelled_lr", "routing_temperature")
         + ("composite_routing_temperature",),
@@ -102,12 +103,13 @@ class DemoSettings:
     responses plus `gate_loss_weight` x the gate term. The labelled recipe: from those gates and
     stacks, the gates alone for `labelled_steps` at `labelled_lr` on the single-task samples plus
     `labelled_samples` labelled composite samples. Training clips at `clip_norm` and saves every
-    `save_every` steps (what a killed run resumes from). Evaluation: greedy, `eval_limit` test
-    samples per task and, for each n of `composite_sizes`, `composite_sets` task lists (drawn
-    with seeds 0, 1, ...) of `composite_samples` composite-n prompts (the default: 64 prompts, each
-    with its own order, since a figure over a few orders says more about them than about the
-    gates), routed at `composite_routing_temperature` (single-task prompts at
-    `routing_temperature`)."""
+    `save_every` steps (what a killed run resumes from). `gate_seed` seeds both gate runs (the
+    gates' start, dropout, the data order): other seeds show how far the figures move.
+    Evaluation: greedy, `eval_limit` test samples per task and, for each n of `composite_sizes`,
+    `composite_sets` task lists (drawn with seeds 0, 1, ...) of `composite_samples` composite-n
+    prompts (the default: 64 prompts, each with its own order, since a figure over a few orders
+    says more about them than about the gates), routed at `composite_routing_temperature`
+    (single-task prompts at `routing_temperature`)."""
 
     base: DemoBaseSettings = DemoBaseSettings()
     batch_size: int = 8
@@ -123,6 +125,7 @@ class DemoSettings:
     gate_steps: int = 600
     gate_lr: float = 3e-3
     gate_loss_weight: float = TrainConfig.gate_loss_weight  # the paper's
+    gate_seed: int = TrainConfig.seed
     labelled_steps: int = 200
     labelled_lr: float = 1e-3
     labelled_samples: int = 8192
@@ -302,9 +305,9 @@ class DemoRun:
     def _base(self) -> None:
         build_demo_base(self.setup, self.settings.base, progress=self.progress)
 
-    def _data(self) -> DataConfig:
+    def _data(self, seed: int = DataConfig.seed) -> DataConfig:
         s = self.settings
-        return DataConfig(seq_len=s.seq_len, batch_size=s.batch_size, lm_loss="response")
+        return DataConfig(seq_len=s.seq_len, batch_size=s.batch_size, lm_loss="response", seed=seed)
 
     def _lora_spec(self, task: str) -> LoRASpec:
         s = self.settings
@@ -328,7 +331,7 @@ class DemoRun:
         config = TrainConfig(
             steps=s.gate_steps, lr=s.gate_lr, clip_norm=s.clip_norm, gate_loss_weight=s.gate_loss_weight,
             train_adapters=True, top_k=s.top_k, save_every=min(s.save_every, s.gate_steps),
-            log_every=max(1, s.gate_steps // 100),
+            log_every=max(1, s.gate_steps // 100), seed=s.gate_seed,
         )  # fmt: skip
         return RunSpec(
             base=self.base,
@@ -336,7 +339,7 @@ class DemoRun:
             data_dir=self.data,
             out=self.path(folder),
             train=config,
-            data=self._data(),
+            data=self._data(s.gate_seed),
             options=RunOptions(progress=self.progress),
         )
 
@@ -346,6 +349,7 @@ class DemoRun:
             steps=s.labelled_steps, lr=s.labelled_lr, clip_norm=s.clip_norm,
             gate_loss_weight=s.gate_loss_weight, train_adapters=False, top_k=s.top_k,
             save_every=min(s.save_every, s.labelled_steps), log_every=max(1, s.labelled_steps // 100),
+            seed=s.gate_seed,
         )  # fmt: skip
         return RunSpec(
             base=self.base,
@@ -353,7 +357,7 @@ class DemoRun:
             data_dir=data,
             out=self.path("gate-composite"),
             train=config,
-            data=self._data(),
+            data=self._data(s.gate_seed),
             init_from=init_from,
             options=RunOptions(progress=self.progress),
         )
