@@ -104,9 +104,12 @@ def add_adapter_flag(group, *, required: bool = False, note: str = "") -> None:
     )
 
 
-def add_model_flags(p: argparse.ArgumentParser):
-    """The flags naming a model to run (a checkpoint, or a base with adapters and gates), in a
-    "model" group (returned, for a command's own model flags)."""
+def add_model_flags(p: argparse.ArgumentParser, *, dtypes: tuple[str, ...] | None = None):
+    """The flags naming a model to run (a checkpoint, or a base with adapters and gates) and how
+    to run it (--tokenizer, --dtype), in a "model" group (returned, for a command's own model
+    flags). `dtypes`: the compute dtypes the command allows (default: every one `load_model` takes)."""
+    from meteora_jax.api import DEFAULT_DTYPE, DTYPES  # noqa: PLC0415 (jax loads with it)
+
     model = p.add_argument_group("model")
     model.add_argument("--ckpt", help="a meteora-jax checkpoint folder (its base folder is read from it)")
     model.add_argument("--base", metavar="DIR", help="the HF LLaMA base folder (overrides the checkpoint's)")
@@ -114,14 +117,6 @@ def add_model_flags(p: argparse.ArgumentParser):
     model.add_argument(
         "--gates", metavar="FILE|CKPT", help="trained gates: MeteoRA model.safetensors or a checkpoint"
     )
-    return model
-
-
-def add_runtime_flags(model, *, dtypes: tuple[str, ...] | None = None) -> None:
-    """--tokenizer and --dtype, the flags of a command that runs the model, in its model group.
-    `dtypes`: the compute dtypes it allows (default: every one `load_model` takes)."""
-    from meteora_jax.api import DEFAULT_DTYPE, DTYPES  # noqa: PLC0415 (jax loads with it)
-
     model.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: the base folder)")
     model.add_argument(
         "--dtype",
@@ -129,6 +124,7 @@ def add_runtime_flags(model, *, dtypes: tuple[str, ...] | None = None) -> None:
         choices=dtypes or tuple(DTYPES),
         help=f"compute dtype (default {DEFAULT_DTYPE})",
     )
+    return model
 
 
 def checkpoint_base(ckpt: str) -> str:

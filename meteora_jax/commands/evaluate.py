@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from meteora_jax.commands import add_model_flags, add_runtime_flags, model_inputs, model_sources
+from meteora_jax.commands import add_model_flags, model_inputs, model_sources
 from meteora_jax.commands.flags import add_field_flags, field_values
 from meteora_jax.data.composite import COMPOSITE_LAYOUTS, CompositeSettings
 from meteora_jax.evaluation.eval_run import EvalSpec
@@ -30,8 +30,7 @@ DESCRIPTION = (
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
-    model = add_model_flags(p)
-    add_runtime_flags(model, dtypes=("float32", "bfloat16"))
+    add_model_flags(p, dtypes=("float32", "bfloat16"))
     data = p.add_argument_group("prompts")
     data.add_argument(
         "--tasks",

@@ -17,7 +17,6 @@ import time
 from meteora_jax.commands import (
     add_command,
     add_model_flags,
-    add_runtime_flags,
     model_inputs,
     model_sources,
     run_reporting,
@@ -37,8 +36,7 @@ DESCRIPTION = "Generate text; streams a single --prompt, batches a --prompts JSO
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
-    model = add_model_flags(p)
-    add_runtime_flags(model)
+    add_model_flags(p)
     text = p.add_argument_group("prompts")
     source = text.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt (streamed to the terminal)")

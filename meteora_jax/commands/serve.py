@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 
-from meteora_jax.commands import add_model_flags, add_runtime_flags, model_sources
+from meteora_jax.commands import add_model_flags, model_sources
 from meteora_jax.commands.flags import add_field_flags, field_values
 from meteora_jax.serving.options import FLAGS, ServeSettings
 from meteora_jax.sharding import make_mesh, parse_mesh
@@ -25,7 +25,6 @@ DESCRIPTION = "Serve a MeteoRA model (or its base) at /v1/completions and /v1/ch
 
 def add_flags(p: argparse.ArgumentParser) -> None:
     model = add_model_flags(p)
-    add_runtime_flags(model)
     model.add_argument(
         "--mesh", metavar="data=N,fsdp=N,tensor=N",
         help="shard the model over this device mesh (default: one device; the slots are replicated)",
