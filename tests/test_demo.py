@@ -146,6 +146,20 @@ def test_the_gate_seed_reaches_both_gate_runs_and_nothing_else(tmp_path):
         assert (seeded[name]["train"]["seed"], seeded[name]["data"]["seed"]) == (3, 3)
 
 
+def test_the_gate_routing_noise_reaches_the_paper_run_only(tmp_path):
+    """`--gate-routing-noise`: the paper recipe's gate run takes it; no other stage's settings
+    change (the labelled run reruns only because it starts from the paper run's gates)."""
+    zero = {s.name: s.settings for s in DemoRun(os.fspath(tmp_path), FAST).stages}
+    noisy = {
+        s.name: s.settings
+        for s in DemoRun(os.fspath(tmp_path), dataclasses.replace(FAST, gate_routing_noise=1.0)).stages
+    }
+    assert {name for name in STAGES if zero[name] != noisy[name]} == {"gate"}
+    assert (zero["gate"]["train"]["routing_noise"], noisy["gate"]["train"]["routing_noise"]) == (0.0, 1.0)
+    with pytest.raises(ConfigError, match=r"gate_routing_noise=-1 \(a number >= 0\)"):
+        DemoSettings(gate_routing_noise=-1)
+
+
 def test_a_bad_gate_seed_is_refused_before_anything_is_written(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["demo", "--fast", "--no-progress", "--gate-seed", "-1", "--out", os.fspath(out)]) == 2

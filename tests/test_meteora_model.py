@@ -268,6 +268,29 @@ def test_lora_dropout_applies_only_in_training():
     assert max_abs(run(no_dropout, jax.random.key(0)), evaluate(no_dropout)) == 0
 
 
+def test_routing_noise_applies_only_in_training():
+    """configure_training(routing_noise=...) changes the calls given a training key (their top-k
+    is drawn), never those without one; a bad scale is refused by name."""
+    config = mj.LlamaConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+    )  # fmt: skip
+    moe = MoELoRAConfig(adapter_names=("a", "b", "c"), targets=("v_proj", "up_proj"), rank=4, top_k=1)
+    model = LlamaForCausalLM(config, moe, rngs=nnx.Rngs(0))
+    for proj in (model.layers.self_attn.v_proj, model.layers.mlp.up_proj):
+        proj.lora_b[...] = jax.random.normal(jax.random.key(1), proj.lora_b[...].shape)
+    ids = jnp.asarray(ids_of(0, 2, 16, vocab=50))
+    run = nnx.jit(lambda m, key: m(ids, dropout_rng=key).logits)
+    evaluate = nnx.jit(lambda m: m(ids).logits)
+    plain_eval, plain_train = evaluate(model), run(model, jax.random.key(0))
+    assert max_abs(plain_eval, plain_train) == 0  # no dropout, no noise: the key changes nothing
+    model.configure_training(routing_noise=1.0)
+    assert max_abs(evaluate(model), plain_eval) == 0
+    assert max_abs(run(model, jax.random.key(0)), plain_train) > 1e-3
+    with pytest.raises(ValueError, match="routing_noise=-1.0 is not a finite number >= 0"):
+        model.configure_training(routing_noise=-1.0)
+
+
 def test_routing_settings_are_checked(setup, fused):
     base_dir, dirs = setup
     with pytest.raises(

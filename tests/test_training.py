@@ -158,6 +158,21 @@ def test_gate_loss_gradient_reaches_the_gates_only_by_default():
         TrainConfig(steps=1, gate_loss_grad="none")
 
 
+def test_routing_noise_draws_the_step_choice_the_same_on_every_mesh(one_device):
+    """routing_noise > 0 draws each token's top-k in the step (the loss moves; the same key draws
+    the same choice, on one device and on a (2, 2, 2) mesh); a negative scale is refused."""
+    loss, grads = _gradients((1, 1, 1), routing_noise=1.0)
+    want_loss, want = one_device
+    assert abs(loss - want_loss) > 1e-4 * abs(want_loss)
+    scale = max(float(np.max(np.abs(g))) for g in want.values())
+    assert max(max_abs(grads[k], want[k]) for k in want) > 1e-3 * scale
+    sharded_loss, sharded = _gradients((2, 2, 2), routing_noise=1.0)
+    assert abs(sharded_loss - loss) <= 1e-5 * abs(loss)
+    assert max(max_abs(sharded[k], grads[k]) for k in grads) <= 1e-5 * scale
+    with pytest.raises(ConfigError, match=r"routing_noise must be a finite number >= 0, got -1"):
+        TrainConfig(steps=1, routing_noise=-1)
+
+
 # ----------------------------------------------------------------------------- whole runs
 
 

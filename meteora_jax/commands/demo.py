@@ -37,11 +37,18 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         help="seed of both gate runs (start, dropout, data order); the base and adapters stay cached "
         "(default %(default)s)",
     )  # fmt: skip
+    p.add_argument(
+        "--gate-routing-noise", type=float, default=DemoSettings.gate_routing_noise, metavar="X",
+        help="Gumbel noise scale of the paper recipe's top-k choice (train-gate --routing-noise; "
+        "default %(default)s)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> None:
     settings = DemoSettings.fast() if args.fast else DemoSettings()
-    settings = dataclasses.replace(settings, gate_seed=args.gate_seed)
+    settings = dataclasses.replace(
+        settings, gate_seed=args.gate_seed, gate_routing_noise=args.gate_routing_noise
+    )
     use_compile_cache(args.out)
     run_demo(args.out, settings, force=args.force, progress=not args.no_progress)
     with open(report_path(args.out), encoding="utf-8") as f:

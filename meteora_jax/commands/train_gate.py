@@ -16,7 +16,10 @@ from meteora_jax.commands.training_flags import (
 from meteora_jax.data.pipeline import DataConfig
 from meteora_jax.training.train_config import TrainConfig
 
-GATE_FLAGS = {"model": ("train_adapters", "top_k"), "optimisation": ("gate_loss_weight", "gate_loss_grad")}
+GATE_FLAGS = {
+    "model": ("train_adapters", "top_k", "routing_noise"),
+    "optimisation": ("gate_loss_weight", "gate_loss_grad"),
+}
 
 
 NAME = "train-gate"

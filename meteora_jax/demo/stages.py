@@ -86,7 +86,7 @@ _CHECKS = (
         "a number > 0",
     ),
     (
-        ("clip_norm", "gate_loss_weight"),
+        ("clip_norm", "gate_loss_weight", "gate_routing_noise"),
         lambda v: is_real(v) and math.isfinite(v) and v >= 0,
         "a number >= 0",
     ),
@@ -105,6 +105,7 @@ class DemoSettings:
     `labelled_samples` labelled composite samples. Training clips at `clip_norm` and saves every
     `save_every` steps (what a killed run resumes from). `gate_seed` seeds both gate runs (the
     gates' start, dropout, the data order): other seeds show how far the figures move.
+    `gate_routing_noise`: the paper recipe's `train-gate --routing-noise` (docs/demo_design.md).
     Evaluation: greedy, `eval_limit` test samples per task and, for each n of `composite_sizes`,
     `composite_sets` task lists (drawn with seeds 0, 1, ...) of `composite_samples` composite-n
     prompts (the default: 64 prompts, each with its own order, since a figure over a few orders
@@ -126,6 +127,7 @@ class DemoSettings:
     gate_lr: float = 3e-3
     gate_loss_weight: float = TrainConfig.gate_loss_weight  # the paper's
     gate_seed: int = TrainConfig.seed
+    gate_routing_noise: float = TrainConfig.routing_noise
     labelled_steps: int = 200
     labelled_lr: float = 1e-3
     labelled_samples: int = 8192
@@ -332,6 +334,7 @@ class DemoRun:
             steps=s.gate_steps, lr=s.gate_lr, clip_norm=s.clip_norm, gate_loss_weight=s.gate_loss_weight,
             train_adapters=True, top_k=s.top_k, save_every=min(s.save_every, s.gate_steps),
             log_every=max(1, s.gate_steps // 100), seed=s.gate_seed,
+            routing_noise=s.gate_routing_noise,
         )  # fmt: skip
         return RunSpec(
             base=self.base,

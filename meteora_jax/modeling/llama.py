@@ -254,6 +254,7 @@ class LlamaForCausalLM(nnx.Module):
         self.config = config
         self.remat = DEFAULT_REMAT
         self.gate_loss_grad = DEFAULT_GATE_LOSS_GRAD
+        self.routing_noise = 0.0
         self.moe = moe
         self.dtype = dtype
         self.scan_layers = scan_layers
@@ -279,18 +280,26 @@ class LlamaForCausalLM(nnx.Module):
         )
 
     def configure_training(
-        self, *, remat: str = DEFAULT_REMAT, gate_loss_grad: str = DEFAULT_GATE_LOSS_GRAD
+        self,
+        *,
+        remat: str = DEFAULT_REMAT,
+        gate_loss_grad: str = DEFAULT_GATE_LOSS_GRAD,
+        routing_noise: float = 0.0,
     ) -> None:
         """Training-only settings of the forward pass. remat: what each decoder layer keeps for
         the backward pass (`REMAT_POLICIES`); gate_loss_grad: "gates" holds each gate's input
         constant in the gate loss (its gradient reaches the gates only), "all" lets it flow
-        upstream (`GATE_LOSS_GRADS`)."""
+        upstream (`GATE_LOSS_GRADS`); routing_noise: the scale of Gumbel noise on the gate logits
+        when a call with a `dropout_rng` chooses its top-k (0: off)."""
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r} is not one of {tuple(REMAT_POLICIES)}")
         if gate_loss_grad not in GATE_LOSS_GRADS:
             raise ValueError(f"gate_loss_grad={gate_loss_grad!r} is not one of {GATE_LOSS_GRADS}")
+        if not (isinstance(routing_noise, int | float) and 0 <= routing_noise < float("inf")):
+            raise ValueError(f"routing_noise={routing_noise!r} is not a finite number >= 0")
         self.remat = remat
         self.gate_loss_grad = gate_loss_grad
+        self.routing_noise = float(routing_noise)
 
     def __call__(
         self,
@@ -368,7 +377,7 @@ class LlamaForCausalLM(nnx.Module):
         labels_m = None if gate_labels is None else gate_labels.reshape(b * t).astype(jnp.int32)
         walk = _LayerWalk(
             routing, labels_m, self.gate_loss_grad, return_routing, REMAT_POLICIES[self.remat],
-            self.remat != "none",
+            self.remat != "none", self.routing_noise,
         )  # fmt: skip
         inputs = AttentionInputs(cos_bth, sin_bth, mask, write_index)
         x_btd, kv, routes, stats = self._run_layers(x_btd, inputs, kv, layer_keys, walk)
@@ -401,6 +410,7 @@ class LlamaForCausalLM(nnx.Module):
                 dropout_key=key,
                 gate_labels_m=walk.labels_m,
                 detach_gate_input=walk.gate_loss_grad == "gates",
+                routing_noise=walk.routing_noise,
             )
             x, layer_kv = layer(x, ctx, inputs, layer_kv)
             routes = ctx.routes if walk.return_routing else None
@@ -455,3 +465,4 @@ class _LayerWalk:
     return_routing: bool
     policy: object  # a jax.checkpoint policy, or None
     remat: bool
+    routing_noise: float  # Gumbel scale on the top-k choice when a key is given (training)

@@ -65,14 +65,17 @@ def gate_stats(logits_ml: jax.Array, labels_m: jax.Array) -> GateStats:
 
 @dataclasses.dataclass
 class ForwardContext:
-    """Per-call state threaded through one decoder layer: routing settings, the dropout key and
-    the gate labels (M,) of training (with `detach_gate_input`, the gate loss sees each gate's
-    input as a constant); collects each projection's routing and gate statistics."""
+    """Per-call state threaded through one decoder layer: routing settings, the training key
+    (LoRA dropout; with `routing_noise` > 0, Gumbel noise of that scale on the gate logits when
+    the top-k is chosen) and the gate labels (M,) of training (with `detach_gate_input`, the gate
+    loss sees each gate's input as a constant); collects each projection's routing and gate
+    statistics."""
 
     settings: RoutingSettings | None = None
     dropout_key: jax.Array | None = None
     gate_labels_m: jax.Array | None = None
     detach_gate_input: bool = True
+    routing_noise: float = 0.0
     routes: dict[str, Routing] = dataclasses.field(default_factory=dict)
     gate_stats: dict[str, GateStats] = dataclasses.field(default_factory=dict)
 
@@ -130,6 +133,10 @@ class MoELoRALinear(nnx.Module):
                 jax.random.fold_in(ctx.dropout_key, self.index), 1 - self.dropout, x_md.shape
             )
             lora_x = jnp.where(keep, x_md / (1 - self.dropout), 0).astype(self.dtype)
+        noise = None
+        if ctx.dropout_key is not None and ctx.routing_noise > 0 and settings.forced_ids is None:
+            key = jax.random.fold_in(ctx.dropout_key, len(PROJECTIONS) + self.index)  # not dropout's
+            noise = ctx.routing_noise * jax.random.gumbel(key, (b * t, self.gate.shape[1]), jnp.float32)
         y_mo, routing = moe_lora(
             x_md,
             self.kernel[...],
@@ -141,6 +148,7 @@ class MoELoRALinear(nnx.Module):
             backend=self.backend,
             lora_x_md=lora_x,
             forced_m=settings.forced_ids,
+            choice_noise_ml=noise,
         )
         stats = None
         if ctx.gate_labels_m is not None:

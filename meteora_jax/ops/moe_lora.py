@@ -319,17 +319,19 @@ def moe_lora(
     backend: str = DEFAULT_BACKEND,
     lora_x_md: jax.Array | None = None,
     forced_m: jax.Array | None = None,
+    choice_noise_ml: jax.Array | None = None,
 ) -> tuple[jax.Array, Routing]:
     """The MeteoRA linear: base projection plus the gate-weighted top-k LoRA experts.
 
     x_md: (M, D) in the compute dtype; kernel (D, O); gate (D, L); A (L, D, R); B (L, R, O);
     scale (L,). lora_x_md: the LoRA input if it differs from x (dropout in training).
-    forced_m: (M,) adapter per token bypassing the gate (-1: base only).
+    forced_m: (M,) adapter per token bypassing the gate (-1: base only). choice_noise_ml: (M, L)
+    noise on the logits for the top-k choice only (`route`).
     Returns y (M, O) in x's dtype and the Routing. Raises ValueError for an unknown backend.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
-    routing = route(x_md, gate_dl, settings, forced_m, settings.gated_rows)
+    routing = route(x_md, gate_dl, settings, forced_m, settings.gated_rows, choice_noise_ml)
     lora_x = x_md if lora_x_md is None else lora_x_md
     delta = lora_delta(lora_x, a_ldr, b_lro, routing, scale_l, backend=backend)
     y_mo = jnp.dot(x_md, kernel_do.astype(x_md.dtype)) + delta

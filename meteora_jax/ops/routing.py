@@ -55,7 +55,7 @@ def gate_logits(x_md: jax.Array, gate_dl: jax.Array) -> jax.Array:
 
 
 def tempered_softmax(top_z: jax.Array, temperature: jax.Array) -> jax.Array:
-    """softmax(top_z / T) over the last axis, stable for any T > 0; top_z sorted descending (top_k).
+    """softmax(top_z / T) over the last axis, stable for any T > 0 (top_z in any order).
 
     The max is subtracted before dividing by T, and T is kept at least float32's smallest normal
     number (a denormal T such as 1e-45 may be flushed to 0, and 0 / 0 is NaN), so a tiny T gives
@@ -73,6 +73,7 @@ def route(
     settings: RoutingSettings,
     forced_m: jax.Array | None = None,
     gated_m: jax.Array | None = None,
+    choice_noise_ml: jax.Array | None = None,
 ) -> Routing:
     """Chooses top-k adapters per token; weights = softmax(z[ids] / T) (k == 1 gives 1).
 
@@ -80,6 +81,8 @@ def route(
     gated_m: (M,) bool, the tokens that follow the gate despite `forced_m` (k columns, a forced
     token's weight in the first). Per-token settings (`RoutingSettings.per_token`): a
     temperature (M,) and `row_top_k` (M,), whose columns past a token's own k get weight 0.
+    choice_noise_ml: (M, L) added to the logits for the choice of the top-k only (training's
+    Gumbel top-k); the weights stay the softmax of the chosen adapters' own logits.
     """
     z_ml = gate_logits(x_md, gate_dl)
     if forced_m is not None:
@@ -96,7 +99,11 @@ def route(
             weights=jnp.where(gated_m[:, None], gated.weights, pad(forced_weights)),
             logits=z_ml if settings.return_logits else None,
         )
-    top_z, ids = jax.lax.top_k(z_ml, settings.top_k)
+    if choice_noise_ml is None:
+        top_z, ids = jax.lax.top_k(z_ml, settings.top_k)
+    else:
+        _, ids = jax.lax.top_k(z_ml + choice_noise_ml, settings.top_k)
+        top_z = jnp.take_along_axis(z_ml, ids, axis=-1)
     temperature = settings.temperature
     if temperature.ndim == 1:
         temperature = temperature[:, None]

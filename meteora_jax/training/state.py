@@ -95,12 +95,14 @@ def split_for_training(
 
     `trainable`: the NNX filter of what trains (default: `trainable_kinds(config)`).
 
-    Sets the module's training settings (`config.remat`, `config.gate_loss_grad`); with a
+    Sets the module's training settings (`remat`, `gate_loss_grad`, `routing_noise`); with a
     bfloat16 compute dtype the frozen weights are stored in it (half the memory and no per-step
     cast). The training runs and `meteora-jax compile` both split here, so what compiles
     for a pod is what trains."""
     kinds = trainable_kinds(config) if trainable is None else trainable
-    module.configure_training(remat=config.remat, gate_loss_grad=config.gate_loss_grad)
+    module.configure_training(
+        remat=config.remat, gate_loss_grad=config.gate_loss_grad, routing_noise=config.routing_noise
+    )
     if config.dtype != "float32":
         _cast_frozen(module, kinds, jnp.dtype(config.dtype))
     optimizer = nnx.Optimizer(module, optimizer_transform(config), wrt=kinds)

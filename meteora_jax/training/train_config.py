@@ -64,6 +64,10 @@ class TrainConfig:
             adapters or earlier layers to make tokens easier to classify, and the LM loss alone
             trains the adapters; "all": everything upstream too, as in the reference (with the
             adapters training, the classification term then reshapes them as well).
+        routing_noise: scale of Gumbel noise added to the gate logits when training chooses each
+            token's top-k (the weights stay those of the clean logits); at 1 the choice is a draw
+            from the router's softmax, so the stacks also train under the picks it would get
+            wrong. 0: the top-k of the logits, as the reference trains.
         train_gates: train the gates (False: `train-lora`, where the one adapter alone trains).
         train_adapters: train the LoRA stacks (with the gates, or alone).
         remat: what each decoder layer keeps for the backward pass ("none" | "dots" | "full").
@@ -92,6 +96,9 @@ class TrainConfig:
         DEFAULT_GATE_LOSS_GRAD,
         "what the gate term trains: the gates only, or everything upstream too (the reference)",
         choices=GATE_LOSS_GRADS,
+    )
+    routing_noise: float = setting(
+        0.0, "Gumbel noise scale on the gate logits when training picks the top-k (0: off)"
     )
     train_gates: bool = True
     train_adapters: bool = setting(False, "train the LoRA stacks as well")
@@ -130,7 +137,7 @@ class TrainConfig:
                 problems.append(f"{name} must be an integer >= {low}, got {value!r}")
         if self.decay_steps is not None and (not is_int(self.decay_steps) or self.decay_steps < 1):
             problems.append(f"decay_steps must be an integer >= 1 (or None), got {self.decay_steps!r}")
-        for name in ("lr", "weight_decay", "clip_norm", "gate_loss_weight"):
+        for name in ("lr", "weight_decay", "clip_norm", "gate_loss_weight", "routing_noise"):
             value = getattr(self, name)
             if not (is_real(value) and math.isfinite(value)) or value < 0:
                 problems.append(f"{name} must be a finite number >= 0, got {value!r}")
