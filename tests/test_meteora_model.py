@@ -246,42 +246,40 @@ def test_zero_experts_and_padded_ranks(setup, fused):
     assert np.asarray(mlp.down_proj.scale[...])[0, names.index("patterns")] == pytest.approx(12 / 4)
 
 
-def test_lora_dropout_applies_only_in_training():
+def _tiny_trained(moe: MoELoRAConfig):
+    """A 2-layer MeteoRA model over `moe` with random LoRA B stacks (so every adapter changes the
+    output), and its jitted calls with a training key and without one, on a (2, 16) batch."""
     config = mj.LlamaConfig(
         vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, head_dim=8,
     )  # fmt: skip
-    moe = MoELoRAConfig(adapter_names=("a", "b"), targets=("q_proj", "up_proj"), rank=4, top_k=1, dropout=0.5)
     model = LlamaForCausalLM(config, moe, rngs=nnx.Rngs(0))
-    for proj in (model.layers.self_attn.q_proj, model.layers.mlp.up_proj):
+    for name in moe.targets:
+        block = model.layers.mlp if name in ("gate_proj", "up_proj", "down_proj") else model.layers.self_attn
+        proj = getattr(block, name)
         proj.lora_b[...] = jax.random.normal(jax.random.key(1), proj.lora_b[...].shape)
-    ids = jnp.asarray(ids_of(0, 1, 6, vocab=50))
+    ids = jnp.asarray(ids_of(0, 2, 16, vocab=50))
     run = nnx.jit(lambda m, key: m(ids, dropout_rng=key).logits)
     evaluate = nnx.jit(lambda m: m(ids).logits)
+    return model, run, evaluate
+
+
+def test_lora_dropout_applies_only_in_training():
+    moe = MoELoRAConfig(adapter_names=("a", "b"), targets=("q_proj", "up_proj"), rank=4, top_k=1, dropout=0.5)
+    model, run, evaluate = _tiny_trained(moe)
     eval_a, eval_b = evaluate(model), evaluate(model)
     train_a, train_b = run(model, jax.random.key(0)), run(model, jax.random.key(1))
     assert max_abs(eval_a, eval_b) == 0
     assert max_abs(train_a, eval_a) > 1e-3 and max_abs(train_a, train_b) > 1e-3
-    no_dropout = LlamaForCausalLM(
-        config, MoELoRAConfig(("a", "b"), ("q_proj",), 4, top_k=1), rngs=nnx.Rngs(0)
-    )
+    no_dropout, run, evaluate = _tiny_trained(MoELoRAConfig(("a", "b"), ("q_proj",), 4, top_k=1))
     assert max_abs(run(no_dropout, jax.random.key(0)), evaluate(no_dropout)) == 0
 
 
 def test_routing_noise_applies_only_in_training():
     """configure_training(routing_noise=...) changes the calls given a training key (their top-k
     is drawn), never those without one; a bad scale is refused by name."""
-    config = mj.LlamaConfig(
-        vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-    )  # fmt: skip
     moe = MoELoRAConfig(adapter_names=("a", "b", "c"), targets=("v_proj", "up_proj"), rank=4, top_k=1)
-    model = LlamaForCausalLM(config, moe, rngs=nnx.Rngs(0))
-    for proj in (model.layers.self_attn.v_proj, model.layers.mlp.up_proj):
-        proj.lora_b[...] = jax.random.normal(jax.random.key(1), proj.lora_b[...].shape)
-    ids = jnp.asarray(ids_of(0, 2, 16, vocab=50))
-    run = nnx.jit(lambda m, key: m(ids, dropout_rng=key).logits)
-    evaluate = nnx.jit(lambda m: m(ids).logits)
+    model, run, evaluate = _tiny_trained(moe)
     plain_eval, plain_train = evaluate(model), run(model, jax.random.key(0))
     assert max_abs(plain_eval, plain_train) == 0  # no dropout, no noise: the key changes nothing
     model.configure_training(routing_noise=1.0)
