@@ -21,7 +21,7 @@ from meteora_jax.io.files import raise_problems
 from meteora_jax.io.peft import LoRAAdapter, read_adapters
 from meteora_jax.io.stacking import AdapterInfo, ParamPath, init_gates, moe_config_for, stack_adapters
 
-DEFAULT_TOP_K, DEFAULT_TEMPERATURE = 2, 1.0
+DEFAULT_TOP_K, DEFAULT_TEMPERATURE = MoELoRAConfig.top_k, MoELoRAConfig.temperature
 
 
 def _kind(path: str) -> str:

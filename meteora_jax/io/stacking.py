@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from meteora_jax.config import BLOCK_OF, PROJECTIONS, TOP_K, LlamaConfig, MoELoRAConfig, projection_shape
+from meteora_jax.config import BLOCK_OF, PROJECTIONS, LlamaConfig, MoELoRAConfig, projection_shape
 from meteora_jax.errors import ConfigError
 from meteora_jax.io.peft import LoRAAdapter, LoRAModule
 
@@ -25,7 +25,10 @@ def param_path(projection: str, leaf: str) -> ParamPath:
 
 
 def moe_config_for(
-    adapters: list[LoRAAdapter], top_k: int = TOP_K, temperature: float = 1.0, dropout: float = 0.0
+    adapters: list[LoRAAdapter],
+    top_k: int = MoELoRAConfig.top_k,
+    temperature: float = MoELoRAConfig.temperature,
+    dropout: float = MoELoRAConfig.dropout,
 ) -> MoELoRAConfig:
     """The mixture over `adapters`, in their order: every projection any of them targets."""
     if not adapters:

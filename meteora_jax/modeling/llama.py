@@ -21,7 +21,13 @@ from flax import nnx
 
 from meteora_jax.config import LlamaConfig, MoELoRAConfig
 from meteora_jax.modeling.attention import DEFAULT_ATTENTION, AttentionMask, attend, resolve_attention
-from meteora_jax.modeling.meteora_linear import ForwardContext, GateStats, MoELoRALinear, project
+from meteora_jax.modeling.meteora_linear import (
+    NO_ROUTING_NOISE,
+    ForwardContext,
+    GateStats,
+    MoELoRALinear,
+    project,
+)
 from meteora_jax.modeling.rope import apply_rope, rope_tables
 from meteora_jax.ops.moe_lora import DEFAULT_BACKEND
 from meteora_jax.ops.routing import Routing, RoutingSettings
@@ -254,7 +260,7 @@ class LlamaForCausalLM(nnx.Module):
         self.config = config
         self.remat = DEFAULT_REMAT
         self.gate_loss_grad = DEFAULT_GATE_LOSS_GRAD
-        self.routing_noise = 0.0
+        self.routing_noise = NO_ROUTING_NOISE
         self.moe = moe
         self.dtype = dtype
         self.scan_layers = scan_layers
@@ -284,7 +290,7 @@ class LlamaForCausalLM(nnx.Module):
         *,
         remat: str = DEFAULT_REMAT,
         gate_loss_grad: str = DEFAULT_GATE_LOSS_GRAD,
-        routing_noise: float = 0.0,
+        routing_noise: float = NO_ROUTING_NOISE,
     ) -> None:
         """Training-only settings of the forward pass. remat: what each decoder layer keeps for
         the backward pass (`REMAT_POLICIES`); gate_loss_grad: "gates" holds each gate's input

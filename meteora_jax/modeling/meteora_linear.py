@@ -63,6 +63,9 @@ def gate_stats(logits_ml: jax.Array, labels_m: jax.Array) -> GateStats:
     )
 
 
+NO_ROUTING_NOISE = 0.0  # the reference's choice: the top-k of the clean logits
+
+
 @dataclasses.dataclass
 class ForwardContext:
     """Per-call state threaded through one decoder layer: routing settings, the training key
@@ -75,7 +78,7 @@ class ForwardContext:
     dropout_key: jax.Array | None = None
     gate_labels_m: jax.Array | None = None
     detach_gate_input: bool = True
-    routing_noise: float = 0.0
+    routing_noise: float = NO_ROUTING_NOISE
     routes: dict[str, Routing] = dataclasses.field(default_factory=dict)
     gate_stats: dict[str, GateStats] = dataclasses.field(default_factory=dict)
 

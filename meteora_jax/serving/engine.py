@@ -39,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from meteora_jax.generation import prompt_bucket, top_p_filter
+from meteora_jax.config import MoELoRAConfig
+from meteora_jax.generation import GenerationSettings, prompt_bucket, top_p_filter
 from meteora_jax.modeling.llama import KVCache
 from meteora_jax.ops.routing import RoutingSettings
 
@@ -66,11 +67,11 @@ class Slots:
 class RowSettings:
     """One request's sampling and routing, as its row holds them (host values)."""
 
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
+    temperature: float = GenerationSettings.temperature
+    top_p: float = GenerationSettings.top_p
+    seed: int = GenerationSettings.seed
     adapter: int = GATES  # an adapter index forced on every token, -1: none (the base), GATES: the gates
-    routing_temperature: float = 1.0
+    routing_temperature: float = MoELoRAConfig.temperature
     routing_top_k: int = 1
 
     def arrays(self) -> tuple[np.ndarray, ...]:

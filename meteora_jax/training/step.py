@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from meteora_jax.config import MoELoRAConfig
 from meteora_jax.data.pipeline import BATCH_KEYS
 from meteora_jax.ops.routing import RoutingSettings
 from meteora_jax.sharding import constrain, logical_to_spec
@@ -66,7 +67,9 @@ class StepFunction:
         return self.fn(frozen, state, batch, key)
 
 
-def make_gradients(parts: TrainParts, config: TrainConfig, *, temperature: float = 1.0) -> Callable:
+def make_gradients(
+    parts: TrainParts, config: TrainConfig, *, temperature: float = MoELoRAConfig.temperature
+) -> Callable:
     """`gradients(params, frozen, batch, key) -> (grads, LossSums, Denominators)` of one step's
     global batch, over `config.grad_accum` micro-batches (traceable; `make_train_step` jits it)."""
     num_micro = config.grad_accum
@@ -119,7 +122,7 @@ def make_train_step(
     mesh: Mesh,
     *,
     batch_shape: tuple[int, int],
-    temperature: float = 1.0,
+    temperature: float = MoELoRAConfig.temperature,
 ) -> StepFunction:
     """Builds the jitted step for a run over `mesh` with global batches of `batch_shape` (B, S).
 

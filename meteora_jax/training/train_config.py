@@ -11,6 +11,7 @@ from meteora_jax.errors import ConfigError
 from meteora_jax.inputs import is_int, is_real
 from meteora_jax.modeling.attention import DEFAULT_ATTENTION, IMPLEMENTATIONS
 from meteora_jax.modeling.llama import DEFAULT_GATE_LOSS_GRAD, DEFAULT_REMAT, GATE_LOSS_GRADS, REMAT_POLICIES
+from meteora_jax.modeling.meteora_linear import NO_ROUTING_NOISE
 from meteora_jax.ops.moe_lora import BACKENDS
 from meteora_jax.settings import check_choices, setting
 from meteora_jax.sharding import DEFAULT_MESH
@@ -98,7 +99,7 @@ class TrainConfig:
         choices=GATE_LOSS_GRADS,
     )
     routing_noise: float = setting(
-        0.0, "Gumbel noise scale on the gate logits when training picks the top-k (0: off)"
+        NO_ROUTING_NOISE, "Gumbel noise scale on the gate logits when training picks the top-k (0: off)"
     )
     train_gates: bool = True
     train_adapters: bool = setting(False, "train the LoRA stacks as well")
