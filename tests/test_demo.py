@@ -160,11 +160,14 @@ def test_the_gate_routing_noise_reaches_the_paper_run_only(tmp_path):
         DemoSettings(gate_routing_noise=-1)
 
 
-def test_a_bad_gate_seed_is_refused_before_anything_is_written(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("flag", "says"), [("--gate-seed", "gate_seed=-1"), ("--gate-routing-noise", "gate_routing_noise=-1.0")]
+)
+def test_a_bad_gate_setting_is_refused_before_anything_is_written(tmp_path, capsys, flag, says):
     out = tmp_path / "run"
-    assert main(["demo", "--fast", "--no-progress", "--gate-seed", "-1", "--out", os.fspath(out)]) == 2
+    assert main(["demo", "--fast", "--no-progress", flag, "-1", "--out", os.fspath(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "gate_seed=-1" in err[0]
+    assert len(err) == 1 and says in err[0], err
     assert not out.exists()
 
 
